@@ -1,0 +1,64 @@
+"""attncc: a declarative attention compiler.
+
+Public API (DESIGN §9):
+
+    p = attncc.load("specs/natten2d.attn", kernel=7)   # or attncc.parse(text, **params)
+    p.dense_mask(q_len, kv_len, heads, batch, inputs)   # torch.bool [B, H, Lq, Lkv]
+    attncc.reference(p, q, k, v, **inputs)              # float64 dense attention
+    kern = attncc.compile(p)                            # kernel object
+    @attncc.pattern(layout=attncc.grid(y=64, x=64))     # decorator frontend
+
+Names are imported lazily so `import attncc` stays cheap (no torch/triton import until used).
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SpecError": "attncc.frontend.errors",
+    "Pattern": "attncc.ir.pattern",
+    "Layout": "attncc.ir.pattern",
+    "load": "attncc.api",
+    "parse": "attncc.api",
+    "pattern": "attncc.frontend.trace",
+    "grid": "attncc.frontend.trace",
+    "where": "attncc.frontend.trace",
+    "min": "attncc.frontend.trace",
+    "max": "attncc.frontend.trace",
+    "abs": "attncc.frontend.trace",
+    "reference": "attncc.reference",
+    "compile": "attncc.runtime.compile",
+    "CompileOptions": "attncc.runtime.options",
+    "Schedule": "attncc.schedule.schedule",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attncc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+def _map_source_tree() -> None:
+    """In a source checkout (no install), grammar/ and codegen/ sit beside attncc/; make
+    them importable as attncc.grammar / attncc.codegen, as an install lays them out."""
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    top = os.path.dirname(here)
+    if os.path.isfile(os.path.join(top, "pyproject.toml")) and not os.path.isdir(os.path.join(here, "grammar")):
+        if top not in __path__:
+            __path__.append(top)
+
+
+_map_source_tree()
