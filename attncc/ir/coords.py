@@ -1,0 +1,37 @@
+"""Lower layout coordinates to flat-index arithmetic.
+
+Pre: an IR expression whose `Coord(side, axis)` leaves refer to `layout.axes[axis]`.
+Post: an equal-valued expression without `Coord` leaves, for backends that only see flat
+token indices. With row-major flattening (last axis fastest) coordinate `axis` of flat index
+`i` is `(i // stride) % size`; the `// 1` of the last axis is dropped. The `% size` of the
+first axis is kept, so the rewrite is exact for every index, including padded tails beyond
+the grid.
+"""
+from __future__ import annotations
+
+from .nodes import Binary, Const, Coord, Expr, Var, transform
+
+
+class LayoutError(ValueError):
+    """A coordinate does not exist in the layout (or there is no layout)."""
+
+
+def lower_coords(expr: Expr, layout) -> Expr:
+    """`expr` with every `Coord` replaced by `(side // stride) % size` from `layout`
+    (an `attncc.ir.pattern.Layout`, or None when the pattern has none)."""
+
+    def rewrite(node: Expr):
+        if not isinstance(node, Coord):
+            return None
+        if layout is None:
+            raise LayoutError(f"coordinate {node.side}.{node.name} used, but there is no layout")
+        if node.axis >= len(layout.axes):
+            raise LayoutError(f"coordinate {node.side}.{node.name}: axis {node.axis} is not in "
+                              f"layout {layout}")
+        stride, size = layout.strides[node.axis], layout.shape[node.axis]
+        flat: Expr = Var(node.side)
+        if stride != 1:
+            flat = Binary("floordiv", flat, Const(stride))
+        return Binary("mod", flat, Const(size))
+
+    return transform(expr, rewrite)

@@ -1,0 +1,458 @@
+"""Dense evaluation of the mask IR with vectorized torch ops: the reference semantics.
+
+Index variables are broadcastable int64 tensors b [B,1,1,1], h [1,H,1,1], q [1,1,Lq,1] and
+k [1,1,1,Lkv]; lengths are 0-d tensors. Every IR node is evaluated once (memoized by node
+identity), so an expression that does not use `h` or `b` stays [1,1,Lq,Lkv] until the final
+broadcast into the output. Query rows are evaluated in chunks to bound intermediates, and
+nodes that do not depend on `q` are shared between chunks.
+
+Semantics (DESIGN §4): `//` and `%` floor as in Python (`-3 // 4 == -1`, `-3 % 4 == 1`);
+coordinates are `(index // stride) % size` on the row-major layout.
+
+Undefined values. Integer division or modulo by zero, and an input index outside the input's
+extent, make the value at that position *undefined*. Undefined positions are tracked as a
+boolean "poison" mask that propagates through every operator, except that a defined `false`
+in `&` (or a defined `true` in `|`) and the untaken branch of `?:` discard it, so a guarded
+expression such as `k != q ? q // (k - q) : 0` is fine. If an undefined value reaches the
+result, `MaskEvalError` names the first offending expression and a position — the evaluator
+never returns silently wrong values and never wraps indices.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Mapping, Optional
+
+import torch
+
+from .inputs import ROUTE_INPUTS, check_inputs
+from .nodes import (BOOL, FLOAT, INT, Binary, Blocks, Const, Coord, Expr, FCall, Load, Route,
+                    Select, Unary, Var, free_vars, walk)
+from .printer import format_expr
+
+_TORCH_DTYPE = {INT: torch.int64, FLOAT: torch.float64, BOOL: torch.bool}
+_FUNCS = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log,
+          "sqrt": torch.sqrt}
+_CMP = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq,
+        "ne": torch.ne}
+_AXES = ("b", "h", "q", "k")
+# Elements of one [rows, kv_len] slab per chunk of query rows (times batch·heads if used).
+_CHUNK_ELEMS = 1 << 22
+
+
+class MaskEvalError(ValueError):
+    """An IR expression has no defined value at some position its result depends on
+    (division by zero, out-of-range input index), or cannot be evaluated as called."""
+
+
+# ---- data-dependent selectors -------------------------------------------------------------
+
+def region_grid(shape: tuple[int, ...], region: tuple[int, ...]) -> tuple[int, ...]:
+    """Number of regions per axis: ceil(size / R) (border regions are smaller)."""
+    return tuple(-(-s // r) for s, r in zip(shape, region))
+
+
+def region_index(shape: tuple[int, ...], region: tuple[int, ...], device=None) -> torch.Tensor:
+    """Region number of every token of a row-major grid `shape`, as int64 [prod(shape)].
+
+    Token t has coordinates c_a = (t // stride_a) % shape_a; its region has coordinates
+    c_a // region_a, numbered row-major over `region_grid(shape, region)`.
+    """
+    shape, region = tuple(shape), _broadcast_region(region, len(shape))
+    t = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    grid = region_grid(shape, region)
+    out = torch.zeros_like(t)
+    stride = math.prod(shape)
+    for size, r, n in zip(shape, region, grid):
+        stride //= size
+        out = out * n + torch.div(t, stride, rounding_mode="floor") % size // r
+    return out
+
+
+def _broadcast_region(region, ndim: int) -> tuple[int, ...]:
+    region = (region,) if isinstance(region, int) else tuple(region)
+    if len(region) == 1 and ndim > 1:
+        region = region * ndim
+    if len(region) != ndim or any(int(r) < 1 for r in region):
+        raise MaskEvalError(f"route region {region} does not fit a {ndim}-D layout")
+    return tuple(int(r) for r in region)
+
+
+def _region_means(x: torch.Tensor, rid: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of x [B, H, L, D] over tokens with equal rid [L] → float64 [B, H, n, D]."""
+    B, H, _, D = x.shape
+    sums = torch.zeros(B, H, n, D, dtype=torch.float64, device=x.device)
+    sums.index_add_(2, rid, x.to(torch.float64))
+    counts = torch.bincount(rid, minlength=n).to(torch.float64)
+    return sums / counts[:, None]
+
+
+def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
+                    layout_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """BiFormer region routing (DESIGN §4) → bool [B, Hq, n_q_regions, n_kv_regions].
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (query head h uses key head h // (Hq // Hkv)).
+    Tokens are the row-major flattening of `layout_shape` (both sides); without a layout
+    they are 1-D sequences of Lq and Lkv tokens. Region means of q and k are taken in
+    float64 over all D channels; affinity = q̄ k̄ᵀ per (b, h); each query region keeps its
+    min(topk, n_kv_regions) highest-affinity key regions, ties to the lower region index.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise MaskEvalError(f"route: key {list(k.shape)} does not match query {list(q.shape)} "
+                            "(need equal batch and head dim, Hq a multiple of Hkv)")
+    q_shape = tuple(layout_shape) if layout_shape is not None else (Lq,)
+    k_shape = tuple(layout_shape) if layout_shape is not None else (Lkv,)
+    if math.prod(q_shape) != Lq or math.prod(k_shape) != Lkv:
+        raise MaskEvalError(f"route: layout {q_shape} does not match Lq={Lq}, Lkv={Lkv}")
+    region = _broadcast_region(region, len(q_shape))
+    nq, nk = math.prod(region_grid(q_shape, region)), math.prod(region_grid(k_shape, region))
+    qbar = _region_means(q, region_index(q_shape, region, q.device), nq)
+    kbar = _region_means(k, region_index(k_shape, region, k.device), nk)
+    kbar = kbar.repeat_interleave(Hq // Hkv, dim=1)
+    affinity = qbar @ kbar.transpose(-1, -2)
+    keep = min(int(topk), nk)
+    # Stable sort on -score keeps equal scores in index order: ties go to the lower index.
+    order = torch.sort(-affinity, dim=-1, stable=True).indices[..., :keep]
+    sel = torch.zeros(B, Hq, nq, nk, dtype=torch.bool, device=q.device)
+    return sel.scatter_(-1, order, True)
+
+
+def blocks_keep(top: float, k_blocks: int) -> int:
+    """n_keep = max(1, ceil(top · k_blocks)), at most k_blocks. The product is exact (the
+    float `top` as a rational), so 0.7 · 10 keeps 7 blocks, not 8."""
+    if not top > 0:
+        raise MaskEvalError(f"blocks: top must be a positive fraction, got {top!r}")
+    return min(k_blocks, max(1, math.ceil(Fraction(top) * k_blocks)))
+
+
+def select_blocks(scores: torch.Tensor, top: Optional[float] = None,
+                  threshold: Optional[float] = None) -> torch.Tensor:
+    """Block selection (DESIGN §4): scores [B, H, nq, nk] → bool [B, H, nq, nk].
+
+    `top=f` keeps, per (b, h, query block), the `blocks_keep(f, nk)` highest-scoring key
+    blocks (ties to the lower index); `threshold=τ` keeps blocks with score > τ.
+    """
+    if (top is None) == (threshold is None):
+        raise MaskEvalError("blocks: give exactly one of top / threshold")
+    if threshold is not None:
+        return scores > threshold
+    nk = scores.shape[-1]
+    sel = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if nk == 0:
+        return sel
+    order = torch.sort(-scores.to(torch.float64), dim=-1, stable=True).indices
+    return sel.scatter_(-1, order[..., :blocks_keep(top, nk)], True)
+
+
+# ---- the evaluator --------------------------------------------------------------------------
+
+class Evaluator:
+    """Evaluates IR nodes on broadcastable tensors.
+
+    `env` maps variable names (b h q k s Q_LEN KV_LEN HEADS) to tensors or Python numbers;
+    index tensors must be 4-D and broadcastable in the order (b, h, q, k). `inputs` are the
+    runtime input tensors (and `query`/`key` for `route`). `shared` is a memo that outlives
+    this evaluator for nodes that do not depend on `q` (and for selector results).
+    `q_offset` is added to `q` positions in error messages (for chunked evaluation).
+    """
+
+    def __init__(self, env: Mapping[str, object], *, layout=None, inputs=None, device=None,
+                 shared: Optional[dict] = None, q_varying: Optional[set] = None,
+                 q_offset: int = 0):
+        self.device = torch.device(device) if device is not None else None
+        self.env = {n: self._tensor(v, n) for n, v in env.items()}
+        self.layout = layout
+        self.inputs = dict(inputs or {})
+        self.memo: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self.shared = shared if shared is not None else {}
+        self.q_varying = q_varying
+        self.q_offset = q_offset
+        # (message, undefined-positions mask) of every division by zero / bad index seen;
+        # sources found in q-independent nodes are kept in `shared` for later chunks.
+        self.sources: list[tuple[str, torch.Tensor]] = []
+        self._persist = False
+
+    def _tensor(self, v, name):
+        if isinstance(v, torch.Tensor):
+            return v if self.device is None else v.to(self.device)
+        dtype = torch.float64 if name == "s" or isinstance(v, float) else torch.int64
+        return torch.tensor(v, dtype=dtype, device=self.device)
+
+    # -- public ---------------------------------------------------------------------------
+    def evaluate(self, root: Expr) -> torch.Tensor:
+        """Value of `root`; raises MaskEvalError if it depends on an undefined value."""
+        for node in walk(root):
+            if id(node) not in self.memo:
+                if self.q_varying is not None and id(node) not in self.q_varying \
+                        and id(node) in self.shared:
+                    self.memo[id(node)] = self.shared[id(node)]
+                    continue
+                self._persist = self.q_varying is not None and id(node) not in self.q_varying
+                self.memo[id(node)] = self._eval(node)
+                if self._persist:
+                    self.shared[id(node)] = self.memo[id(node)]
+        value, poison = self.memo[id(root)]
+        if poison is not None and bool(poison.any()):
+            self._raise(poison)
+        return value
+
+    # -- poison bookkeeping ---------------------------------------------------------------
+    def _raise(self, poison: torch.Tensor):
+        p4 = poison.reshape((1,) * (4 - poison.dim()) + tuple(poison.shape))
+        pos = [int(i) for i in p4.nonzero()[0]]
+        sources = self.shared.get("sources", []) + self.sources
+        message = sources[0][0] if sources else "undefined value"
+        for msg, src in sources:
+            s4 = src.reshape((1,) * (4 - src.dim()) + tuple(src.shape))
+            if bool(s4[tuple(p if n > 1 else 0 for p, n in zip(pos, s4.shape))]):
+                message = msg
+                break
+        where = [f"{a}={p + (self.q_offset if a == 'q' else 0)}"
+                 for a, p, n in zip(_AXES, pos, p4.shape) if n > 1]
+        raise MaskEvalError(message + (" at " + ", ".join(where) if where else ""))
+
+    def _poison(self, msg: str, bad: torch.Tensor) -> Optional[torch.Tensor]:
+        if not bool(bad.any()):
+            return None
+        if self._persist:
+            self.shared.setdefault("sources", []).append((msg, bad))
+        else:
+            self.sources.append((msg, bad))
+        return bad
+
+    @staticmethod
+    def _union(*ps):
+        out = None
+        for p in ps:
+            if p is not None:
+                out = p if out is None else out | p
+        return out
+
+    # -- nodes ----------------------------------------------------------------------------
+    def _var(self, name: str) -> torch.Tensor:
+        if name not in self.env:
+            raise MaskEvalError(f"variable '{name}' is not available here")
+        return self.env[name]
+
+    def _eval(self, node: Expr):
+        if isinstance(node, Const):
+            return torch.tensor(node.value, dtype=_TORCH_DTYPE[node.dtype], device=self.device), None
+        if isinstance(node, Var):
+            return self._var(node.name), None
+        if isinstance(node, Coord):
+            return self._coord(node), None
+        kids = [self.memo[id(c)] for c in node.children()]
+        vals = [v for v, _ in kids]
+        polls = [p for _, p in kids]
+        if isinstance(node, Unary):
+            x = vals[0]
+            out = {"neg": torch.neg, "abs": torch.abs, "not": torch.logical_not,
+                   "float": lambda t: t.to(torch.float64)}[node.op](x)
+            return out, polls[0]
+        if isinstance(node, Binary):
+            return self._binary(node, vals, polls)
+        if isinstance(node, Select):
+            c, a, b = vals
+            out = torch.where(c, a, b)
+            pc, pa, pb = polls
+            branch = None
+            if pa is not None or pb is not None:
+                f = torch.zeros((), dtype=torch.bool, device=c.device)
+                branch = torch.where(c, pa if pa is not None else f, pb if pb is not None else f)
+            return out, self._union(pc, branch)
+        if isinstance(node, FCall):
+            return _FUNCS[node.fn](*vals), self._union(*polls)
+        if isinstance(node, Load):
+            return self._load(node, vals, polls)
+        if isinstance(node, Route):
+            return self._route(node), None
+        if isinstance(node, Blocks):
+            return self._blocks(node), None
+        raise MaskEvalError(f"cannot evaluate IR node {type(node).__name__}")
+
+    def _coord(self, node: Coord) -> torch.Tensor:
+        if self.layout is None:
+            raise MaskEvalError(f"coordinate {node.side}.{node.name} used, but the pattern has "
+                                "no layout")
+        if node.axis >= len(self.layout.axes):
+            raise MaskEvalError(f"coordinate {node.side}.{node.name}: axis {node.axis} is not in "
+                                f"layout {self.layout}")
+        stride, size = self.layout.strides[node.axis], self.layout.shape[node.axis]
+        return torch.remainder(torch.div(self._var(node.side), stride, rounding_mode="floor"), size)
+
+    def _binary(self, node: Binary, vals, polls):
+        a, b = vals
+        op = node.op
+        poison = self._union(*polls)
+        if op in ("and", "or"):
+            pa, pb = polls
+            if poison is None:
+                return (a & b if op == "and" else a | b), None
+            # A defined false (and) / defined true (or) operand decides the result.
+            ok_a = (~a if op == "and" else a) if pa is None else (~a if op == "and" else a) & ~pa
+            ok_b = (~b if op == "and" else b) if pb is None else (~b if op == "and" else b) & ~pb
+            return (a & b if op == "and" else a | b), poison & ~(ok_a | ok_b)
+        if op in _CMP:
+            return _CMP[op](a, b), poison
+        if op in ("floordiv", "mod"):
+            zero = b == 0
+            bad = self._poison(f"division by zero in `{format_expr(node)}`", zero) \
+                if bool(zero.any()) else None
+            safe = torch.where(zero, torch.ones_like(b), b) if bad is not None else b
+            out = (torch.div(a, safe, rounding_mode="floor") if op == "floordiv"
+                   else torch.remainder(a, safe))
+            return out, self._union(poison, bad)
+        fn = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+              "min": torch.minimum, "max": torch.maximum}[op]
+        return fn(a, b), poison
+
+    def _input(self, name: str) -> torch.Tensor:
+        if name not in self.inputs:
+            raise MaskEvalError(f"input '{name}' was not supplied")
+        t = self.inputs[name]
+        return t if self.device is None else t.to(self.device)
+
+    def _load(self, node: Load, vals, polls):
+        t = self._input(node.input)
+        if len(vals) != t.dim():
+            raise MaskEvalError(f"input '{node.input}' has {t.dim()} dimensions but "
+                                f"`{format_expr(node)}` uses {len(vals)} indices")
+        idx, bads = [], []
+        for dim, (i, size) in enumerate(zip(vals, t.shape)):
+            bad = (i < 0) | (i >= size)
+            if bool(bad.any()):
+                worst = int(i[bad].flatten()[0])
+                src = self._poison(f"index {worst} out of range [0, {size}) in dimension {dim} "
+                                   f"of input '{node.input}' in `{format_expr(node)}`", bad)
+                bads.append(src)
+                i = torch.where(bad, torch.zeros_like(i), i)
+            idx.append(i)
+        value = t[tuple(idx)] if idx else t
+        value = value.to(_TORCH_DTYPE[node.elem])
+        return value, self._union(*polls, *bads)
+
+    def _route(self, node: Route) -> torch.Tensor:
+        key = ("route", node)
+        if key not in self.shared:
+            q, k = self._input("query"), self._input("key")
+            shape = self.layout.shape if self.layout is not None else None
+            sel = route_selection(q, k, node.region, node.topk, shape)
+            if sel.shape[1] != self.env["HEADS"].item():
+                raise MaskEvalError(f"route: query has {sel.shape[1]} heads but the mask is "
+                                    f"evaluated for heads={self.env['HEADS'].item()}")
+            region = _broadcast_region(node.region, len(shape) if shape else 1)
+            rq = region_index(shape or (q.shape[2],), region, sel.device)
+            rk = region_index(shape or (k.shape[2],), region, sel.device)
+            self.shared[key] = (sel, rq, rk)
+        sel, rq, rk = self.shared[key]
+        return sel[self._var("b"), self._var("h"), rq[self._var("q")], rk[self._var("k")]]
+
+    def _blocks(self, node: Blocks) -> torch.Tensor:
+        key = ("blocks", node)
+        if key not in self.shared:
+            self.shared[key] = select_blocks(self._input(node.input), node.top, node.threshold)
+        sel = self.shared[key]
+        beta = node.block
+        return sel[self._var("b"), self._var("h"), torch.div(self._var("q"), beta, rounding_mode="floor"),
+                   torch.div(self._var("k"), beta, rounding_mode="floor")]
+
+
+def eval_expr(expr: Expr, env: Mapping[str, object], *, layout=None, inputs=None,
+              device=None) -> torch.Tensor:
+    """Evaluate one IR expression (e.g. a score or output-scale modifier) on tensors.
+
+    `env` maps the variables the expression uses to broadcastable tensors (index tensors
+    4-D in (b, h, q, k) order; `s` a float64 score tensor) or Python numbers. Returns a
+    tensor of the broadcast shape (int64, float64 or bool by the expression's type).
+    Raises MaskEvalError for undefined values (see module docstring).
+    """
+    return Evaluator(env, layout=layout, inputs=inputs, device=device).evaluate(expr)
+
+
+# ---- dense mask ----------------------------------------------------------------------------
+
+def resolve_lengths(pattern, q_len: Optional[int], kv_len: Optional[int]) -> tuple[int, int]:
+    """(q_len, kv_len): the layout's size for grid patterns (and checked against it),
+    required arguments otherwise."""
+    layout = pattern.layout
+    for label, n in (("q_len", q_len), ("kv_len", kv_len)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"{label} must be a non-negative int, got {n!r}")
+    if layout is not None:
+        for label, n in (("q_len", q_len), ("kv_len", kv_len)):
+            if n is not None and n != layout.numel:
+                raise ValueError(f"{label}={n} does not match the layout {layout} of pattern "
+                                 f"'{pattern.name}' ({layout.numel} tokens)")
+        return layout.numel, layout.numel
+    if q_len is None or kv_len is None:
+        raise ValueError(f"pattern '{pattern.name}' has no layout: pass q_len and kv_len")
+    return q_len, kv_len
+
+
+def _q_dependent(root: Expr) -> set[int]:
+    out: set[int] = set()
+    for n in walk(root):
+        if (isinstance(n, Var) and n.name == "q") or (isinstance(n, Coord) and n.side == "q") \
+                or isinstance(n, (Route, Blocks)) or any(id(c) in out for c in n.children()):
+            out.add(id(n))
+    return out
+
+
+def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = None,
+               heads: int = 1, batch: int = 1, inputs: Optional[Mapping] = None,
+               device=None) -> torch.Tensor:
+    """The exact mask of `pattern` as torch.bool [batch, heads, q_len, kv_len].
+
+    mask[b, h, i, j] is true iff query i of head h in batch b may see key j. Lengths default
+    to the layout's size for grid patterns (and must equal it); without a layout both are
+    required. `inputs` maps each declared input to its tensor (checked by `check_inputs`);
+    a mask using `route` also needs `query` [batch, heads, q_len, D] and `key`
+    [batch, Hkv, kv_len, D]. `device` defaults to the device of the inputs (else CPU).
+    """
+    q_len, kv_len = resolve_lengths(pattern, q_len, kv_len)
+    for label, n in (("heads", heads), ("batch", batch)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{label} must be a positive int, got {n!r}")
+    inputs = dict(inputs or {})
+    mask = pattern.mask
+    uses_route = any(isinstance(n, Route) for n in walk(mask))
+    declared = {d.name for d in pattern.inputs}
+    extra = tuple(n for n in ROUTE_INPUTS if uses_route and n not in declared)
+    if device is None:
+        tensors = [t for t in inputs.values() if isinstance(t, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+    device = torch.device(device)
+    check_inputs(pattern, inputs, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                 device=device, allow=extra)
+    for name in extra:
+        if name not in inputs:
+            raise ValueError(f"pattern '{pattern.name}' uses route(...): pass inputs['{name}'] "
+                             f"[batch, heads, {'q_len' if name == 'query' else 'kv_len'}, D]")
+        t = inputs[name]
+        want_len = q_len if name == "query" else kv_len
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch \
+                or t.shape[2] != want_len:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"inputs['{name}'] must be [batch={batch}, heads, {want_len}, D], "
+                             f"got {got}")
+        if name == "query" and t.shape[1] != heads:
+            raise ValueError(f"inputs['query'] has {t.shape[1]} heads but heads={heads}")
+
+    fv = free_vars(mask)
+    wide = "b" in fv or "h" in fv or any(isinstance(n, (Route, Blocks, Load)) for n in walk(mask))
+    rows = max(1, _CHUNK_ELEMS // max(1, kv_len * (batch * heads if wide else 1)))
+    out = torch.empty(batch, heads, q_len, kv_len, dtype=torch.bool, device=device)
+    ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
+    base = {"b": ar(batch).view(-1, 1, 1, 1), "h": ar(heads).view(1, -1, 1, 1),
+            "k": ar(kv_len).view(1, 1, 1, -1), "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
+    shared: dict = {}
+    q_varying = _q_dependent(mask)
+    for q0 in range(0, q_len, rows):
+        q1 = min(q_len, q0 + rows)
+        env = dict(base, q=torch.arange(q0, q1, device=device).view(1, 1, -1, 1))
+        ev = Evaluator(env, layout=pattern.layout, inputs=inputs, device=device, shared=shared,
+                       q_varying=q_varying, q_offset=q0)
+        out[:, :, q0:q1] = ev.evaluate(mask)
+    return out
