@@ -83,6 +83,8 @@ class Pattern:
     output_scale: Optional[Expr] = None
     source: Optional[str] = field(default=None, compare=False, repr=False)
     filename: Optional[str] = field(default=None, compare=False, repr=False)
+    # Call-time constraints recorded by elaboration (`attncc.passes.elaborate.check_lengths`).
+    checks: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         if self.mask.dtype != BOOL:

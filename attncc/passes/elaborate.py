@@ -1,0 +1,578 @@
+"""Elaboration: AST (`attncc.frontend.ast.Spec`) → `Pattern` (mask IR plus declarations).
+
+Pre:  a syntactically valid spec AST with source locations, the prelude's `def`s, parameter
+      overrides (name → int/float/bool).
+Post: a `Pattern` whose `mask` is bool IR, `score`/`output_scale` float IR (or None); every
+      name resolved, every `def` expanded by substitution, library primitives lowered to IR,
+      layout coordinates turned into `Coord` leaves. All semantic errors of the spec are
+      collected and raised together as one `SpecError`.
+
+Typing (DESIGN §3): int, float, bool. Float arithmetic and int→float promotion only in the
+score and output clauses (and in constant expressions); `/` only on floats; `&`/`|`/`!` only
+on booleans; ordering comparisons not on booleans. Operation building is shared with the
+decorator frontend (`attncc.passes.primitives`), so both produce identical IR nodes.
+
+Neighborhood constraints K·d ≤ L that involve a sequence length known only at call time are
+recorded on the pattern (`Pattern.checks`) and verified by `check_lengths`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..frontend import ast
+from ..frontend.errors import Diagnostic, Diagnostics, SpecError, suggest
+from ..ir.nodes import (BOOL, FLOAT, INT, LENGTH_VARS, INDEX_VARS, SCORE_VAR, TRUE, Blocks,
+                        Const, Coord, Expr, Load, Route, Var)
+from ..ir.pattern import Axis, InputDecl, Layout, Pattern
+from .neighborhood import blocked_axis, conjunction, neighborhood_axis
+from .primitives import BUILTINS, BuildError, binary, builtin, const, select, to_float, unary
+
+DIM_NAMES = ("b", "h", "q", "k", "q_blocks", "k_blocks")
+DTYPES = (INT, FLOAT, BOOL)
+#: Primitives implemented in Python: name -> ((param, default-or-REQUIRED), ...).
+REQUIRED = object()
+PY_PRIMITIVES = {
+    "neighborhood": (("kernel", REQUIRED), ("dilation", 1), ("stride", 1), ("causal", False)),
+    "blocked": (("size", REQUIRED),),
+    "route": (("region", REQUIRED), ("topk", REQUIRED)),
+    "blocks": (("scores", REQUIRED), ("block", REQUIRED), ("top", None), ("threshold", None)),
+}
+_BIN = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod",
+        "&": "and", "|": "or", "and": "and", "or": "or"}
+_CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    """A NATTEN constraint `kernel * dilation <= Q_LEN` deferred to call time."""
+    loc: Optional[ast.Loc]
+    kernel: int
+    dilation: int
+
+
+@dataclass(frozen=True)
+class TupleValue:
+    """`(a, b, ...)`: a per-axis argument, only meaningful to primitives."""
+    items: tuple
+
+
+Value = Union[Expr, TupleValue]
+
+
+@dataclass
+class _Ctx:
+    clause: str                      # 'const' | 'mask' | 'score' | 'output'
+    env: dict = field(default_factory=dict)   # def parameters in scope
+    site: Optional[ast.Loc] = None   # report errors here (inside prelude expansions)
+    stack: tuple = ()                # defs being expanded (recursion check)
+
+    @property
+    def floats(self) -> bool:
+        return self.clause in ("const", "score", "output")
+
+
+class _Failed(Exception):
+    """Internal: the current expression already produced a diagnostic."""
+
+
+class Elaborator:
+    """One elaboration of one spec; use `elaborate()`."""
+
+    def __init__(self, spec: ast.Spec, params: dict, source, filename, prelude):
+        self.spec = spec
+        self.diags = Diagnostics(source, filename)
+        self.overrides = dict(params)
+        self.params: dict[str, Const] = {}
+        self.layout: Optional[Layout] = None
+        self.inputs: dict[str, InputDecl] = {}
+        self.checks: list[LengthCheck] = []
+        self.defs: dict[str, tuple[ast.Def, bool]] = {}
+        for d in prelude or ():
+            self.defs[d.name] = (d, True)
+
+    # ---- errors ---------------------------------------------------------------------------
+    def error(self, loc, msg, hint=None, ctx: Optional[_Ctx] = None):
+        loc = ctx.site if ctx is not None and ctx.site is not None else loc
+        if Diagnostic(loc, msg, hint) not in self.diags.items:   # a def expanded twice
+            self.diags.error(loc, msg, hint)
+
+    def fail(self, loc, msg, hint=None, ctx=None):
+        self.error(loc, msg, hint, ctx)
+        raise _Failed
+
+    # ---- driver ---------------------------------------------------------------------------
+    def run(self) -> Pattern:
+        spec = self.spec
+        header = spec.header
+        if header is None:
+            self.fail(spec.loc, "a spec must start with 'pattern NAME'")
+        for d in spec.decls:
+            if isinstance(d, ast.Def):
+                self.add_def(d)
+        self.bind_params(header)
+        clauses = {}
+        for d in spec.decls:
+            if isinstance(d, ast.LayoutDecl):
+                self.once(clauses, "layout", d) and self.bind_layout(d)
+            elif isinstance(d, ast.InputDecl):
+                self.declare_input(d)
+        for d in spec.decls:
+            if isinstance(d, ast.MaskClause) and self.once(clauses, "mask", d):
+                clauses["mask"] = self.clause(d.expr, "mask", BOOL)
+            elif isinstance(d, ast.ScoreClause) and self.once(clauses, "score", d):
+                clauses["score"] = self.clause(d.expr, "score", FLOAT)
+            elif isinstance(d, ast.OutputClause) and self.once(clauses, "output", d):
+                if d.kind != "scale":
+                    self.error(d.loc, f"unknown output modifier '{d.kind}'", suggest(d.kind, ["scale"]))
+                else:
+                    clauses["output"] = self.clause(d.expr, "output", FLOAT)
+        self.diags.raise_if_any()
+        mask = clauses.get("mask")
+        pat = Pattern(
+            name=header.name,
+            params=tuple((k, v.value) for k, v in self.params.items()),
+            layout=self.layout, inputs=tuple(self.inputs.values()),
+            mask=TRUE if not isinstance(mask, Expr) else mask,
+            score=clauses.get("score") if isinstance(clauses.get("score"), Expr) else None,
+            output_scale=clauses.get("output") if isinstance(clauses.get("output"), Expr) else None,
+            source=self.diags.source, filename=self.diags.filename, checks=tuple(self.checks))
+        return pat
+
+    def once(self, seen: dict, key: str, d) -> bool:
+        if key in seen:
+            self.error(d.loc, f"duplicate {key} clause")
+            return False
+        seen[key] = None
+        return True
+
+    def clause(self, expr, clause: str, want: str):
+        ctx = _Ctx(clause)
+        try:
+            v = self.expr(expr, ctx)
+            v = self.scalar(v, expr.loc, ctx)
+            if want == FLOAT and v.dtype == INT:
+                v = to_float(v)
+            if v.dtype != want:
+                label = "output scale" if clause == "output" else clause
+                kind = "a boolean" if want == BOOL else "a float"
+                self.fail(expr.loc, f"{label} must be {kind} expression, got {v.dtype}")
+            return v
+        except _Failed:
+            return None
+
+    # ---- declarations ---------------------------------------------------------------------
+    def add_def(self, d: ast.Def):
+        if d.name in BUILTINS or d.name in PY_PRIMITIVES:
+            self.error(d.loc, f"cannot redefine the builtin '{d.name}'")
+        elif d.name in self.defs and not self.defs[d.name][1]:
+            self.error(d.loc, f"'{d.name}' is defined twice")
+        else:
+            names = [p.name for p in d.params]
+            for p in d.params:
+                if p.name in INDEX_VARS + LENGTH_VARS + (SCORE_VAR,):
+                    self.error(p.loc, f"def parameter '{p.name}' shadows the index variable")
+                elif names.count(p.name) > 1:
+                    self.error(p.loc, f"duplicate parameter '{p.name}'")
+            self.defs[d.name] = (d, False)
+
+    def bind_params(self, header: ast.Header):
+        names = [p.name for p in header.params]
+        for name in self.overrides:
+            if name not in names:
+                hint = suggest(name, names) or (
+                    f"'{header.name}' has parameters {', '.join(names)}" if names else
+                    f"'{header.name}' has no parameters")
+                self.error(header.loc, f"unknown parameter '{name}'", hint)
+        for p in header.params:
+            if p.name in self.params:
+                self.error(p.loc, f"duplicate parameter '{p.name}'")
+                continue
+            if p.name in INDEX_VARS + LENGTH_VARS + (SCORE_VAR,):
+                self.error(p.loc, f"parameter '{p.name}' shadows the index variable")
+                continue
+            if p.name in self.overrides:
+                value = self.overrides[p.name]
+                if not isinstance(value, (bool, int, float)):
+                    self.error(p.loc, f"parameter '{p.name}' must be an int, float or bool, "
+                                      f"got {type(value).__name__}")
+                    continue
+                try:
+                    self.params[p.name] = const(value)
+                except BuildError as e:
+                    self.error(p.loc, f"parameter '{p.name}': {e}")
+            elif p.default is None:
+                self.error(p.loc, f"parameter '{p.name}' has no default and no value was given")
+            else:
+                v = self.constant(p.default, _Ctx("const"))
+                if v is not None:
+                    self.params[p.name] = const(v)
+
+    def constant(self, e, ctx: _Ctx, what="this value"):
+        """Evaluate `e` to a Python constant (int/float/bool), or None after an error."""
+        try:
+            v = self.scalar(self.expr(e, _Ctx("const", ctx.env, ctx.site, ctx.stack)), e.loc, ctx)
+        except _Failed:
+            return None
+        if not isinstance(v, Const):
+            self.error(e.loc, f"{what} must be a constant", ctx=ctx)
+            return None
+        return v.value
+
+    def bind_layout(self, d: ast.LayoutDecl):
+        if d.kind != "grid":
+            self.error(d.loc, f"unknown layout '{d.kind}'", suggest(d.kind, ["grid"]))
+            return
+        axes, seen = [], set()
+        for kw in d.axes:
+            if kw.name in seen or kw.name in INDEX_VARS:
+                self.error(kw.loc, f"bad axis name '{kw.name}'"
+                           + (" (duplicate)" if kw.name in seen else ""))
+                continue
+            seen.add(kw.name)
+            size = self.constant(kw.value, _Ctx("const"), f"size of axis '{kw.name}'")
+            if size is None:
+                continue
+            if type(size) is not int or size < 1:
+                self.error(kw.value.loc, f"size of axis '{kw.name}' must be a positive integer, "
+                                         f"got {size!r}")
+                continue
+            axes.append(Axis(kw.name, size))
+        if not d.axes:
+            self.error(d.loc, "a grid layout needs at least one axis")
+        self.layout = Layout(tuple(axes))
+
+    def declare_input(self, d: ast.InputDecl):
+        ok = True
+        if d.name in self.inputs:
+            self.error(d.loc, f"input '{d.name}' is declared twice")
+            return
+        if d.dtype not in DTYPES:
+            self.error(d.loc, f"unknown element type '{d.dtype}' (expected int, float or bool)")
+            ok = False
+        dims = []
+        for e in d.dims:
+            if isinstance(e, ast.Name) and e.id in DIM_NAMES:
+                dims.append(e.id)
+            elif isinstance(e, ast.Num) and type(e.value) is int and e.value > 0:
+                dims.append(e.value)
+            else:
+                self.error(e.loc, "bad input dimension: expected one of "
+                           + ", ".join(DIM_NAMES) + " or a positive integer")
+                ok = False
+        if not d.dims:
+            self.error(d.loc, f"input '{d.name}' needs at least one dimension")
+            ok = False
+        if ok:
+            self.inputs[d.name] = InputDecl(d.name, d.dtype, tuple(dims))
+
+    # ---- expressions ----------------------------------------------------------------------
+    def scalar(self, v: Value, loc, ctx) -> Expr:
+        if isinstance(v, TupleValue):
+            self.fail(loc, "a tuple is only allowed as a per-axis argument of a primitive", ctx=ctx)
+        return v
+
+    def build(self, fn, loc, ctx, *args, **kw) -> Expr:
+        try:
+            return fn(*args, floats=ctx.floats, **kw)
+        except BuildError as e:
+            self.fail(loc, str(e), ctx=ctx)
+
+    def expr(self, e, ctx: _Ctx) -> Value:
+        if isinstance(e, ast.Num):
+            return const(e.value)
+        if isinstance(e, ast.Bool):
+            return const(bool(e.value))
+        if isinstance(e, ast.Name):
+            return self.name(e, ctx)
+        if isinstance(e, ast.Attr):
+            return self.coord(e, ctx)
+        if isinstance(e, ast.Unary):
+            x = self.scalar(self.expr(e.operand, ctx), e.operand.loc, ctx)
+            return self.build(unary, e.loc, ctx, "neg" if e.op == "-" else "not", x)
+        if isinstance(e, ast.Binary):
+            op = _BIN.get(e.op)
+            if op is None:
+                self.fail(e.loc, f"unknown operator '{e.op}'", ctx=ctx)
+            a = self.scalar(self.expr(e.left, ctx), e.left.loc, ctx)
+            b = self.scalar(self.expr(e.right, ctx), e.right.loc, ctx)
+            return self.build(binary, e.loc, ctx, op, a, b)
+        if isinstance(e, ast.Compare):
+            vals = [self.scalar(self.expr(x, ctx), x.loc, ctx) for x in e.operands]
+            out = None
+            for op, a, b in zip(e.ops, vals, vals[1:]):
+                c = self.build(binary, e.loc, ctx, _CMP[op], a, b)
+                out = c if out is None else self.build(binary, e.loc, ctx, "and", out, c)
+            return out
+        if isinstance(e, ast.Ternary):
+            c = self.scalar(self.expr(e.cond, ctx), e.cond.loc, ctx)
+            a = self.scalar(self.expr(e.then, ctx), e.then.loc, ctx)
+            b = self.scalar(self.expr(e.orelse, ctx), e.orelse.loc, ctx)
+            return self.build(select, e.loc, ctx, c, a, b)
+        if isinstance(e, ast.Tuple):
+            return TupleValue(tuple(self.scalar(self.expr(x, ctx), x.loc, ctx) for x in e.items))
+        if isinstance(e, ast.Index):
+            return self.index(e, ctx)
+        if isinstance(e, ast.Call):
+            return self.call(e.func, e.args, e.kwargs, e.loc, ctx)
+        self.fail(getattr(e, "loc", None), f"unexpected {type(e).__name__} in an expression", ctx=ctx)
+
+    def scope_names(self, ctx) -> list[str]:
+        names = list(ctx.env) + list(self.params) + list(INDEX_VARS + LENGTH_VARS)
+        names += list(self.inputs) + list(self.defs) + list(BUILTINS) + list(PY_PRIMITIVES)
+        if ctx.clause == "score":
+            names.append(SCORE_VAR)
+        return names
+
+    def name(self, e: ast.Name, ctx: _Ctx) -> Value:
+        n = e.id
+        if n in ctx.env:
+            return ctx.env[n]
+        if n in self.params:
+            return self.params[n]
+        if n in INDEX_VARS or n in LENGTH_VARS or n == SCORE_VAR:
+            if ctx.clause == "const":
+                self.fail(e.loc, f"'{n}' is not a constant (parameter defaults, layout sizes and "
+                                 "primitive options must be constant)", ctx=ctx)
+            if n == SCORE_VAR and ctx.clause != "score":
+                self.fail(e.loc, "'s' (the attention score) can only be used in a score clause",
+                          ctx=ctx)
+            return Var(n)
+        if n in self.inputs:
+            dims = ", ".join(str(x) for x in self.inputs[n].dims)
+            self.fail(e.loc, f"input '{n}' must be indexed, e.g. {n}[{dims}]", ctx=ctx)
+        if n in self.defs or n in PY_PRIMITIVES:
+            return self.call(n, (), (), e.loc, ctx)
+        if n in BUILTINS:
+            self.fail(e.loc, f"'{n}' is a function; call it with arguments", ctx=ctx)
+        self.fail(e.loc, f"unknown name '{n}'", suggest(n, self.scope_names(ctx)), ctx=ctx)
+
+    def coord(self, e: ast.Attr, ctx: _Ctx) -> Expr:
+        side = e.value.id if isinstance(e.value, ast.Name) else None
+        if side not in ("q", "k") or side in ctx.env:
+            self.fail(e.loc, "coordinates are written q.<axis> or k.<axis>", ctx=ctx)
+        if ctx.clause == "const":
+            self.fail(e.loc, f"'{side}.{e.attr}' is not a constant", ctx=ctx)
+        if self.layout is None:
+            self.fail(e.loc, f"coordinate '{side}.{e.attr}' needs a layout "
+                             "(add e.g. 'layout grid(y = 64, x = 64)')", ctx=ctx)
+        names = [a.name for a in self.layout.axes]
+        if e.attr not in names:
+            self.fail(e.loc, f"unknown axis '{e.attr}'",
+                      suggest(e.attr, names) or f"the layout has axes {', '.join(names)}", ctx=ctx)
+        return Coord(side, names.index(e.attr), e.attr)
+
+    def index(self, e: ast.Index, ctx: _Ctx) -> Expr:
+        decl = self.inputs.get(e.name)
+        if decl is None:
+            self.fail(e.loc, f"unknown input '{e.name}'", suggest(e.name, self.inputs), ctx=ctx)
+        if ctx.clause == "const":
+            self.fail(e.loc, f"input '{e.name}' is not a constant", ctx=ctx)
+        if len(e.indices) != len(decl.dims):
+            self.fail(e.loc, f"input '{e.name}' has {len(decl.dims)} dimensions "
+                             f"[{', '.join(map(str, decl.dims))}], got {len(e.indices)} indices",
+                      ctx=ctx)
+        idx = []
+        for x in e.indices:
+            v = self.scalar(self.expr(x, ctx), x.loc, ctx)
+            if v.dtype != INT:
+                self.fail(x.loc, f"index of '{e.name}' must be int, got {v.dtype}", ctx=ctx)
+            idx.append(v)
+        return Load(e.name, tuple(idx), decl.dtype)
+
+    # ---- calls ----------------------------------------------------------------------------
+    def call(self, fname, args, kwargs, loc, ctx: _Ctx) -> Value:
+        if fname in ctx.env or fname in self.params:
+            self.fail(loc, f"'{fname}' is not a function", ctx=ctx)
+        if fname in BUILTINS:
+            if kwargs:
+                self.fail(kwargs[0].loc, f"'{fname}' takes no keyword arguments", ctx=ctx)
+            if len(args) != BUILTINS[fname]:
+                self.fail(loc, f"'{fname}' takes {_n_args(BUILTINS[fname])} "
+                               f"({len(args)} given)", ctx=ctx)
+            vals = [self.scalar(self.expr(a, ctx), a.loc, ctx) for a in args]
+            return self.build(builtin, loc, ctx, fname, vals)
+        if fname in PY_PRIMITIVES:
+            bound = self.bind(fname, PY_PRIMITIVES[fname], args, kwargs, loc, ctx)
+            return getattr(self, "prim_" + fname)(bound, loc, ctx)
+        if fname in self.defs:
+            return self.expand(fname, args, kwargs, loc, ctx)
+        callables = list(self.defs) + list(BUILTINS) + list(PY_PRIMITIVES)
+        self.fail(loc, f"unknown primitive '{fname}'",
+                  suggest(fname, callables) or suggest(fname, self.scope_names(ctx)), ctx=ctx)
+
+    def bind(self, fname, sig, args, kwargs, loc, ctx) -> dict:
+        """Match call arguments to `sig` ((name, default-or-REQUIRED), ...): name -> AST."""
+        names = [n for n, _ in sig]
+        if len(args) > len(sig):
+            self.fail(loc, f"'{fname}' takes at most {_n_args(len(sig))} ({len(args)} given)",
+                      ctx=ctx)
+        out = dict(zip(names, args))
+        for kw in kwargs:
+            if kw.name not in names:
+                self.fail(kw.loc, f"'{fname}' has no parameter '{kw.name}'",
+                          suggest(kw.name, names), ctx=ctx)
+            if kw.name in out:
+                self.fail(kw.loc, f"argument '{kw.name}' of '{fname}' given twice", ctx=ctx)
+            out[kw.name] = kw.value
+        missing = [n for n, dflt in sig if dflt is REQUIRED and n not in out]
+        if missing:
+            usage = f"{fname}({', '.join(names)})"
+            self.fail(loc, f"'{fname}' is missing argument '{missing[0]}'", f"usage: {usage}",
+                      ctx=ctx)
+        return out
+
+    def expand(self, fname, args, kwargs, loc, ctx: _Ctx) -> Value:
+        d, is_prelude = self.defs[fname]
+        if fname in ctx.stack:
+            self.fail(loc, f"'{fname}' is defined in terms of itself", ctx=ctx)
+        sig = [(p.name, REQUIRED if p.default is None else p.default) for p in d.params]
+        bound = self.bind(fname, sig, args, kwargs, loc, ctx)
+        env = {}
+        for p in d.params:
+            if p.name in bound:
+                env[p.name] = self.expr(bound[p.name], ctx)
+        site = ctx.site if ctx.site is not None else (loc if is_prelude else None)
+        inner = _Ctx(ctx.clause, env, site, ctx.stack + (fname,))
+        for p in d.params:   # defaults may refer to earlier parameters
+            if p.name not in env:
+                env[p.name] = self.expr(p.default, inner)
+        return self.expr(d.body, inner)
+
+    # ---- Python primitives ----------------------------------------------------------------
+    def axes_values(self, fname, pname, e, ctx, kind=int, lo=1):
+        """A per-axis constant argument: one value per layout axis (scalars broadcast)."""
+        n = len(self.layout.axes) if self.layout is not None else 1
+        v = self.expr(e, _Ctx("const", ctx.env, ctx.site, ctx.stack))
+        items = v.items if isinstance(v, TupleValue) else (v,) * n
+        if isinstance(v, TupleValue) and len(items) != n:
+            where = (f"the layout has {n} axes ({', '.join(a.name for a in self.layout.axes)})"
+                     if self.layout is not None else "the pattern has no layout (one axis)")
+            self.fail(e.loc, f"'{pname}' of '{fname}' has {len(items)} values but {where}", ctx=ctx)
+        out = []
+        for x in items:
+            if not isinstance(x, Const):
+                self.fail(e.loc, f"'{pname}' of '{fname}' must be a constant", ctx=ctx)
+            x = x.value
+            if kind is bool:
+                if not isinstance(x, bool):
+                    self.fail(e.loc, f"'{pname}' of '{fname}' must be true or false", ctx=ctx)
+            elif type(x) is not int or x < lo:
+                self.fail(e.loc, f"'{pname}' of '{fname}' must be an integer >= {lo}, got {x!r}",
+                          ctx=ctx)
+            out.append(x)
+        return out
+
+    def axis_exprs(self):
+        """Per axis: (query coordinate, key coordinate, length expression, axis label)."""
+        if self.layout is None:
+            return [(Var("q"), Var("k"), Var("Q_LEN"), None)]
+        return [(Coord("q", i, a.name), Coord("k", i, a.name), const(a.size), a.name)
+                for i, a in enumerate(self.layout.axes)]
+
+    def prim_neighborhood(self, bound, loc, ctx):
+        kern = self.axes_values("neighborhood", "kernel", bound["kernel"], ctx)
+        dil = self.axes_values("neighborhood", "dilation", bound.get("dilation", ast.Num(1)), ctx)
+        stride = self.axes_values("neighborhood", "stride", bound.get("stride", ast.Num(1)), ctx)
+        caus = self.axes_values("neighborhood", "causal", bound.get("causal", ast.Bool(False)),
+                                ctx, kind=bool)
+        parts, bad = [], False
+        for (i, j, L, label), K, d, s, c in zip(self.axis_exprs(), kern, dil, stride, caus):
+            where = f" on axis '{label}'" if label else ""
+            if s > K:
+                self.error(loc, f"neighborhood stride {s} exceeds the kernel size {K}{where}",
+                           "NATTEN requires stride <= kernel", ctx=ctx)
+                bad = True
+            if isinstance(L, Const) and K * d > L.value:
+                self.error(loc, f"neighborhood kernel {K} x dilation {d} = {K * d} exceeds the "
+                                f"length {L.value} of axis '{label}'", ctx=ctx)
+                bad = True
+            elif not isinstance(L, Const):
+                self.checks.append(LengthCheck(ctx.site or loc, K, d))
+            parts.append(neighborhood_axis(i, j, L, K, d, s, c))
+        if bad:
+            raise _Failed
+        return self.build_all(conjunction, loc, ctx, parts)
+
+    def build_all(self, fn, loc, ctx, *args):
+        try:
+            return fn(*args)
+        except BuildError as e:
+            self.fail(loc, str(e), ctx=ctx)
+
+    def prim_blocked(self, bound, loc, ctx):
+        sizes = self.axes_values("blocked", "size", bound["size"], ctx)
+        parts = [blocked_axis(i, j, sz) for (i, j, _, _), sz in zip(self.axis_exprs(), sizes)]
+        if self.layout is not None and len(self.layout.axes) == 1:
+            parts = [blocked_axis(Var("q"), Var("k"), sizes[0])]
+        return conjunction(parts)
+
+    def prim_route(self, bound, loc, ctx):
+        region = self.axes_values("route", "region", bound["region"], ctx)
+        topk = self.constant(bound["topk"], ctx, "'topk' of 'route'")
+        if topk is None:
+            raise _Failed
+        if type(topk) is not int or topk < 1:
+            self.fail(bound["topk"].loc, f"'topk' of 'route' must be an integer >= 1, got {topk!r}",
+                      ctx=ctx)
+        return Route(tuple(region), topk)
+
+    def prim_blocks(self, bound, loc, ctx):
+        src = bound["scores"]
+        if not isinstance(src, ast.Name):
+            self.fail(src.loc, "the first argument of 'blocks' must be the name of an input "
+                               "declared float[b, h, q_blocks, k_blocks]", ctx=ctx)
+        decl = self.inputs.get(src.id)
+        if decl is None:
+            self.fail(src.loc, f"unknown input '{src.id}'", suggest(src.id, self.inputs), ctx=ctx)
+        if decl.dtype != FLOAT or decl.dims != ("b", "h", "q_blocks", "k_blocks"):
+            self.fail(src.loc, f"'blocks' needs an input declared float[b, h, q_blocks, k_blocks]; "
+                               f"'{src.id}' is {decl.dtype}[{', '.join(map(str, decl.dims))}]",
+                      ctx=ctx)
+        block = self.constant(bound["block"], ctx, "'block' of 'blocks'")
+        if block is None:
+            raise _Failed
+        if type(block) is not int or block < 1:
+            self.fail(bound["block"].loc, f"'block' of 'blocks' must be an integer >= 1", ctx=ctx)
+        top, thr = bound.get("top"), bound.get("threshold")
+        if (top is None) == (thr is None):
+            self.fail(loc, "'blocks' needs exactly one of 'top' and 'threshold'", ctx=ctx)
+        if top is not None:
+            f = self.constant(top, ctx, "'top' of 'blocks'")
+            if f is None:
+                raise _Failed
+            if isinstance(f, bool) or not 0 < f <= 1:
+                self.fail(top.loc, f"'top' of 'blocks' must be a fraction in (0, 1], got {f!r}",
+                          ctx=ctx)
+            return Blocks(src.id, block, top=float(f))
+        t = self.constant(thr, ctx, "'threshold' of 'blocks'")
+        if t is None or isinstance(t, bool):
+            self.fail(thr.loc, "'threshold' of 'blocks' must be a number", ctx=ctx)
+        return Blocks(src.id, block, threshold=float(t))
+
+
+def _n_args(n: int) -> str:
+    return f"{n} argument" + ("" if n == 1 else "s")
+
+
+def elaborate(spec: ast.Spec, params: Optional[dict] = None, *, source: Optional[str] = None,
+              filename: str = "<spec>", prelude: Optional[list] = None) -> Pattern:
+    """Elaborate a parsed spec into a `Pattern`.
+
+    `params` overrides header defaults (name -> int/float/bool); `prelude` is the list of
+    library `ast.Def`s (from `grammar/prelude.attn`). Raises `SpecError` listing every
+    semantic error. The resulting mask evaluates to `bool [B, H, Lq, Lkv]` via
+    `Pattern.dense_mask`.
+    """
+    return Elaborator(spec, params or {}, source, filename, prelude).run()
+
+
+def check_lengths(pattern: Pattern, q_len: int, kv_len: int) -> None:
+    """Check call-time constraints of `pattern` for sequences of `q_len` queries and
+    `kv_len` keys: NATTEN's kernel·dilation <= length for a `neighborhood` on a pattern
+    without a layout. Raises `SpecError` pointing at the `neighborhood` call."""
+    diags = [Diagnostic(c.loc, f"neighborhood kernel {c.kernel} x dilation {c.dilation} = "
+                               f"{c.kernel * c.dilation} exceeds the sequence length {q_len}")
+             for c in getattr(pattern, "checks", ()) if c.kernel * c.dilation > q_len]
+    if diags:
+        raise SpecError(diags, pattern.source)
