@@ -88,6 +88,8 @@ def format_dag(roots: dict[str, Expr]) -> str:
     order: list[Expr] = []
     seen: set[int] = set()
     for root in roots.values():
+        if root is None:
+            continue
         for node in walk(root):
             if id(node) not in seen:
                 seen.add(id(node))
