@@ -1,0 +1,343 @@
+"""Decorator frontend: trace a Python function over symbolic indices into the mask IR.
+
+    @attncc.pattern(layout=attncc.grid(y=64, x=64))
+    def local(q, k):
+        return (abs(q.y - k.y) <= 3) & (abs(q.x - k.x) <= 3)
+
+The function is called once with symbolic values (`Sym`) whose operators build IR nodes
+through the same typed builders as the spec elaborator, so the result is the *same* IR
+node as the equivalent `.attn` text. Parameter names pick the variables: any of
+b, h, q, k, Q_LEN, KV_LEN, HEADS and the names of declared inputs, in any order.
+
+Python control flow cannot branch on a symbolic value: `if`, `and`, `or`, `not` and
+`bool()` raise `attncc.SpecError` at the user's line; use `&`, `|`, `~` and `where`.
+"""
+from __future__ import annotations
+
+import builtins
+import inspect
+import linecache
+import os
+import re
+import sys
+
+from ..ir.nodes import BOOL, INT, Coord, Expr, Load, Var
+from ..ir.pattern import Axis, InputDecl, Layout, Pattern
+from .ast import Loc
+from .errors import Diagnostic, SpecError, suggest
+
+_THIS_FILE = __file__
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_VARS = ("b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS")
+_CONTROL_FLOW = ("a symbolic condition cannot be used in Python control flow (`if`, `and`, "
+                 "`or`, `not`); use `&`, `|`, `~` or attncc.where(cond, a, b)")
+# Layout and inputs of the function being traced (helpers such as `neighborhood` need them).
+_ACTIVE: list = []
+
+
+def _user_error(message: str, hint=None) -> SpecError:
+    """A SpecError located at the innermost frame outside this module (the user's code)."""
+    f = sys._getframe(1)
+    while f is not None and (f.f_code.co_filename == _THIS_FILE
+                             or f.f_code.co_filename.startswith(_PACKAGE_DIR)):
+        f = f.f_back
+    if f is None:
+        return SpecError([Diagnostic(None, message, hint)])
+    fname = f.f_code.co_filename
+    summary = inspect.getframeinfo(f, context=0)
+    pos = getattr(summary, "positions", None)
+    col = (pos.col_offset + 1) if pos is not None and pos.col_offset is not None else 1
+    end = (pos.end_col_offset + 1) if pos is not None and pos.end_col_offset is not None else None
+    end_line = pos.end_lineno if pos is not None else None
+    loc = Loc(fname, f.f_lineno, col, end_line, end)
+    source = "".join(linecache.getlines(fname)) or None
+    return SpecError([Diagnostic(loc, message, hint)], source)
+
+
+def _node(x) -> Expr:
+    from ..passes.primitives import BuildError, const
+    if isinstance(x, Sym):
+        return x.node
+    if isinstance(x, (bool, int, float)):
+        try:
+            return const(x)
+        except BuildError as e:
+            raise _user_error(str(e)) from None
+    raise _user_error(f"cannot use a value of type {type(x).__name__} in a pattern")
+
+
+def _build(fn, *args, **kw):
+    from ..passes.primitives import BuildError
+    try:
+        return Sym(fn(*args, floats=False, **kw))
+    except BuildError as e:
+        raise _user_error(str(e)) from None
+
+
+def _bin(op):
+    def fwd(self, other):
+        from ..passes.primitives import binary
+        return _build(binary, op, self.node, _node(other))
+
+    def rev(self, other):
+        from ..passes.primitives import binary
+        return _build(binary, op, _node(other), self.node)
+    return fwd, rev
+
+
+class Sym:
+    """A symbolic value wrapping an IR node (`.node`). Supports + - * // % < <= > >= == !=
+    & | ~ unary - and abs(); `q.y`/`k.x` give layout coordinates."""
+
+    __slots__ = ("node",)
+    __hash__ = None
+
+    def __init__(self, node: Expr):
+        object.__setattr__(self, "node", node)
+
+    __add__, __radd__ = _bin("add")
+    __sub__, __rsub__ = _bin("sub")
+    __mul__, __rmul__ = _bin("mul")
+    __floordiv__, __rfloordiv__ = _bin("floordiv")
+    __mod__, __rmod__ = _bin("mod")
+    __truediv__, __rtruediv__ = _bin("div")
+    __and__, __rand__ = _bin("and")
+    __or__, __ror__ = _bin("or")
+    __lt__ = _bin("lt")[0]
+    __le__ = _bin("le")[0]
+    __gt__ = _bin("gt")[0]
+    __ge__ = _bin("ge")[0]
+    __eq__ = _bin("eq")[0]
+    __ne__ = _bin("ne")[0]
+
+    def __neg__(self):
+        from ..passes.primitives import unary
+        return _build(unary, "neg", self.node)
+
+    def __abs__(self):
+        from ..passes.primitives import unary
+        return _build(unary, "abs", self.node)
+
+    def __invert__(self):
+        from ..passes.primitives import unary
+        if self.node.dtype != BOOL:
+            raise _user_error(f"'~' needs a boolean operand, got {self.node.dtype}")
+        return _build(unary, "not", self.node)
+
+    def __bool__(self):
+        raise _user_error(_CONTROL_FLOW)
+
+    def __index__(self):
+        raise _user_error("a symbolic value cannot be converted to a Python int")
+
+    __int__ = __index__
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        node = object.__getattribute__(self, "node")
+        if not (isinstance(node, Var) and node.name in ("q", "k")):
+            raise _user_error(f"coordinates are written q.<axis> or k.<axis>, not .{name}")
+        layout = _ACTIVE[-1][0] if _ACTIVE else None
+        if layout is None:
+            raise _user_error(f"coordinate '{node.name}.{name}' needs a layout "
+                              "(pass layout=attncc.grid(...) to @attncc.pattern)")
+        names = [a.name for a in layout.axes]
+        if name not in names:
+            raise _user_error(f"unknown axis '{name}'",
+                              suggest(name, names) or f"the layout has axes {', '.join(names)}")
+        return Sym(Coord(node.name, names.index(name), name))
+
+    def __repr__(self):
+        from ..ir.printer import format_expr
+        return f"Sym({format_expr(self.node)})"
+
+
+class _InputSym:
+    """A declared runtime input; index it like the spec: `doc[b, k]`."""
+
+    def __init__(self, decl: InputDecl):
+        self.decl = decl
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        d = self.decl
+        if len(idx) != len(d.dims):
+            raise _user_error(f"input '{d.name}' has {len(d.dims)} dimensions "
+                              f"[{', '.join(map(str, d.dims))}], got {len(idx)} indices")
+        nodes = tuple(_node(i) for i in idx)
+        for n in nodes:
+            if n.dtype != INT:
+                raise _user_error(f"index of '{d.name}' must be int, got {n.dtype}")
+        return Sym(Load(d.name, nodes, d.dtype))
+
+    def __bool__(self):
+        raise _user_error(f"input '{self.decl.name}' must be indexed")
+
+
+# ---- public helpers --------------------------------------------------------------------------
+
+def grid(**axes: int) -> Layout:
+    """`grid(y=64, x=64)`: a row-major token layout (last axis fastest), as `layout grid(...)`."""
+    out = []
+    for name, size in axes.items():
+        if name in _VARS or type(size) is not int or size < 1:
+            raise _user_error(f"grid axis '{name}' needs a positive integer size, got {size!r}")
+        out.append(Axis(name, size))
+    if not out:
+        raise _user_error("a grid layout needs at least one axis")
+    return Layout(tuple(out))
+
+
+def where(cond, a, b):
+    """`cond ? a : b` on symbolic values (a plain Python bool picks a branch)."""
+    from ..passes.primitives import select
+    if isinstance(cond, bool):
+        return a if cond else b
+    return _build(select, _node(cond), _node(a), _node(b))
+
+
+def min(a, b):  # noqa: A001 - mirrors the language builtin
+    """Symbolic `min(a, b)` (plain numbers use Python's min)."""
+    from ..passes.primitives import binary
+    if not isinstance(a, Sym) and not isinstance(b, Sym):
+        return builtins.min(a, b)
+    return _build(binary, "min", _node(a), _node(b))
+
+
+def max(a, b):  # noqa: A001
+    """Symbolic `max(a, b)` (plain numbers use Python's max)."""
+    from ..passes.primitives import binary
+    if not isinstance(a, Sym) and not isinstance(b, Sym):
+        return builtins.max(a, b)
+    return _build(binary, "max", _node(a), _node(b))
+
+
+def abs(x):  # noqa: A001
+    """Symbolic `abs(x)` (same as the builtin `abs` on a `Sym`)."""
+    return builtins.abs(x)
+
+
+def _primitive(name: str, *args, **kwargs) -> Sym:
+    """Expand a library primitive (prelude `def` or Python primitive) inside a trace."""
+    from . import ast as A
+    from ..api import prelude_defs
+    from ..passes.elaborate import Elaborator, _Ctx, _Failed
+    layout, inputs = _ACTIVE[-1] if _ACTIVE else (None, {})
+    el = Elaborator(A.Spec(None, ()), {}, None, "<trace>", list(prelude_defs()))
+    el.layout, el.inputs = layout, dict(inputs)
+    env = {}
+
+    def arg(v):
+        if isinstance(v, tuple):
+            return A.Tuple(tuple(arg(x) for x in v))
+        key = f"_a{len(env)}"
+        env[key] = _node(v)
+        return A.Name(key)
+    ast_args = tuple(arg(v) for v in args)
+    ast_kw = tuple(A.Keyword(k, arg(v)) for k, v in kwargs.items())
+    try:
+        out = el.call(name, ast_args, ast_kw, None, _Ctx("mask", env))
+    except _Failed:
+        out = None
+    if el.diags.items:
+        d = el.diags.items[0]
+        raise _user_error(d.message, d.hint)
+    return Sym(out)
+
+
+def causal():
+    """`k <= q + (KV_LEN - Q_LEN)` (bottom-right aligned)."""
+    return _primitive("causal")
+
+
+def window(w):
+    """Causal sliding window of `w` keys including the query."""
+    return _primitive("window", w)
+
+
+def chunked(c):
+    return _primitive("chunked", c)
+
+
+def prefix(p):
+    return _primitive("prefix", p)
+
+
+def sinks(n):
+    return _primitive("sinks", n)
+
+
+def dilated(w, d):
+    return _primitive("dilated", w, d)
+
+
+def blocked(size):
+    """Same block of `size` (per axis tuple or scalar) along every layout axis."""
+    return _primitive("blocked", size)
+
+
+def neighborhood(kernel, dilation=1, stride=1, causal=False):
+    """NATTEN neighborhood attention over the layout axes (DESIGN §4)."""
+    return _primitive("neighborhood", kernel, dilation=dilation, stride=stride, causal=causal)
+
+
+# ---- the decorator --------------------------------------------------------------------------
+
+_DECL = re.compile(r"^\s*(int|float|bool)\s*\[([^\]]*)\]\s*$")
+
+
+def _input_decl(name, spec) -> InputDecl:
+    if isinstance(spec, InputDecl):
+        return spec
+    if isinstance(spec, str):
+        m = _DECL.match(spec)
+        if not m:
+            raise _user_error(f"input '{name}': expected a declaration like 'int[b, k]', got {spec!r}")
+        dtype, dims = m.group(1), [d.strip() for d in m.group(2).split(",")]
+    else:
+        dtype, dims = spec
+    out = []
+    for d in dims:
+        if isinstance(d, str) and d.isdigit():
+            d = int(d)
+        if not (d in ("b", "h", "q", "k", "q_blocks", "k_blocks")
+                or (type(d) is int and d > 0)):
+            raise _user_error(f"input '{name}': bad dimension {d!r}")
+        out.append(d)
+    return InputDecl(name, dtype, tuple(out))
+
+
+def _trace(fn, layout, name, inputs) -> Pattern:
+    decls = {n: _input_decl(n, s) for n, s in (inputs or {}).items()}
+    args = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in _VARS:
+            args.append(Sym(Var(p.name)))
+        elif p.name in decls:
+            args.append(_InputSym(decls[p.name]))
+        else:
+            raise _user_error(
+                f"parameter '{p.name}' of {fn.__name__} is neither an index variable "
+                f"({', '.join(_VARS)}) nor a declared input",
+                suggest(p.name, list(_VARS) + list(decls)))
+    _ACTIVE.append((layout, decls))
+    try:
+        out = fn(*args)
+    finally:
+        _ACTIVE.pop()
+    mask = _node(out)
+    if mask.dtype != BOOL:
+        raise _user_error(f"mask must be a boolean expression, got {mask.dtype}")
+    return Pattern(name=name or fn.__name__, params=(), layout=layout,
+                   inputs=tuple(decls.values()), mask=mask,
+                   filename=inspect.getsourcefile(fn))
+
+
+def pattern(fn=None, *, layout=None, name=None, inputs=None):
+    """Decorator: trace `fn(q, k)` (or any of b, h, q, k, Q_LEN, KV_LEN, HEADS and declared
+    inputs) into a `Pattern`. `layout` is a `grid(...)`; `inputs` maps names to declarations
+    such as `"int[b, k]"`. The pattern's `dense_mask` is `bool [B, H, Lq, Lkv]`."""
+    if fn is None:
+        return lambda f: _trace(f, layout, name, inputs)
+    return _trace(fn, layout, name, inputs)
