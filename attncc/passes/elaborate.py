@@ -382,8 +382,8 @@ class Elaborator:
 
     # ---- calls ----------------------------------------------------------------------------
     def call(self, fname, args, kwargs, loc, ctx: _Ctx) -> Value:
-        if fname in ctx.env or fname in self.params:
-            self.fail(loc, f"'{fname}' is not a function", ctx=ctx)
+        # Functions live in their own namespace: `window(window)` calls the primitive with
+        # the parameter of the same name.
         if fname in BUILTINS:
             if kwargs:
                 self.fail(kwargs[0].loc, f"'{fname}' takes no keyword arguments", ctx=ctx)
@@ -397,6 +397,8 @@ class Elaborator:
             return getattr(self, "prim_" + fname)(bound, loc, ctx)
         if fname in self.defs:
             return self.expand(fname, args, kwargs, loc, ctx)
+        if fname in ctx.env or fname in self.params:
+            self.fail(loc, f"'{fname}' is not a function", ctx=ctx)
         callables = list(self.defs) + list(BUILTINS) + list(PY_PRIMITIVES)
         self.fail(loc, f"unknown primitive '{fname}'",
                   suggest(fname, callables) or suggest(fname, self.scope_names(ctx)), ctx=ctx)
