@@ -1,0 +1,84 @@
+"""`backend="flex"`: run a pattern through PyTorch FlexAttention.
+
+The pattern's mask and score modifier are lowered to `mask_mod` / `score_mod`
+(`attncc.ir.lower_torch`), the block structure comes from attncc's analytic schedule
+(`attncc.schedule.blockmask.to_block_mask`: no O(Lq·Lkv) `create_block_mask`), and the
+`output scale` multiplies each head's output rows afterwards. FlexAttention is compiled once
+per process (`torch.compile(flex_attention)`); on CPU this is its fast C++ path.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping, Optional
+
+import torch
+
+from ...ir.dense import resolve_lengths
+from ...ir.inputs import InputError, check_inputs, check_qkv
+from ...ir.lower_torch import check_flex_supported, output_scale, to_mask_mod, to_score_mod
+from ...schedule.blockmask import DEFAULT_BLOCK, to_block_mask
+from ..options import CompileOptions
+
+_COMPILED = None
+
+
+def compiled_flex_attention():
+    """The process-wide `torch.compile(flex_attention)` (compiled lazily on first use)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(pattern, q_len: int, kv_len: int, heads: int, block: int):
+    from ...schedule.build import build_schedule
+    opts = CompileOptions(block_m=block, block_n=block, tile_1d=True)
+    return build_schedule(pattern, q_len, kv_len, heads=heads, options=opts)
+
+
+def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 scale: Optional[float] = None, inputs: Mapping[str, torch.Tensor] = {},
+                 return_lse: bool = False, block_size: int = DEFAULT_BLOCK):
+    """Attention of `pattern` computed by compiled FlexAttention.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] with Hq % Hkv == 0 (GQA via
+    `enable_gqa`); `inputs` are the pattern's runtime inputs (checked against their declared
+    shapes). Default scale 1/sqrt(D). Rows with no visible key give 0 and lse -inf.
+
+    Returns out [B, Hq, Lq, Dv] (q's dtype), or (out, lse float32 [B, Hq, Lq], natural log)
+    with `return_lse=True`. The output scale, if any, multiplies `out` (not the lse).
+    Raises ValueError for patterns with runtime selectors (route/blocks).
+    """
+    check_flex_supported(pattern)
+    B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+    resolve_lengths(pattern, Lq, Lkv)
+    if getattr(pattern, "checks", ()):
+        from ...passes.elaborate import check_lengths
+        check_lengths(pattern, Lq, Lkv)
+    inputs = check_inputs(pattern, dict(inputs), batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
+                          device=q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    fdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lower = dict(q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=fdtype)
+    mask_mod = to_mask_mod(pattern, inputs, **lower)
+    score_mod = to_score_mod(pattern, inputs, **lower)
+    sched = _schedule(pattern, Lq, Lkv, Hq, block_size)
+    block_mask = to_block_mask(sched, block_size=block_size, mask_mod=mask_mod, device=q.device)
+
+    if Lq == 0 or Lkv == 0:
+        out = q.new_zeros(B, Hq, Lq, Dv)
+        lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                             scale=scale, enable_gqa=Hq != Hkv, return_lse=True)
+    w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
+                     device=q.device, float_dtype=fdtype)
+    if w is not None:
+        out = (out.to(fdtype) * w.unsqueeze(-1)).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["flex_forward", "compiled_flex_attention", "InputError"]
