@@ -36,7 +36,8 @@ INT, FLOAT, BOOL = "int", "float", "bool"
 INDEX_VARS = ("b", "h", "q", "k")
 LENGTH_VARS = ("Q_LEN", "KV_LEN", "HEADS")
 SCORE_VAR = "s"
-VAR_TYPES = {**{n: INT for n in INDEX_VARS + LENGTH_VARS}, SCORE_VAR: FLOAT}
+TILE_VARS = ("qt", "qt0", "qt1", "qt2", "qt3")  # query-tile index (1-D / per axis), schedule bounds
+VAR_TYPES = {**{n: INT for n in INDEX_VARS + LENGTH_VARS + TILE_VARS}, SCORE_VAR: FLOAT}
 
 ARITH_OPS = ("add", "sub", "mul", "floordiv", "mod", "div", "min", "max")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
