@@ -1,0 +1,347 @@
+"""`attncc.compile`: from a pattern (or a spec path, or spec text) to a callable kernel.
+
+    kern = attncc.compile("specs/natten2d.attn", params={"kernel": 7})
+    out = kern(q, k, v)                       # q [B, Hq, L, D], k/v [B, Hkv, L, D(v)]
+    out, lse = kern(q, k, v, return_lse=True)
+
+A `Kernel` validates every call (shapes, dtypes, devices, GQA ratio, the pattern's runtime
+inputs, grid lengths) before any work, then runs one backend:
+
+    triton     the generated block-sparse Triton kernel, compiled for CUDA
+    interpret  the same generated kernel through Triton's interpreter (CPU; needs
+               TRITON_INTERPRET=1 in the environment before triton is imported)
+    flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
+    reference  `attncc.reference` (dense float64), cast to the dtype of q
+
+With no backend chosen, CUDA tensors use "triton" and CPU tensors "interpret". Nothing global
+is changed by a call.
+
+Caching: schedules are built once per (q_len, kv_len, heads); generated source is keyed by
+(IR hash, options, tile structure) and written to the on-disk cache (`attncc.runtime.cache`),
+where a user can open it; loaded modules are shared process-wide by that key.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..frontend.errors import suggest
+from ..ir.inputs import InputError, InputTypeError, check_inputs, check_qkv
+from ..ir.pattern import Pattern
+from . import cache
+from .options import BACKENDS, CompileOptions
+
+# Default length of the representative schedule behind `Kernel.source` for 1-D patterns.
+DEFAULT_1D_LEN = 1024
+
+INTERPRETER_OFF = (
+    "backend 'interpret' runs the generated Triton kernels on CPU through Triton's interpreter, "
+    "which is off in this process: set TRITON_INTERPRET=1 in the environment before importing "
+    "triton (e.g. `TRITON_INTERPRET=1 python train.py`), or use backend='flex' or "
+    "backend='reference' for CPU tensors")
+
+# Process-wide loaded kernel modules: (cache key, interpreted) -> module.
+_MODULES: dict[tuple[str, bool], object] = {}
+# Kernels behind `Pattern.__call__`, one per pattern.
+_PATTERN_KERNELS: dict[Pattern, "Kernel"] = {}
+
+
+class BackendError(RuntimeError):
+    """The chosen backend cannot run the given tensors in this process."""
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter is on (TRITON_INTERPRET=1): jitted functions defined
+    from now on run on CPU tensors."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton: the environment variable itself
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+    """The backend that runs tensors on `device`: `requested`, or "triton" on CUDA and
+    "interpret" elsewhere. Raises BackendError when it cannot run here."""
+    device = torch.device(device)
+    backend = requested or ("triton" if device.type == "cuda" else "interpret")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "triton" and device.type != "cuda":
+        raise BackendError(f"backend 'triton' needs CUDA tensors, but q is on {device}; use "
+                           "backend='interpret' (Triton's interpreter), 'flex' or 'reference' "
+                           "for CPU tensors")
+    if backend == "interpret" and not interpreter_enabled():
+        raise BackendError(INTERPRETER_OFF)
+    return backend
+
+
+def structure_key(schedule) -> str:
+    """The parts of a schedule that shape the generated source: tile shapes, layout rank,
+    runtime selectors, head classes and their closed-form bounds (lengths enter kernels as
+    arguments, so schedules of different lengths with this key share one kernel)."""
+    bounds = tuple(None if c.bounds is None else str(c.bounds) for c in schedule.classes)
+    parts = (schedule.q_grid.tile, schedule.kv_grid.tile, len(schedule.q_grid.shape),
+             len(schedule.kv_grid.shape), tuple(schedule.runtime), schedule.head_class, bounds)
+    return repr(parts)
+
+
+def _make_options(options: Optional[CompileOptions], backend: Optional[str],
+                  fields: dict) -> CompileOptions:
+    if options is not None and not isinstance(options, CompileOptions):
+        raise TypeError(f"options must be an attncc.CompileOptions, got {type(options).__name__}")
+    options = options or CompileOptions()
+    known = set(CompileOptions.__dataclass_fields__)
+    for name in fields:
+        if name not in known:
+            hint = suggest(name, known)
+            raise TypeError(f"unknown compile option '{name}'" + (f"; {hint}" if hint else "")
+                            + f" (options: {', '.join(sorted(known))})")
+    if backend is not None:
+        fields = dict(fields, backend=backend)
+    return options.replace(**fields) if fields else options
+
+
+def _load_spec(spec, params: Optional[dict]) -> Pattern:
+    if isinstance(spec, Pattern):
+        if params:
+            raise TypeError("params= applies to spec paths and spec text; a Pattern already "
+                            "has its parameters bound")
+        return spec
+    from .. import api
+    params = dict(params or {})
+    if isinstance(spec, str) and ("\n" in spec or spec.lstrip().startswith("pattern")):
+        return api.parse(spec, **params)
+    if isinstance(spec, (str, os.PathLike)):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"spec file not found: {os.fspath(spec)}")
+        return api.load(spec, **params)
+    raise TypeError(f"spec must be an attncc Pattern, a path to a .attn file or spec text, "
+                    f"got {type(spec).__name__}")
+
+
+def compile(spec, *, backend: Optional[str] = None, options: Optional[CompileOptions] = None,
+            params: Optional[dict] = None, **option_fields) -> "Kernel":
+    """Compile an attention pattern into a callable `Kernel`.
+
+    spec      a Pattern, a path to a `.attn` file, or spec text (a string containing a newline
+              or starting with `pattern`); `params` overrides the spec's header parameters
+    backend   "triton" | "interpret" | "flex" | "reference" | None (by the tensors' device)
+    options   a CompileOptions; keyword arguments (block_m=..., num_warps=...) replace fields
+
+    Compilation is lazy: the schedule and the kernel for a shape are built at the first call
+    with that shape (or by `Kernel.schedule` / `Kernel.source`).
+    """
+    pattern = _load_spec(spec, params)
+    return Kernel(pattern, _make_options(options, backend, option_fields))
+
+
+def kernel_for(pattern: Pattern) -> "Kernel":
+    """The kernel behind `Pattern.__call__`: compiled once per pattern, default options."""
+    kern = _PATTERN_KERNELS.get(pattern)
+    if kern is None:
+        kern = _PATTERN_KERNELS[pattern] = Kernel(pattern, CompileOptions())
+    return kern
+
+
+class _Attention(torch.autograd.Function):
+    """Forward by the chosen backend; backward by differentiating `attncc.reference` (dense
+    float64) recomputed from the saved q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kern, backend, scale, inputs):
+        out, lse = kern._forward(backend, q, k, v, inputs, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.kern, ctx.scale, ctx.inputs = kern, scale, inputs
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from ..reference import reference
+        q, k, v = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            leaves = [t.detach().to(torch.float64).requires_grad_(w) for t, w in zip((q, k, v), wanted)]
+            out = reference(ctx.kern.pattern, *leaves, scale=ctx.scale, **ctx.inputs)
+            need = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, need, dout.to(torch.float64)))
+        result = [next(grads).to(t.dtype) if w else None for t, w in zip((q, k, v), wanted)]
+        return (*result, None, None, None, None)
+
+
+class Kernel:
+    """A compiled attention pattern; call it like SDPA.
+
+    `kern(q, k, v, *, scale=None, return_lse=False, **inputs)` with q [B, Hq, Lq, D],
+    k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0) in float16/bfloat16/float32 on one
+    device, plus the pattern's declared runtime inputs by name. Returns out [B, Hq, Lq, Dv] in
+    q's dtype, and with `return_lse=True` also the log-sum-exp float32 [B, Hq, Lq] (natural
+    log; -inf for a query that sees no key, whose output row is 0).
+
+    Autograd: forward kernels only in this release. When q, k or v require grad, the backward
+    pass recomputes attention densely with `attncc.reference` (float64) and differentiates it:
+    correct, but O(B·Hq·Lq·Lkv) memory and time. Runtime inputs receive no gradient.
+
+    Attributes: `pattern`, `options`, `backend` (the requested backend; None = by device),
+    `source` (generated source for the default shape), `schedule(q_len, kv_len, heads)`.
+    """
+
+    def __init__(self, pattern: Pattern, options: CompileOptions):
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"expected an attncc Pattern, got {type(pattern).__name__}")
+        self.pattern = pattern
+        self.options = options
+        self._schedules: dict[tuple[int, int, int], object] = {}
+        self._sources: dict[str, tuple[str, str]] = {}  # structure -> (cache key, source)
+
+    def __repr__(self) -> str:
+        return (f"Kernel({self.pattern.name}, backend={self.backend!r}, "
+                f"ir_hash={self.pattern.ir_hash()})")
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.options.backend
+
+    # ---- schedules and source ------------------------------------------------------------
+    def schedule(self, q_len: Optional[int] = None, kv_len: Optional[int] = None,
+                 heads: int = 1):
+        """The Schedule for `q_len` queries, `kv_len` keys and `heads` query heads (lengths
+        default to the layout's size on grid patterns; kv_len defaults to q_len). Built once
+        per shape."""
+        layout = self.pattern.layout
+        if q_len is None:
+            q_len = kv_len if kv_len is not None else (layout.numel if layout is not None else None)
+        if q_len is None:
+            raise ValueError(f"pattern '{self.pattern.name}' has no layout: pass q_len")
+        kv_len = q_len if kv_len is None else kv_len
+        key = (int(q_len), int(kv_len), int(heads))
+        sched = self._schedules.get(key)
+        if sched is None:
+            from ..schedule.build import build_schedule
+            sched = build_schedule(self.pattern, key[0], key[1], key[2], options=self.options)
+            self._schedules[key] = sched
+        return sched
+
+    def default_shape(self) -> tuple[int, int, int]:
+        """(q_len, kv_len, heads) behind `source`: the layout's size on grid patterns, else
+        DEFAULT_1D_LEN tokens; heads = the pattern's `heads` parameter if it has one, else 1."""
+        layout = self.pattern.layout
+        n = layout.numel if layout is not None else DEFAULT_1D_LEN
+        heads = self.pattern.param_dict.get("heads", 1)
+        heads = heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else 1
+        return n, n, heads
+
+    def source_for(self, schedule) -> str:
+        """Generated Triton source for `schedule` (shared by all shapes with its structure)."""
+        return self._entry(schedule)[1]
+
+    @property
+    def source(self) -> str:
+        """Generated Triton forward source for `default_shape()`. On grid layouts this is the
+        kernel every call uses; on 1-D patterns it is the kernel of a representative
+        DEFAULT_1D_LEN-token schedule, which other lengths share when their tile structure
+        (`structure_key`) is the same."""
+        return self.source_for(self.schedule(*self.default_shape()))
+
+    def _entry(self, schedule) -> tuple[str, str]:
+        skey = structure_key(schedule)
+        hit = self._sources.get(skey)
+        if hit is None:
+            from ..codegen.forward import generate_forward
+            source = generate_forward(self.pattern, schedule, self.options)
+            key = cache.cache_key(self.pattern.ir_hash(), self.options.key(), skey)
+            hit = self._sources[skey] = (key, source)
+        return hit
+
+    def _module(self, schedule):
+        from .launch import load_kernel
+        key, source = self._entry(schedule)
+        mkey = (key, interpreter_enabled())
+        module = _MODULES.get(mkey)
+        if module is None:
+            header = (f"shape q_len={schedule.q_len} kv_len={schedule.kv_len} "
+                      f"heads={schedule.heads}\n")
+            path = cache.store_kernel(key, source, self.pattern.ir_text(), header + str(schedule))
+            module = _MODULES[mkey] = load_kernel(source, None if path is None else str(path))
+        return module
+
+    # ---- calls -----------------------------------------------------------------------------
+    def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False,
+                 **inputs):
+        B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+        self._check_lengths(Lq, Lkv)
+        inputs = check_inputs(self.pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
+                              device=q.device)
+        scale = self._scale(scale, D)
+        backend = resolve_backend(self.options.backend, q.device)
+        if q.dtype == torch.float64 and backend in ("triton", "interpret"):
+            raise InputTypeError(f"q has dtype float64; backend '{backend}' supports float16, "
+                                 "bfloat16 and float32 (backend='reference' takes float64)")
+        if Lq == 0 or Lkv == 0:
+            out = q.new_zeros(B, Hq, Lq, Dv)
+            lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+            return (out, lse) if return_lse else out
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            out, lse = _Attention.apply(q, k, v, self, backend, scale, inputs)
+        else:
+            out, lse = self._forward(backend, q, k, v, inputs, scale)
+        return (out, lse) if return_lse else out
+
+    def _check_lengths(self, Lq: int, Lkv: int) -> None:
+        layout = self.pattern.layout
+        if layout is not None:
+            for name, n in (("q", Lq), ("k", Lkv)):
+                if n != layout.numel:
+                    raise InputError(
+                        f"pattern '{self.pattern.name}' has layout {layout} ({layout.numel} "
+                        f"tokens), but {name} has sequence length {n}")
+        if getattr(self.pattern, "checks", ()):
+            from ..passes.elaborate import check_lengths
+            check_lengths(self.pattern, Lq, Lkv)
+
+    def _scale(self, scale, D: int) -> float:
+        scale = self.options.scale if scale is None else scale
+        if scale is None:
+            return 1.0 / math.sqrt(D)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+                or not math.isfinite(scale):
+            raise InputError(f"scale must be a positive finite number, got {scale!r}")
+        return float(scale)
+
+    def _forward(self, backend: str, q, k, v, inputs: dict, scale: float):
+        """(out in q.dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq]) by `backend`; arguments
+        already validated."""
+        out, lse = RUNNERS[backend](self, q, k, v, inputs, scale)
+        return out.to(q.dtype), lse.to(torch.float32)
+
+
+# ---- backends ------------------------------------------------------------------------------
+
+def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
+    from .launch import run_forward
+    B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
+    sched = kern.schedule(Lq, k.shape[2], Hq)
+    module = kern._module(sched)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    inputs = {n: t.contiguous() for n, t in inputs.items()}
+    return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
+
+
+def _run_flex(kern: Kernel, q, k, v, inputs: dict, scale: float):
+    from .backends.flex import flex_forward
+    return flex_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs, return_lse=True)
+
+
+def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float):
+    from ..reference import reference
+    return reference(kern.pattern, q, k, v, scale=scale, return_lse=True, **inputs)
+
+
+# backend name -> runner(kernel, q, k, v, inputs, scale) -> (out, lse); "interpret" runs the
+# same generated kernels as "triton" (Triton's interpreter is chosen when they are loaded).
+RUNNERS = {"triton": _run_triton, "interpret": _run_triton, "flex": _run_flex,
+           "reference": _run_reference}
