@@ -1,0 +1,619 @@
+"""Runtime pre-pass for data-dependent patterns: per-(batch, head, query tile) key-tile lists.
+
+A pattern whose mask uses `route(...)`, `blocks(...)` or a document-id equality
+`doc[b, q] == doc[b, k]` cannot be scheduled from shapes alone. This module builds that part
+of the schedule at call time, on the tensors' device, with a fixed number of batched torch ops
+(no loop over heads, no host round trip per head and no tensor of size Lq·Lkv):
+
+1. *Selection.* `route_select` pools q and k per region and keeps the top-k key regions of
+   every query region; `block_select` keeps the top fraction / above-threshold key blocks of a
+   score tensor. Both give a bool selection `[B, H, n_q_groups, n_k_groups]` over token groups
+   (regions or blocks) plus the group id of every query and key token.
+2. *Tile classes.* A query tile and a key tile each cover a set of groups (a tile may span
+   several regions; the union is taken). With the membership matrices Mq `[nQT, nGq]` and
+   Mk `[nKT, nGk]`, the tile pair is visited iff `Mq · sel · Mkᵀ > 0` and the selector keeps
+   every pair of it iff `Mq · ¬sel · Mkᵀ == 0`. Padding slots of border tiles belong to no
+   group. The result is an int8 `TileClass` tensor `[B, H, nQT, nKT]` (EMPTY 0, PARTIAL 1,
+   FULL 2), i.e. O(tiles) memory.
+3. *Intersection.* The mask is split into its top-level `&` conjuncts; each gets a class
+   tensor and the pattern's class is their element-wise minimum: EMPTY if any conjunct is
+   EMPTY, FULL only if every conjunct is FULL (in particular a tile is FULL only if the static
+   class is FULL and the selector keeps every pair). A selector nested under `|` or `!` is
+   treated as unknown (PARTIAL wherever the other conjuncts allow), which is always sound.
+4. *Lists.* `lists_from_classes` turns the class tensor into padded, ascending int32 index
+   tensors `[B, H, nQT, max_count]` plus int32 counts `[B, H, nQT]`, separately for FULL and
+   PARTIAL tiles (entries past a row's count are 0).
+
+`blocksparse_attention` is the CPU execution path for these lists (`backend="interpret"` /
+`"reference"`): a block-sparse torch implementation that visits only the listed key tiles of
+each query tile (K/V tiles gathered per (batch, head)), evaluates the mask per element only on
+PARTIAL tiles, runs a float32 online softmax and applies `output scale`, skipping
+(batch, head, query tile) triples whose weights are all zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..ir.dense import Evaluator
+from ..ir.inputs import InputError, check_inputs, check_qkv
+from ..ir.nodes import Binary, Blocks, Expr, Load, Route, Var, free_vars, walk
+from ..schedule.schedule import TileClass, TileGrid
+
+__all__ = ["TileLists", "route_select", "block_select", "route_lists", "block_lists",
+           "document_classes", "group_classes", "lists_from_classes", "static_classes",
+           "pattern_classes", "blocksparse_attention", "PrepassError"]
+
+EMPTY, PARTIAL, FULL = int(TileClass.EMPTY), int(TileClass.PARTIAL), int(TileClass.FULL)
+# Elements of one gathered score slab [B, H, tile rows, keys] in the CPU path.
+_SLAB_ELEMS = 1 << 21
+
+
+class PrepassError(InputError):
+    """A runtime input of a data-dependent pattern is malformed (wrong shape, NaN scores...)."""
+
+
+# ---- tile lists -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class TileLists:
+    """Key-tile lists per (batch, head, query tile), FULL and PARTIAL kept apart.
+
+    full            int32 [B, H, nQT, max_full]     ascending key-tile indices (0-padded)
+    full_counts     int32 [B, H, nQT]               valid entries of each `full` row
+    partial         int32 [B, H, nQT, max_partial]
+    partial_counts  int32 [B, H, nQT]
+    n_kv_tiles      number of key tiles
+    A row's FULL and PARTIAL tiles are disjoint; tiles in neither list are never visited.
+    """
+    full: torch.Tensor
+    full_counts: torch.Tensor
+    partial: torch.Tensor
+    partial_counts: torch.Tensor
+    n_kv_tiles: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, H, nQT)"""
+        return tuple(self.full_counts.shape)
+
+    def classes(self) -> torch.Tensor:
+        """int8 [B, H, nQT, nKT] of TileClass values (the inverse of `lists_from_classes`)."""
+        out = torch.zeros(*self.shape, self.n_kv_tiles + 1, dtype=torch.int8,
+                          device=self.full.device)
+        for idx, cnt, val in ((self.partial, self.partial_counts, PARTIAL),
+                              (self.full, self.full_counts, FULL)):
+            pos = torch.arange(idx.shape[-1], device=idx.device)
+            # Invalid entries are written to the spare column nKT and dropped.
+            tgt = torch.where(pos < cnt[..., None].long(), idx.long(),
+                              torch.full_like(idx, self.n_kv_tiles, dtype=torch.long))
+            out.scatter_(-1, tgt, val)
+        return out[..., :self.n_kv_tiles]
+
+    def visited(self) -> int:
+        """Total number of visited (batch, head, query tile, key tile) quadruples."""
+        return int(self.full_counts.sum()) + int(self.partial_counts.sum())
+
+
+def lists_from_classes(classes: torch.Tensor) -> TileLists:
+    """int8 TileClass tensor [B, H, nQT, nKT] → `TileLists` (one host sync for the widths)."""
+    nkt = classes.shape[-1]
+    parts = []
+    for val in (FULL, PARTIAL):
+        m = classes == val
+        counts = m.sum(-1, dtype=torch.int32)
+        width = int(counts.max()) if counts.numel() else 0
+        # Stable sort puts the selected tiles first, in ascending order.
+        order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        pos = torch.arange(width, device=classes.device)
+        idx = torch.where(pos < counts[..., None], order, torch.zeros_like(order))
+        parts += [idx.to(torch.int32), counts]
+    return TileLists(parts[0], parts[1], parts[2], parts[3], nkt)
+
+
+# ---- token groups and tile membership -------------------------------------------------------
+
+def _as_grid(tile, shape: tuple[int, ...], label: str) -> TileGrid:
+    if isinstance(tile, TileGrid):
+        if tile.numel != math.prod(shape):
+            raise PrepassError(f"{label} {tile} does not cover {math.prod(shape)} tokens")
+        return tile
+    if isinstance(tile, int) and not isinstance(tile, bool):
+        return TileGrid((math.prod(shape),), (tile,)) if len(shape) > 1 else TileGrid(shape, (tile,))
+    tile = tuple(tile)
+    if len(tile) != len(shape):
+        raise PrepassError(f"{label} {tile} does not match the token grid {shape}")
+    return TileGrid(tuple(shape), tile)
+
+
+def _membership(grid: TileGrid, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """float32 [n_tiles, n_groups]: 1 where the tile holds a token of that group."""
+    slots = grid.token_index().to(gid.device)
+    g = torch.where(slots >= 0, gid[slots.clamp(min=0)] + 1, torch.zeros_like(slots))
+    m = torch.zeros(grid.n_tiles, n_groups + 1, dtype=torch.float32, device=gid.device)
+    m.scatter_(1, g, 1.0)
+    return m[:, 1:]
+
+
+def group_classes(sel: torch.Tensor, q_gid: torch.Tensor, k_gid: torch.Tensor,
+                  q_grid: TileGrid, kv_grid: TileGrid) -> torch.Tensor:
+    """Tile classes of a group selection.
+
+    sel [B, H, nGq, nGk] bool (group pairs kept), q_gid int64 [Lq] / k_gid int64 [Lkv] (group
+    of each token) → int8 [B, H, nQT, nKT]: EMPTY when no kept pair falls in the tile, FULL when
+    every real (non-padding) pair is kept, PARTIAL otherwise.
+    """
+    mq = _membership(q_grid, q_gid, sel.shape[-2])
+    mk = _membership(kv_grid, k_gid, sel.shape[-1])
+    keep = sel.to(torch.float32)
+    hits = mq @ keep @ mk.T
+    misses = mq @ (1.0 - keep) @ mk.T
+    out = torch.full(hits.shape, PARTIAL, dtype=torch.int8, device=sel.device)
+    out[hits == 0] = EMPTY
+    out[(misses == 0) & (hits > 0)] = FULL
+    return out
+
+
+# ---- selectors ------------------------------------------------------------------------------
+
+def _region_ids(shape: tuple[int, ...], region: tuple[int, ...], device) -> tuple[torch.Tensor, int]:
+    t = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    gid = torch.zeros_like(t)
+    stride, n_total = math.prod(shape), 1
+    for size, r in zip(shape, region):
+        stride //= size
+        n = -(-size // r)
+        gid = gid * n + (t // stride) % size // r
+        n_total *= n
+    return gid, n_total
+
+
+def _region_tuple(region, ndim: int) -> tuple[int, ...]:
+    region = (region,) if isinstance(region, int) else tuple(region)
+    if len(region) == 1 and ndim > 1:
+        region = region * ndim
+    if len(region) != ndim or any(not isinstance(r, int) or r < 1 for r in region):
+        raise PrepassError(f"route region {region} does not fit a {ndim}-D token grid")
+    return region
+
+
+def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
+                 layout_shape: Optional[Sequence[int]] = None):
+    """BiFormer routing (DESIGN §4) on q's device.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D]; query head h reads key head h // (Hq // Hkv).
+    Tokens are the row-major flattening of `layout_shape` (or 1-D sequences). Region sums are
+    accumulated in float64 (index_add), divided by the region's token count; affinity
+    q̄·k̄ᵀ per (b, h); each query region keeps its min(topk, n_k_regions) best key regions,
+    ties to the lower region index (stable sort of −affinity).
+
+    Returns (sel bool [B, Hq, nRq, nRk], q_gid int64 [Lq], k_gid int64 [Lkv]).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise PrepassError(f"route: k {list(k.shape)} does not match q {list(q.shape)}")
+    qs = tuple(layout_shape) if layout_shape is not None else (Lq,)
+    ks = tuple(layout_shape) if layout_shape is not None else (Lkv,)
+    if math.prod(qs) != Lq or math.prod(ks) != Lkv:
+        raise PrepassError(f"route: layout {qs} does not match Lq={Lq}, Lkv={Lkv}")
+    region = _region_tuple(region, len(qs))
+    if not isinstance(topk, int) or topk < 1:
+        raise PrepassError(f"route: topk must be a positive int, got {topk!r}")
+    q_gid, nq = _region_ids(qs, region, q.device)
+    k_gid, nk = _region_ids(ks, region, q.device)
+
+    def means(x, gid, n):
+        s = torch.zeros(x.shape[0], x.shape[1], n, x.shape[3], dtype=torch.float64, device=x.device)
+        s.index_add_(2, gid, x.to(torch.float64))
+        return s / torch.bincount(gid, minlength=n).to(torch.float64)[:, None]
+
+    qbar = means(q, q_gid, nq)
+    kbar = means(k, k_gid, nk)[:, torch.arange(Hq, device=q.device) // (Hq // Hkv)]
+    affinity = qbar @ kbar.transpose(-1, -2)
+    order = torch.sort(-affinity, dim=-1, stable=True).indices[..., :min(topk, nk)]
+    sel = torch.zeros(B, Hq, nq, nk, dtype=torch.bool, device=q.device)
+    return sel.scatter_(-1, order, True), q_gid, k_gid
+
+
+def _n_keep(top: float, nk: int) -> int:
+    # Exact rational product: 0.7 · 10 keeps 7 blocks.
+    return min(nk, max(1, math.ceil(Fraction(top) * nk)))
+
+
+def block_select(scores: torch.Tensor, top: Optional[float] = None,
+                 threshold: Optional[float] = None, *, name: str = "scores") -> torch.Tensor:
+    """Block selection (DESIGN §4): scores [B, H, nqb, nkb] → bool [B, H, nqb, nkb].
+
+    `top=f` keeps n_keep = max(1, ⌈f·nkb⌉) key blocks per row (ties to the lower index);
+    `threshold=τ` keeps blocks with score > τ. NaN scores are rejected.
+    """
+    if (top is None) == (threshold is None):
+        raise PrepassError("blocks: give exactly one of top / threshold")
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise PrepassError(f"{name} must be a 4-D tensor [batch, heads, q_blocks, k_blocks], got {got}")
+    if not scores.dtype.is_floating_point:
+        raise PrepassError(f"{name} must be a floating-point tensor, got {scores.dtype}")
+    if bool(torch.isnan(scores).any()):
+        raise PrepassError(f"{name} contains NaN")
+    if threshold is not None:
+        return scores > threshold
+    if not top > 0:
+        raise PrepassError(f"blocks: top must be a positive fraction, got {top!r}")
+    nk = scores.shape[-1]
+    sel = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if nk == 0:
+        return sel
+    order = torch.sort(-scores.to(torch.float64), dim=-1, stable=True).indices
+    return sel.scatter_(-1, order[..., :_n_keep(top, nk)], True)
+
+
+def _block_gids(n: int, block: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.int64) // block
+
+
+def _intersect(cls: torch.Tensor, static) -> torch.Tensor:
+    if static is None:
+        return cls
+    if not isinstance(static, torch.Tensor):  # a Schedule
+        stat = torch.stack([static.for_head(h).classes(static.n_kv_tiles)
+                            for h in range(static.heads)])
+    else:
+        stat = static
+    stat = stat.to(cls.device, torch.int8)
+    if stat.shape[-2:] != cls.shape[-2:]:
+        raise PrepassError(f"static tile classes {list(stat.shape)} do not match the tiling "
+                           f"{list(cls.shape[-2:])}")
+    return torch.minimum(cls, stat)
+
+
+def route_lists(q: torch.Tensor, k: torch.Tensor, region, topk: int,
+                layout_shape: Optional[Sequence[int]] = None, *, q_tile, kv_tile,
+                static=None) -> TileLists:
+    """Key-tile lists of `route(region, topk)` per (b, h, query tile).
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D]. `q_tile` / `kv_tile`: a `TileGrid`, a tile extent
+    tuple over `layout_shape`, or an int (1-D tiles of that many consecutive tokens).
+    `static`: a `Schedule` or int8 class tensor [H, nQT, nKT] of the rest of the mask; the
+    result is its intersection with the selector's classes.
+    """
+    sel, q_gid, k_gid = route_select(q, k, region, topk, layout_shape)
+    qs = tuple(layout_shape) if layout_shape is not None else (q.shape[2],)
+    ks = tuple(layout_shape) if layout_shape is not None else (k.shape[2],)
+    cls = group_classes(sel, q_gid, k_gid, _as_grid(q_tile, qs, "q_tile"),
+                        _as_grid(kv_tile, ks, "kv_tile"))
+    return lists_from_classes(_intersect(cls, static))
+
+
+def block_lists(scores: torch.Tensor, block: int, top: Optional[float] = None,
+                threshold: Optional[float] = None, *, q_tile, kv_tile, q_len: Optional[int] = None,
+                kv_len: Optional[int] = None, static=None) -> TileLists:
+    """Key-tile lists of `blocks(scores, block, top | threshold)` per (b, h, query tile).
+
+    scores [B, H, ⌈Lq/β⌉, ⌈Lkv/β⌉]; lengths default to blocks × β. Tiles as in `route_lists`.
+    """
+    sel = block_select(scores, top, threshold)
+    q_len = q_len if q_len is not None else scores.shape[2] * block
+    kv_len = kv_len if kv_len is not None else scores.shape[3] * block
+    if -(-q_len // block) != scores.shape[2] or -(-kv_len // block) != scores.shape[3]:
+        raise PrepassError(f"scores {list(scores.shape)} do not match q_len={q_len}, "
+                           f"kv_len={kv_len} with block={block}")
+    cls = group_classes(sel, _block_gids(q_len, block, sel.device),
+                        _block_gids(kv_len, block, sel.device),
+                        _as_grid(q_tile, (q_len,), "q_tile"), _as_grid(kv_tile, (kv_len,), "kv_tile"))
+    return lists_from_classes(_intersect(cls, static))
+
+
+def document_classes(doc: torch.Tensor, q_grid: TileGrid, kv_grid: TileGrid) -> torch.Tensor:
+    """Tile classes of `doc[b, q] == doc[b, k]` from per-tile id ranges.
+
+    doc int [B, L] (L ≥ both lengths) → int8 [B, 1, nQT, nKT]: EMPTY when the id ranges of
+    the two tiles do not overlap (no pair can match), FULL when both tiles hold one and the same
+    id, PARTIAL otherwise. Exact for packed (non-decreasing) ids, sound for any ids.
+    """
+    def ranges(grid):
+        slots = grid.token_index().to(doc.device)
+        if grid.numel > doc.shape[1]:
+            raise PrepassError(f"document ids cover {doc.shape[1]} tokens but {grid.numel} "
+                               "are attended")
+        vals = doc[:, slots.clamp(min=0)].to(torch.int64)             # [B, nT, S]
+        pad = (slots < 0)[None]
+        big = torch.iinfo(torch.int64).max
+        lo = torch.where(pad, torch.full_like(vals, big), vals).amin(-1)
+        hi = torch.where(pad, torch.full_like(vals, -big), vals).amax(-1)
+        return lo, hi
+
+    qlo, qhi = ranges(q_grid)
+    klo, khi = ranges(kv_grid)
+    overlap = (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+    single = (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
+    out = torch.where(overlap, PARTIAL, EMPTY).to(torch.int8)
+    out[single] = FULL
+    return out[:, None]
+
+
+# ---- static conjuncts ----------------------------------------------------------------------
+
+def static_classes(expr: Expr, layout, q_grid: TileGrid, kv_grid: TileGrid, heads: int,
+                   q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Exact tile classes of a data-independent mask expression (over h, q, k, coordinates and
+    lengths) → int8 [H or 1, nQT, nKT], by evaluating it tile row by tile row.
+
+    Memory is O(tile rows · Lkv) per step (never Lq·Lkv at once); time is O(Lq·Lkv). This is the
+    exact fallback of the CPU path; compiled backends take these classes from the static
+    schedule (`attncc.schedule`).
+    """
+    qs, ks = q_grid.token_index().to(device), kv_grid.token_index().to(device)
+    nqt, sq = qs.shape
+    nkt, sk = ks.shape
+    per_h = "h" in free_vars(expr)
+    H = heads if per_h else 1
+    kflat = ks.reshape(1, 1, 1, -1)
+    rows = max(1, _SLAB_ELEMS // max(1, H * sq * nkt * sk))
+    env0 = {"h": torch.arange(heads, device=device).view(1, -1, 1, 1), "b": 0,
+            "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
+    out = torch.empty(H, nqt, nkt, dtype=torch.int8, device=device)
+    for t0 in range(0, nqt, rows):
+        qsl = qs[t0:t0 + rows]
+        n = qsl.shape[0]
+        env = dict(env0, q=qsl.reshape(1, 1, -1, 1).clamp(min=0), k=kflat.clamp(min=0))
+        m = Evaluator(env, layout=layout, device=device).evaluate(expr)
+        m = torch.broadcast_to(m, (1, H, n * sq, nkt * sk))[0].reshape(H, n, sq, nkt, sk)
+        real = (qsl >= 0).view(1, n, sq, 1, 1) & (ks >= 0).view(1, 1, 1, nkt, sk)
+        kept = (m & real).permute(0, 1, 3, 2, 4).reshape(H, n, nkt, sq * sk)
+        real = real.expand(1, n, sq, nkt, sk).permute(0, 1, 3, 2, 4).reshape(1, n, nkt, sq * sk)
+        hit = kept.any(-1)
+        full = (kept | ~real).all(-1)
+        cls = torch.where(hit, PARTIAL, EMPTY).to(torch.int8)
+        cls[full & hit] = FULL
+        out[:, t0:t0 + n] = cls
+    return out
+
+
+# ---- whole patterns -------------------------------------------------------------------------
+
+class _SelectionEvaluator(Evaluator):
+    """The dense evaluator with `route` / `blocks` read from pre-pass selections, so a PARTIAL
+    tile's per-element mask uses exactly the selection its tile lists came from."""
+
+    def __init__(self, env, selections, **kw):
+        super().__init__(env, **kw)
+        self.selections = selections
+
+    def _selection(self, node):
+        sel, q_gid, k_gid = self.selections[node]
+        return sel[self._var("b"), self._var("h"), q_gid[self._var("q")], k_gid[self._var("k")]]
+
+    _route = _selection
+    _blocks = _selection
+
+
+def _conjuncts(e: Expr) -> list[Expr]:
+    if isinstance(e, Binary) and e.op == "and":
+        return _conjuncts(e.a) + _conjuncts(e.b)
+    return [e]
+
+
+def _document_input(e: Expr) -> Optional[str]:
+    """Name of `doc` when `e` is `doc[b, q] == doc[b, k]` (either side order)."""
+    if not (isinstance(e, Binary) and e.op == "eq" and isinstance(e.a, Load)
+            and isinstance(e.b, Load) and e.a.input == e.b.input and len(e.a.index) == 2):
+        return None
+    sides = []
+    for ld in (e.a, e.b):
+        i0, i1 = ld.index
+        if not (isinstance(i0, Var) and i0.name == "b" and isinstance(i1, Var)
+                and i1.name in ("q", "k")):
+            return None
+        sides.append(i1.name)
+    return e.a.input if sorted(sides) == ["k", "q"] else None
+
+
+def _static_expr(parts: list[Expr]) -> Optional[Expr]:
+    out = None
+    for p in parts:
+        out = p if out is None else Binary("and", out, p)
+    return out
+
+
+def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+                    q_grid: TileGrid, kv_grid: TileGrid, static=None):
+    """Tile classes of a whole (possibly data-dependent) pattern for one call.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], `inputs` the pattern's runtime tensors (already
+    validated). Each top-level conjunct of the mask contributes a class tensor: `route` and
+    `blocks` from their selections, `doc[b, q] == doc[b, k]` from per-tile id ranges,
+    data-independent conjuncts from `static` (a `Schedule` or int8 [H|1, nQT, nKT] of the
+    conjunction of those terms) or, when absent, `static_classes`; any other conjunct counts
+    as PARTIAL everywhere. Returns (classes int8 [B, Hq, nQT, nKT], selections) where
+    selections maps each Route/Blocks node to (sel, q_gid, k_gid).
+    """
+    B, Hq, Lq, _ = q.shape
+    Lkv = k.shape[2]
+    dev = q.device
+    layout = pattern.layout
+    selections = {}
+    for node in walk(pattern.mask):
+        if isinstance(node, Route) and node not in selections:
+            shape = layout.shape if layout is not None else None
+            selections[node] = route_select(q, k, node.region, node.topk, shape)
+        elif isinstance(node, Blocks) and node not in selections:
+            sel = block_select(inputs[node.input], node.top, node.threshold,
+                               name=f"input '{node.input}'")
+            selections[node] = (sel.to(dev), _block_gids(Lq, node.block, dev),
+                                _block_gids(Lkv, node.block, dev))
+    cls = torch.full((B, Hq, q_grid.n_tiles, kv_grid.n_tiles), FULL, dtype=torch.int8, device=dev)
+    static_parts = []
+    for term in _conjuncts(pattern.mask):
+        doc = _document_input(term)
+        if isinstance(term, (Route, Blocks)):
+            sel, q_gid, k_gid = selections[term]
+            cls = torch.minimum(cls, group_classes(sel, q_gid, k_gid, q_grid, kv_grid))
+        elif doc is not None:
+            cls = torch.minimum(cls, document_classes(inputs[doc].to(dev), q_grid, kv_grid))
+        elif "b" in free_vars(term) or any(isinstance(n, (Load, Route, Blocks)) for n in walk(term)):
+            cls = torch.minimum(cls, torch.full_like(cls, PARTIAL))
+        else:
+            static_parts.append(term)
+    if static is not None:
+        cls = _intersect(cls, static)
+    elif static_parts:
+        expr = _static_expr(static_parts)
+        cls = torch.minimum(cls, static_classes(expr, layout, q_grid, kv_grid, Hq, Lq, Lkv, dev))
+    return cls, selections
+
+
+def _grid_for(tile, shape: tuple[int, ...], label: str) -> TileGrid:
+    return _as_grid(tile, shape, label)
+
+
+def _env(B: int, H: int, Lq: int, Lkv: int, dev) -> dict:
+    return {"b": torch.arange(B, device=dev).view(-1, 1, 1, 1),
+            "h": torch.arange(H, device=dev).view(1, -1, 1, 1),
+            "Q_LEN": Lq, "KV_LEN": Lkv, "HEADS": H}
+
+
+def head_weights(pattern, inputs: Mapping[str, torch.Tensor], B: int, H: int, Lq: int, Lkv: int,
+                 dev) -> Optional[torch.Tensor]:
+    """The `output scale` of `pattern` as float32 [B, H, Lq] (None without one)."""
+    if pattern.output_scale is None:
+        return None
+    if "k" in free_vars(pattern.output_scale):
+        raise PrepassError("output scale may depend on b, q and h only, not on k")
+    env = dict(_env(B, H, Lq, Lkv, dev), q=torch.arange(Lq, device=dev).view(1, 1, -1, 1))
+    w = Evaluator(env, layout=pattern.layout, inputs=inputs, device=dev).evaluate(pattern.output_scale)
+    return torch.broadcast_to(w, (B, H, Lq, 1))[..., 0].to(torch.float32)
+
+
+@dataclass
+class PrepassStats:
+    """Work done by one `blocksparse_attention` call.
+
+    head_tiles          B · H · nQT (batch, head, query tile) triples
+    skipped_head_tiles  triples not computed because their output-scale weights are all zero
+    full_tiles / partial_tiles   visited (b, h, query tile, key tile) quadruples by class
+    """
+    head_tiles: int = 0
+    skipped_head_tiles: int = 0
+    full_tiles: int = 0
+    partial_tiles: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"head_tiles": self.head_tiles, "skipped_head_tiles": self.skipped_head_tiles,
+                "full_tiles": self.full_tiles, "partial_tiles": self.partial_tiles, **self.extra}
+
+
+def blocksparse_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          inputs: Optional[Mapping[str, torch.Tensor]] = None, *,
+                          q_tile: Union[int, tuple, TileGrid] = 64,
+                          kv_tile: Union[int, tuple, TileGrid] = 64, scale: Optional[float] = None,
+                          static=None):
+    """Block-sparse attention of `pattern` in torch (the CPU path for data-dependent patterns).
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (GQA: Hq % Hkv == 0); `inputs`
+    the pattern's runtime tensors. Tiles: an int (1-D tiles of consecutive tokens), a tile
+    extent tuple over the layout, or a `TileGrid`. Builds the pre-pass tile lists, then for each
+    query tile gathers only the listed K/V tiles of every (batch, head), applies the score
+    modifier, the mask (per element on PARTIAL tiles only), a float32 online softmax and the
+    output scale. (batch, head, query tile) triples whose output-scale weights are all zero
+    are skipped (output 0, lse −inf); a row with no visible key gives 0 and lse −inf.
+
+    Returns (out [B, Hq, Lq, Dv] in q's dtype, lse float32 [B, Hq, Lq], PrepassStats).
+    """
+    B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+    inputs = dict(inputs or {})
+    dev = q.device
+    if pattern.layout is not None and (Lq != pattern.layout.numel or Lkv != pattern.layout.numel):
+        raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
+                         f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
+    inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=dev))
+    shape_q = pattern.layout.shape if pattern.layout is not None else (Lq,)
+    shape_k = pattern.layout.shape if pattern.layout is not None else (Lkv,)
+    q_grid, kv_grid = _grid_for(q_tile, shape_q, "q_tile"), _grid_for(kv_tile, shape_k, "kv_tile")
+    cls, selections = pattern_classes(pattern, q, k, inputs, q_grid, kv_grid, static)
+    weights = head_weights(pattern, inputs, B, Hq, Lq, Lkv, dev)
+
+    qs, ks = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
+    nqt, sq = qs.shape
+    sk = ks.shape[1]
+    if weights is not None:
+        w_tiles = weights[:, :, qs.clamp(min=0)] * (qs >= 0)          # [B, H, nQT, Sq]
+        active = (w_tiles != 0).any(-1)                                # [B, H, nQT]
+        cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
+    else:
+        active = torch.ones(B, Hq, nqt, dtype=torch.bool, device=dev)
+    lists = lists_from_classes(cls)
+    stats = PrepassStats(head_tiles=B * Hq * nqt, skipped_head_tiles=int((~active).sum()),
+                         full_tiles=int(lists.full_counts.sum()),
+                         partial_tiles=int(lists.partial_counts.sum()))
+
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=dev)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=dev)
+    bi = torch.arange(B, device=dev).view(-1, 1, 1)
+    hk = (torch.arange(Hq, device=dev) // (Hq // Hkv)).view(1, -1, 1)
+    base_env = _env(B, Hq, Lq, Lkv, dev)
+    n_full = lists.full.shape[-1]
+    entries = torch.cat([lists.full, lists.partial], -1).long()        # [B, H, nQT, E]
+    pos = torch.arange(entries.shape[-1], device=dev)
+    valid = torch.where(pos < n_full, pos < lists.full_counts[..., None],
+                        pos - n_full < lists.partial_counts[..., None])
+    is_full = pos < n_full
+    chunk = max(1, _SLAB_ELEMS // max(1, B * Hq * sq * sk))
+    for t in range(nqt):
+        ent_valid = valid[:, :, t]
+        if not bool(ent_valid.any()):
+            continue
+        qtok = qs[t]
+        qreal = qtok >= 0
+        qc = qtok.clamp(min=0)
+        qt = q[:, :, qc].to(torch.float32)                                # [B, H, Sq, D]
+        m_i = torch.full((B, Hq, sq), -math.inf, dtype=torch.float32, device=dev)
+        l_i = torch.zeros(B, Hq, sq, dtype=torch.float32, device=dev)
+        acc = torch.zeros(B, Hq, sq, Dv, dtype=torch.float32, device=dev)
+        for c0 in range(0, entries.shape[-1], chunk):
+            c1 = min(entries.shape[-1], c0 + chunk)
+            ev_c = ent_valid[..., c0:c1]
+            if not bool(ev_c.any()):
+                continue
+            ktok = ks[entries[:, :, t, c0:c1]]                             # [B, H, C, Sk]
+            kreal = (ktok >= 0) & ev_c[..., None]
+            ktok, kreal = ktok.flatten(-2).clamp(min=0), kreal.flatten(-2)  # [B, H, N]
+            kg = k[bi, hk, ktok].to(torch.float32)                         # [B, H, N, D]
+            vg = v[bi, hk, ktok].to(torch.float32)
+            s = (qt @ kg.transpose(-1, -2)) * scale                        # [B, H, Sq, N]
+            env = dict(base_env, q=qc.view(1, 1, -1, 1), k=ktok[:, :, None, :])
+            if pattern.score is not None:
+                s = _SelectionEvaluator(dict(env, s=s), selections, layout=pattern.layout,
+                                        inputs=inputs, device=dev).evaluate(pattern.score)
+                s = torch.broadcast_to(s, (B, Hq, sq, ktok.shape[-1])).to(torch.float32)
+            keep = (kreal[:, :, None, :] & qreal.view(1, 1, -1, 1))
+            full_c = is_full[c0:c1].repeat_interleave(sk).view(1, 1, 1, -1)
+            if not bool(full_c.all()):
+                em = _SelectionEvaluator(env, selections, layout=pattern.layout, inputs=inputs,
+                                         device=dev).evaluate(pattern.mask)
+                keep = keep & (full_c | em)
+            s = torch.where(keep, s, torch.full_like(s, -math.inf))
+            m_new = torch.maximum(m_i, s.amax(-1))
+            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_use[..., None])
+            alpha = torch.exp(m_i - m_use)
+            l_i = l_i * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + p @ vg
+            m_i = m_new
+        ok = l_i > 0
+        o = torch.where(ok[..., None], acc / torch.where(ok, l_i, torch.ones_like(l_i))[..., None],
+                        torch.zeros_like(acc))
+        if weights is not None:
+            o = o * weights[:, :, qc][..., None]
+        rows = qtok[qreal]
+        out[:, :, rows] = o[:, :, qreal].to(q.dtype)
+        lse[:, :, rows] = torch.where(ok, m_i + torch.log(torch.where(ok, l_i, torch.ones_like(l_i))),
+                                      torch.full_like(m_i, -math.inf))[:, :, qreal]
+    return out, lse, stats
