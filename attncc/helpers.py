@@ -1,0 +1,151 @@
+"""Helpers that build the runtime inputs of data-dependent patterns.
+
+    weight = moh_weights(router_logits, topk=2, shared=2)    # specs/moh.attn: weight[b, q, h]
+    doc    = document_ids([[5, 3], [8]], total_len=8)        # specs/document.attn: doc[b, k]
+    offs   = document_offsets([[5, 3], [8]])                 # [[0, 5, 8], [0, 8, 8]]
+
+Every function validates its arguments and raises `HelperError` (a `ValueError`) naming the
+offending argument; all tensor work stays on the argument's device.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["HelperError", "moh_weights", "document_ids", "document_offsets",
+           "check_document_ids"]
+
+Lengths = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
+
+
+class HelperError(ValueError):
+    """A helper argument has the wrong type, shape, dtype or values."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def moh_weights(router_logits: torch.Tensor, topk: int, shared: int = 0) -> torch.Tensor:
+    """Mixture-of-heads weights (MoH, Jin et al. 2024) for `output scale weight[b, q, h]`.
+
+    router_logits float [B, L, H] → weights [B, L, H] in the logits' dtype. Heads 0..shared-1
+    are shared: weight 1 for every token. For the routed heads r = shared..H-1, per token:
+
+        p_r = softmax(router_logits[..., shared:])_r
+        keep = the `topk` routed heads of highest p (ties to the lower head index)
+        w_r = p_r / Σ_{r' ∈ keep} p_r'   if r ∈ keep,   else 0
+
+    so the kept routed weights sum to 1 and every other routed head has weight exactly 0
+    (attncc skips a head on a query tile where all its weights are 0).
+    Requires 0 <= shared <= H and 0 <= topk <= H - shared; NaN logits are rejected.
+    """
+    if not isinstance(router_logits, torch.Tensor):
+        raise HelperError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if router_logits.dim() != 3:
+        raise HelperError(f"router_logits must be 3-D [batch, seq_len, heads], got shape "
+                          f"{list(router_logits.shape)}")
+    if not router_logits.dtype.is_floating_point:
+        raise HelperError(f"router_logits must be a floating-point tensor, got "
+                          f"{str(router_logits.dtype).replace('torch.', '')}")
+    H = router_logits.shape[-1]
+    if not _is_int(shared) or not 0 <= shared <= H:
+        raise HelperError(f"shared must be an int in [0, {H}] (the number of heads), got {shared!r}")
+    routed = H - shared
+    if not _is_int(topk) or not 0 <= topk <= routed:
+        raise HelperError(f"topk must be an int in [0, {routed}] (the number of routed heads), "
+                          f"got {topk!r}")
+    if bool(torch.isnan(router_logits).any()):
+        raise HelperError("router_logits contains NaN")
+    out = torch.zeros_like(router_logits)
+    out[..., :shared] = 1
+    if topk == 0:
+        return out
+    p = torch.softmax(router_logits[..., shared:].to(torch.float32), dim=-1)
+    order = torch.sort(-p, dim=-1, stable=True).indices[..., :topk]
+    kept = torch.zeros_like(p).scatter_(-1, order, p.gather(-1, order))
+    out[..., shared:] = (kept / kept.sum(-1, keepdim=True)).to(out.dtype)
+    return out
+
+
+def _lengths_tensor(lengths: Lengths, device=None) -> torch.Tensor:
+    """int64 [B, n_docs] from a tensor, a flat list (one batch) or a list of lists (ragged:
+    shorter rows are padded with empty documents)."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+            raise HelperError(f"lengths must be an integer tensor, got "
+                              f"{str(lengths.dtype).replace('torch.', '')}")
+        if lengths.dim() == 1:
+            lengths = lengths[None]
+        if lengths.dim() != 2:
+            raise HelperError(f"lengths must be [batch, n_docs], got shape {list(lengths.shape)}")
+        t = lengths.to(torch.int64)
+    else:
+        rows = list(lengths)
+        if rows and all(_is_int(x) for x in rows):
+            rows = [rows]
+        for b, row in enumerate(rows):
+            if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__") \
+                    or not all(_is_int(x) for x in row):
+                raise HelperError(f"lengths[{b}] must be a list of ints, got {row!r}")
+        width = max((len(r) for r in rows), default=0)
+        t = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64,
+                         device=device).reshape(len(rows), width)
+    if t.numel() and bool((t < 0).any()):
+        b, j = (int(i) for i in (t < 0).nonzero()[0])
+        raise HelperError(f"lengths[{b}][{j}] = {int(t[b, j])} is negative")
+    return t
+
+
+def document_offsets(lengths: Lengths) -> torch.Tensor:
+    """Document start offsets: lengths [B, n_docs] (tensor, flat list or list of lists) →
+    int32 [B, n_docs + 1] with offsets[b, 0] = 0 and offsets[b, j + 1] = offsets[b, j] +
+    lengths[b, j]. Negative lengths raise HelperError."""
+    t = _lengths_tensor(lengths)
+    out = torch.zeros(t.shape[0], t.shape[1] + 1, dtype=torch.int64, device=t.device)
+    out[:, 1:] = torch.cumsum(t, dim=1)
+    return out.to(torch.int32)
+
+
+def document_ids(lengths: Lengths, total_len: int) -> torch.Tensor:
+    """Packed-document ids for `specs/document.attn`: lengths [B, n_docs] → int32 [B, total_len].
+
+    Token t of batch b belongs to document j when offsets[b, j] <= t < offsets[b, j + 1]
+    (`document_offsets`); empty documents (length 0) get no tokens; tokens past the last
+    document are padding with id -1. Documents are numbered 0, 1, ... per batch row.
+    Raises HelperError for negative lengths, a total_len that is not a non-negative int, or
+    lengths of one batch row summing past total_len.
+
+    Note: with the mask `causal & doc[b, q] == doc[b, k]` padding tokens (id -1) still see
+    earlier padding tokens; add `& doc[b, q] >= 0` to a spec so that padding attends nothing.
+    """
+    if not _is_int(total_len) or total_len < 0:
+        raise HelperError(f"total_len must be a non-negative int, got {total_len!r}")
+    offsets = document_offsets(lengths).to(torch.int64)
+    total = offsets[:, -1]
+    if bool((total > total_len).any()):
+        b = int((total > total_len).nonzero()[0])
+        raise HelperError(f"lengths[{b}] sum to {int(total[b])}, more than total_len={total_len}")
+    t = torch.arange(total_len, device=offsets.device, dtype=torch.int64)
+    # Number of document ends at or before t = index of t's document.
+    ids = torch.searchsorted(offsets[:, 1:].contiguous(), t.expand(offsets.shape[0], -1).contiguous(),
+                             right=True)
+    ids = torch.where(t[None] < total[:, None], ids, torch.full_like(ids, -1))
+    return ids.to(torch.int32)
+
+
+def check_document_ids(doc: torch.Tensor, *, batch: int, length: int, name: str = "doc") -> None:
+    """Validate document ids passed to a pattern: an integer tensor [batch, length] whose
+    values are -1 (padding) or non-negative ids. Raises HelperError naming `name`."""
+    if not isinstance(doc, torch.Tensor):
+        raise HelperError(f"{name} must be a torch.Tensor, got {type(doc).__name__}")
+    if doc.dtype.is_floating_point or doc.dtype == torch.bool or doc.is_complex():
+        raise HelperError(f"{name} must be an integer tensor, got "
+                          f"{str(doc.dtype).replace('torch.', '')}")
+    if tuple(doc.shape) != (batch, length):
+        raise HelperError(f"{name} has shape {list(doc.shape)}, expected [{batch}, {length}]")
+    if doc.numel() and bool((doc < -1).any()):
+        b, t = (int(i) for i in (doc < -1).nonzero()[0])
+        raise HelperError(f"{name}[{b}, {t}] = {int(doc[b, t])} is out of range "
+                          "(ids are >= 0, or -1 for padding)")
