@@ -84,6 +84,7 @@ class Elaborator:
         self.diags = Diagnostics(source, filename)
         self.overrides = dict(params)
         self.params: dict[str, Const] = {}
+        self.bad_params: set[str] = set()      # already reported; uses stay silent
         self.layout: Optional[Layout] = None
         self.inputs: dict[str, InputDecl] = {}
         self.checks: list[LengthCheck] = []
@@ -207,6 +208,8 @@ class Elaborator:
                 v = self.constant(p.default, _Ctx("const"))
                 if v is not None:
                     self.params[p.name] = const(v)
+            if p.name not in self.params:
+                self.bad_params.add(p.name)
 
     def constant(self, e, ctx: _Ctx, what="this value"):
         """Evaluate `e` to a Python constant (int/float/bool), or None after an error."""
@@ -272,6 +275,18 @@ class Elaborator:
             self.fail(loc, "a tuple is only allowed as a per-axis argument of a primitive", ctx=ctx)
         return v
 
+    def scalars(self, exprs, ctx) -> list:
+        """Scalar values of `exprs`; errors in each are reported before failing."""
+        out, failed = [], False
+        for x in exprs:
+            try:
+                out.append(self.scalar(self.expr(x, ctx), x.loc, ctx))
+            except _Failed:
+                failed = True
+        if failed:
+            raise _Failed
+        return out
+
     def build(self, fn, loc, ctx, *args, **kw) -> Expr:
         try:
             return fn(*args, floats=ctx.floats, **kw)
@@ -288,29 +303,26 @@ class Elaborator:
         if isinstance(e, ast.Attr):
             return self.coord(e, ctx)
         if isinstance(e, ast.Unary):
-            x = self.scalar(self.expr(e.operand, ctx), e.operand.loc, ctx)
+            x, = self.scalars([e.operand], ctx)
             return self.build(unary, e.loc, ctx, "neg" if e.op == "-" else "not", x)
         if isinstance(e, ast.Binary):
             op = _BIN.get(e.op)
             if op is None:
                 self.fail(e.loc, f"unknown operator '{e.op}'", ctx=ctx)
-            a = self.scalar(self.expr(e.left, ctx), e.left.loc, ctx)
-            b = self.scalar(self.expr(e.right, ctx), e.right.loc, ctx)
+            a, b = self.scalars([e.left, e.right], ctx)
             return self.build(binary, e.loc, ctx, op, a, b)
         if isinstance(e, ast.Compare):
-            vals = [self.scalar(self.expr(x, ctx), x.loc, ctx) for x in e.operands]
+            vals = self.scalars(e.operands, ctx)
             out = None
             for op, a, b in zip(e.ops, vals, vals[1:]):
                 c = self.build(binary, e.loc, ctx, _CMP[op], a, b)
                 out = c if out is None else self.build(binary, e.loc, ctx, "and", out, c)
             return out
         if isinstance(e, ast.Ternary):
-            c = self.scalar(self.expr(e.cond, ctx), e.cond.loc, ctx)
-            a = self.scalar(self.expr(e.then, ctx), e.then.loc, ctx)
-            b = self.scalar(self.expr(e.orelse, ctx), e.orelse.loc, ctx)
+            c, a, b = self.scalars([e.cond, e.then, e.orelse], ctx)
             return self.build(select, e.loc, ctx, c, a, b)
         if isinstance(e, ast.Tuple):
-            return TupleValue(tuple(self.scalar(self.expr(x, ctx), x.loc, ctx) for x in e.items))
+            return TupleValue(tuple(self.scalars(e.items, ctx)))
         if isinstance(e, ast.Index):
             return self.index(e, ctx)
         if isinstance(e, ast.Call):
@@ -330,6 +342,8 @@ class Elaborator:
             return ctx.env[n]
         if n in self.params:
             return self.params[n]
+        if n in self.bad_params:
+            raise _Failed
         if n in INDEX_VARS or n in LENGTH_VARS or n == SCORE_VAR:
             if ctx.clause == "const":
                 self.fail(e.loc, f"'{n}' is not a constant (parameter defaults, layout sizes and "
@@ -345,7 +359,10 @@ class Elaborator:
             return self.call(n, (), (), e.loc, ctx)
         if n in BUILTINS:
             self.fail(e.loc, f"'{n}' is a function; call it with arguments", ctx=ctx)
-        self.fail(e.loc, f"unknown name '{n}'", suggest(n, self.scope_names(ctx)), ctx=ctx)
+        hint = suggest(n, self.scope_names(ctx))
+        callable_hint = suggest(n, list(self.defs) + list(PY_PRIMITIVES))
+        kind = "primitive" if hint is not None and hint == callable_hint else "name"
+        self.fail(e.loc, f"unknown {kind} '{n}'", hint, ctx=ctx)
 
     def coord(self, e: ast.Attr, ctx: _Ctx) -> Expr:
         side = e.value.id if isinstance(e.value, ast.Name) else None
@@ -372,12 +389,10 @@ class Elaborator:
             self.fail(e.loc, f"input '{e.name}' has {len(decl.dims)} dimensions "
                              f"[{', '.join(map(str, decl.dims))}], got {len(e.indices)} indices",
                       ctx=ctx)
-        idx = []
-        for x in e.indices:
-            v = self.scalar(self.expr(x, ctx), x.loc, ctx)
+        idx = self.scalars(e.indices, ctx)
+        for x, v in zip(e.indices, idx):
             if v.dtype != INT:
                 self.fail(x.loc, f"index of '{e.name}' must be int, got {v.dtype}", ctx=ctx)
-            idx.append(v)
         return Load(e.name, tuple(idx), decl.dtype)
 
     # ---- calls ----------------------------------------------------------------------------
@@ -390,7 +405,7 @@ class Elaborator:
             if len(args) != BUILTINS[fname]:
                 self.fail(loc, f"'{fname}' takes {_n_args(BUILTINS[fname])} "
                                f"({len(args)} given)", ctx=ctx)
-            vals = [self.scalar(self.expr(a, ctx), a.loc, ctx) for a in args]
+            vals = self.scalars(args, ctx)
             return self.build(builtin, loc, ctx, fname, vals)
         if fname in PY_PRIMITIVES:
             bound = self.bind(fname, PY_PRIMITIVES[fname], args, kwargs, loc, ctx)
