@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Mapping, Optional
 
 import torch
+from torch.nn.attention.flex_attention import AuxRequest
 
 from ...ir.dense import resolve_lengths
 from ...ir.inputs import InputError, check_inputs, check_qkv
@@ -30,6 +32,19 @@ def compiled_flex_attention():
         from torch.nn.attention.flex_attention import flex_attention
         _COMPILED = torch.compile(flex_attention, dynamic=False)
     return _COMPILED
+
+
+def _pick_flex(q, k, v, return_lse: bool):
+    """Compiled FlexAttention, except where its CPU path cannot serve the call: it is
+    inference-only and has no log-sum-exp output, so CPU calls that need the lse or
+    gradients run FlexAttention eagerly (correct, but it materializes the scores)."""
+    if q.device.type != "cpu":
+        return compiled_flex_attention()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if return_lse or needs_grad:
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention
+    return compiled_flex_attention()
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,8 +87,14 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out = q.new_zeros(B, Hq, Lq, Dv)
         lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
     else:
-        out, lse = compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                             scale=scale, enable_gqa=Hq != Hkv, return_lse=True)
+        fn = _pick_flex(q, k, v, return_lse)
+        aux = AuxRequest(lse=True) if return_lse else None
+        with warnings.catch_warnings():
+            # The eager fallback is chosen deliberately (see _pick_flex).
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                     enable_gqa=Hq != Hkv, return_aux=aux)
+        out, lse = (res[0], res[1].lse) if return_lse else (res, None)
     w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                      device=q.device, float_dtype=fdtype)
     if w is not None:
