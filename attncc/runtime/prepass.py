@@ -312,25 +312,34 @@ def block_lists(scores: torch.Tensor, block: int, top: Optional[float] = None,
 def document_classes(doc: torch.Tensor, q_grid: TileGrid, kv_grid: TileGrid) -> torch.Tensor:
     """Tile classes of `doc[b, q] == doc[b, k]` from per-tile id ranges.
 
-    doc int [B, L] (L ≥ both lengths) → int8 [B, 1, nQT, nKT]: EMPTY when the id ranges of
-    the two tiles do not overlap (no pair can match), FULL when both tiles hold one and the same
-    id, PARTIAL otherwise. Exact for packed (non-decreasing) ids, sound for any ids.
+    doc int [B, L] (L ≥ both lengths) → int8 [B, 1, nQT, nKT]. Each tile keeps the range of
+    its non-negative ids and the range of its negative ids (padding); a tile pair is EMPTY
+    when neither range pair overlaps (no pair can match), FULL when both tiles hold one and the
+    same id, PARTIAL otherwise. Exact for packed ids (non-decreasing, then -1 padding) on 1-D
+    tiles, sound for any ids.
     """
+    big = torch.iinfo(torch.int64).max
+
     def ranges(grid):
         slots = grid.token_index().to(doc.device)
         if grid.numel > doc.shape[1]:
             raise PrepassError(f"document ids cover {doc.shape[1]} tokens but {grid.numel} "
                                "are attended")
         vals = doc[:, slots.clamp(min=0)].to(torch.int64)             # [B, nT, S]
-        pad = (slots < 0)[None]
-        big = torch.iinfo(torch.int64).max
-        lo = torch.where(pad, torch.full_like(vals, big), vals).amin(-1)
-        hi = torch.where(pad, torch.full_like(vals, -big), vals).amax(-1)
-        return lo, hi
+        real = (slots >= 0)[None]
+        out = []
+        for part in (real & (vals >= 0), real & (vals < 0), real):
+            out.append(torch.where(part, vals, torch.full_like(vals, big)).amin(-1))
+            out.append(torch.where(part, vals, torch.full_like(vals, -big)).amax(-1))
+        return out
 
-    qlo, qhi = ranges(q_grid)
-    klo, khi = ranges(kv_grid)
-    overlap = (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+    q_r, k_r = ranges(q_grid), ranges(kv_grid)
+    overlap = None
+    for i in (0, 2):
+        qlo, qhi, klo, khi = q_r[i][:, :, None], q_r[i + 1][:, :, None], k_r[i][:, None], k_r[i + 1][:, None]
+        hit = (qlo <= khi) & (klo <= qhi)
+        overlap = hit if overlap is None else overlap | hit
+    qlo, qhi, klo, khi = q_r[4], q_r[5], k_r[4], k_r[5]
     single = (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
     out = torch.where(overlap, PARTIAL, EMPTY).to(torch.int8)
     out[single] = FULL
