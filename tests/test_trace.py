@@ -1,0 +1,197 @@
+"""Decorator frontend: a traced Python function builds the identical IR node (`is`) as the
+equivalent spec text; Python control flow on symbolic values is a located SpecError."""
+import inspect
+import operator
+
+import pytest
+from hypothesis import given, strategies as st
+
+import attncc
+from attncc.frontend import trace
+
+VARS = ["b", "h", "q", "k"]
+ARITH = {"add": ("+", operator.add), "sub": ("-", operator.sub), "mul": ("*", operator.mul),
+         "floordiv": ("//", operator.floordiv), "mod": ("%", operator.mod)}
+CMP = {"lt": ("<", operator.lt), "le": ("<=", operator.le), "gt": (">", operator.gt),
+       "ge": (">=", operator.ge), "eq": ("==", operator.eq), "ne": ("!=", operator.ne)}
+
+# Trees: every int expression contains a variable, so a comparison's left side is always
+# symbolic (Python would otherwise reflect `3 < x` into `x > 3`).
+consts = st.integers(-6, 6)
+divisors = st.integers(1, 5)
+
+
+def int_exprs(bools):
+    leaves = st.sampled_from(VARS).map(lambda v: ("var", v))
+
+    def extend(inner):
+        arith = st.tuples(st.just("arith"), st.sampled_from(sorted(ARITH)), inner,
+                          st.one_of(inner, consts), st.booleans())
+        minmax = st.tuples(st.just("minmax"), st.sampled_from(["min", "max"]), inner,
+                           st.one_of(inner, consts))
+        un = st.tuples(st.sampled_from(["neg", "abs"]), inner)
+        sel = st.tuples(st.just("sel"), bools, inner, st.one_of(inner, consts))
+        return st.one_of(arith, minmax, un, sel)
+    return st.recursive(leaves, extend, max_leaves=6)
+
+
+def bool_exprs():
+    base_int = int_exprs(st.just(("true",)))
+    cmp = st.tuples(st.just("cmp"), st.sampled_from(sorted(CMP)), base_int,
+                    st.one_of(base_int, consts))
+
+    def extend(inner):
+        return st.one_of(st.tuples(st.sampled_from(["and", "or", "beq"]), inner, inner),
+                         st.tuples(st.just("not"), inner))
+    return st.recursive(cmp, extend, max_leaves=5)
+
+
+def text(t):
+    if isinstance(t, int):
+        return str(t)
+    tag = t[0]
+    if tag == "var":
+        return t[1]
+    if tag == "true":
+        return "true"
+    if tag == "arith":
+        _, op, a, b, swap = t
+        a, b = (b, a) if swap and op not in ("floordiv", "mod") else (a, b)
+        if op in ("floordiv", "mod") and isinstance(b, int):
+            b = abs(b) or 1
+        return f"({text(a)} {ARITH[op][0]} {text(b)})"
+    if tag == "minmax":
+        return f"{t[1]}({text(t[2])}, {text(t[3])})"
+    if tag == "neg":
+        return f"(-{text(t[1])})"
+    if tag == "abs":
+        return f"abs({text(t[1])})"
+    if tag == "sel":
+        return f"({text(t[1])} ? {text(t[2])} : {text(t[3])})"
+    if tag == "cmp":
+        return f"({text(t[2])} {CMP[t[1]][0]} {text(t[3])})"
+    if tag in ("and", "or", "beq"):
+        sym = {"and": "&", "or": "|", "beq": "=="}[tag]
+        return f"({text(t[1])} {sym} {text(t[2])})"
+    if tag == "not":
+        return f"(!{text(t[1])})"
+    raise AssertionError(t)
+
+
+def python(t, env):
+    """Evaluate the tree with Python operators on traced symbols."""
+    if isinstance(t, int):
+        return t
+    tag = t[0]
+    if tag == "var":
+        return env[t[1]]
+    if tag == "true":
+        return True
+    if tag == "arith":
+        _, op, a, b, swap = t
+        a, b = (b, a) if swap and op not in ("floordiv", "mod") else (a, b)
+        if op in ("floordiv", "mod") and isinstance(b, int):
+            b = abs(b) or 1
+        return ARITH[op][1](python(a, env), python(b, env))
+    if tag == "minmax":
+        fn = attncc.min if t[1] == "min" else attncc.max
+        return fn(python(t[2], env), python(t[3], env))
+    if tag == "neg":
+        return -python(t[1], env)
+    if tag == "abs":
+        return abs(python(t[1], env))
+    if tag == "sel":
+        return attncc.where(python(t[1], env), python(t[2], env), python(t[3], env))
+    if tag == "cmp":
+        return CMP[t[1]][1](python(t[2], env), python(t[3], env))
+    if tag == "and":
+        return python(t[1], env) & python(t[2], env)
+    if tag == "or":
+        return python(t[1], env) | python(t[2], env)
+    if tag == "beq":
+        return python(t[1], env) == python(t[2], env)
+    if tag == "not":
+        return ~python(t[1], env)
+    raise AssertionError(t)
+
+
+@given(bool_exprs())
+def test_traced_expression_is_the_spec_node(tree):
+    spec = attncc.parse(f"pattern t\nmask {text(tree)}\n")
+
+    def fn(b, h, q, k):
+        return python(tree, {"b": b, "h": h, "q": q, "k": k})
+    traced = attncc.pattern(fn, name="t")
+    assert traced.mask is spec.mask
+    assert traced == spec
+
+
+def test_decorator_on_grid_equals_spec():
+    @attncc.pattern(layout=attncc.grid(y=8, x=8))
+    def local(q, k):
+        return (abs(q.y - k.y) <= 3) & (abs(q.x - k.x) <= 3)
+    spec = attncc.parse("pattern local\nlayout grid(y = 8, x = 8)\n"
+                        "mask abs(q.y - k.y) <= 3 & abs(q.x - k.x) <= 3\n")
+    assert local.mask is spec.mask
+    assert local == spec
+
+
+def test_bare_decorator_and_helpers():
+    @attncc.pattern
+    def sw(q, k):
+        return trace.window(4) | trace.sinks(2)
+    assert sw.mask is attncc.parse("pattern sw\nmask window(4) | sinks(2)").mask
+
+    @attncc.pattern(layout=attncc.grid(y=8, x=8))
+    def na(q, k):
+        return trace.neighborhood((3, 5), dilation=(2, 1), stride=(1, 2))
+    spec = attncc.parse("pattern na\nlayout grid(y = 8, x = 8)\n"
+                        "mask neighborhood((3, 5), dilation = (2, 1), stride = (1, 2))")
+    assert na.mask is spec.mask
+
+
+def test_inputs_and_heads():
+    @attncc.pattern(inputs={"doc": "int[b, k]"})
+    def document(b, q, k, doc):
+        return trace.causal() & (doc[b, q] == doc[b, k])
+    spec = attncc.load("specs/document.attn")
+    assert document == spec
+
+
+def test_control_flow_error_points_at_user_line():
+    def f(q, k):
+        if q < k:
+            return q < k
+        return q >= k
+    line = inspect.getsourcelines(f)[1] + 1
+    with pytest.raises(attncc.SpecError) as e:
+        attncc.pattern(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{__file__}:{line}:")
+    assert msg.split("\n")[0].endswith(
+        "error: a symbolic condition cannot be used in Python control flow (`if`, `and`, `or`, "
+        "`not`); use `&`, `|`, `~` or attncc.where(cond, a, b)")
+    assert msg.split("\n")[1] == "          if q < k:"
+    assert msg.split("\n")[2] == "             ^~~~~"
+
+
+@pytest.mark.parametrize("body", [
+    lambda q, k: (q < k) and (k < 3),
+    lambda q, k: not (q < k),
+    lambda q, k: bool(q == k),
+    lambda q, k: 0 <= q - k < 4,       # chained comparison uses `and`
+])
+def test_python_logic_is_rejected(body):
+    with pytest.raises(attncc.SpecError, match="cannot be used in Python control flow"):
+        attncc.pattern(body)
+
+
+def test_type_errors_match_spec_wording():
+    with pytest.raises(attncc.SpecError, match=r"operands of '&' must be boolean, got int and int"):
+        attncc.pattern(lambda q, k: q & k)
+    with pytest.raises(attncc.SpecError, match=r"mask must be a boolean expression, got int"):
+        attncc.pattern(lambda q, k: q + k)
+    with pytest.raises(attncc.SpecError, match=r"unknown axis 'z' \(the layout has axes y, x\)"):
+        attncc.pattern(lambda q, k: q.z == k.x, layout=attncc.grid(y=4, x=4))
+    with pytest.raises(attncc.SpecError, match=r"parameter 'j' of <lambda> is neither"):
+        attncc.pattern(lambda q, j: q == j)
