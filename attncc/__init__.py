@@ -13,6 +13,8 @@ Names are imported lazily so `import attncc` stays cheap (no torch/triton import
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,19 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+class _Package(types.ModuleType):
+    """`attncc.reference` is both a submodule and the function it defines. Importing the
+    submodule rebinds the package attribute to the module; keep the exported function."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def _map_source_tree() -> None:
