@@ -254,13 +254,14 @@ def _token_error(e, text: str, filename: str) -> Diagnostic:
         clause = None
         if len(line) == 1 and head in ("MASK", "SCORE"):
             clause = line[0].value
-        elif len(line) == 2 and head == "OUTPUT":
-            if line[1].value not in OUTPUT_KINDS:
-                return Diagnostic(loc, "'output' clause needs a modifier and an expression",
-                                  "for example 'output scale w[b, q, h]'")
+        elif len(line) == 2 and head == "OUTPUT" and line[1].value in OUTPUT_KINDS:
             clause = "output " + line[1].value
         if clause is not None:
             return Diagnostic(loc, f"'{clause}' clause needs an expression")
+    # `output w[...]`: the modifier is missing.
+    if head == "OUTPUT" and len(line) == 2 and line[1].value not in OUTPUT_KINDS:
+        return Diagnostic(_tok_loc(line[1], filename), f"unknown output modifier '{line[1].value}'",
+                          "the output modifier is 'scale', as in 'output scale w[b, q, h]'")
     # An expression is due.
     if expected >= {"NAME", "NUMBER", "LPAR"}:
         what = "an expression"
