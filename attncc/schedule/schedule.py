@@ -191,3 +191,24 @@ class Schedule:
 
     def for_head(self, h: int) -> HeadClass:
         return self.classes[self.head_class[h]]
+
+    # ---- inspection ---------------------------------------------------------------------
+    def tile_matrix(self, head: int = 0) -> torch.Tensor:
+        """int8 [n_q_tiles, n_kv_tiles] of TileClass values for query head `head`."""
+        return self.for_head(head).classes(self.n_kv_tiles)
+
+    def density(self) -> Optional[float]:
+        """Kept (query, key) pairs / all pairs over all heads (exact); None when the mask
+        depends on runtime data."""
+        kept = self.stats.get("kept_pairs")
+        total = self.heads * self.q_len * self.kv_len
+        return None if kept is None or not total else kept / total
+
+    def efficiency(self) -> Optional[float]:
+        """Kept pairs / pairs computed in visited tiles (1.0 = no wasted work); None when the
+        mask depends on runtime data."""
+        return self.stats.get("efficiency")
+
+    def __str__(self) -> str:
+        from .draw import draw_text
+        return draw_text(self)

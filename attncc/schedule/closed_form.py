@@ -1,0 +1,371 @@
+"""Closed-form tile bounds for band-like masks: kernel loop bounds instead of index arrays.
+
+Representation (consumed by the kernel generator)
+-------------------------------------------------
+`Bounds(vars, axes, q_counts, kv_counts)`:
+
+* `vars[a]` is the name of the IR variable holding the query tile's coordinate on axis `a`
+  of the tile grid: `("qt",)` for 1-D tiles (qt = the query tile index), `("qt0", "qt1", ...)`
+  for multi-dimensional tiles of a grid layout (tiles numbered row-major over the tile grid,
+  so qt = (qt0 · counts[1] + qt1) · counts[2] + ... ).
+* `axes[a]` is a tuple of `Range(lo, hi, cls)`: half-open ranges `[lo, hi)` of *key-tile
+  coordinates on axis a*, where `lo`, `hi` are int IR expressions over `vars[a]` only (and
+  constants) and `cls` a `TileClass` (FULL or PARTIAL). The ranges of one axis are sorted
+  and disjoint for every query tile (`hi` of one range ≤ `lo` of the next); a range with
+  `hi ≤ lo` is empty. Key-tile coordinates covered by no range are EMPTY on that axis.
+* The class of key tile (kt0, kt1, ...) for query tile (qt0, qt1, ...) is the *minimum*
+  (EMPTY < PARTIAL < FULL) over axes of the class of kt_a on axis a: a tile is FULL iff every
+  axis coordinate lies in a FULL range, visited iff every axis coordinate lies in some range.
+  For 1-D tiles this is simply the class of the range containing the key tile.
+
+So a 1-D kernel runs `for r in ranges: for kt in range(max(lo,0), hi): ...` with or without
+mask code by `r.cls`; a multi-D kernel runs the product of its per-axis ranges.
+
+Derivation
+----------
+A band is a conjunction of atoms that bound the key index `j` by functions of the query
+index `i` (on one axis: `i = q.a`, `j = k.a`; on 1-D tiles `i = q`, `j = k`):
+`j op E(i)` for any affine arrangement with coefficient ±1 on `j` (`k <= q + off`,
+`q - k < w`, NATTEN `start <= k.x < start + K`), and `j // c op G(i)` (`q // c == k // c`).
+They give `lo(i) ≤ j ≤ hi(i)`. Assuming `lo`, `hi` non-decreasing in `i` and rows of a tile
+overlapping, a key tile [k0, k1] is visited iff it meets [lo(q0), hi(q1)] and FULL iff
+`lo(q1) ≤ k0` and `k1 ≤ hi(q0)` (q0, q1, k1 clipped to the sequence, so tail tiles count
+in-range pairs only). On 1-D tiles a union with a constant prefix `k < p` (prefix-LM, sinks,
+StreamingLLM `causal & (sinks | window)`) is supported: tiles left of `p` follow the common
+band, tiles right of it the band of the other branch, and the one tile containing `p`
+gets its class from both.
+
+The assumptions are *not* trusted: `attncc.schedule.build` evaluates the bounds for every
+query tile (`bounds_matrix`, O(tiles)) and drops them if they disagree with the exact tile
+classification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ir.dense import eval_expr
+from ..ir.intervals import linear_form
+from ..ir.nodes import Binary, Const, Coord, Expr, Select, Unary, Var, transform, walk
+from ..passes.simplify import build_linear, simplify
+from .schedule import TileClass, TileGrid
+
+_SWAP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
+
+
+@dataclass(frozen=True, eq=False)
+class Range:
+    """Key-tile coordinates [lo, hi) on one axis, all of class `cls`."""
+    lo: Expr
+    hi: Expr
+    cls: TileClass
+
+
+@dataclass(frozen=True, eq=False)
+class Bounds:
+    """Closed-form schedule of one head class (see module docstring)."""
+    vars: tuple[str, ...]
+    axes: tuple[tuple[Range, ...], ...]
+    q_counts: tuple[int, ...]
+    kv_counts: tuple[int, ...]
+
+    def __str__(self) -> str:
+        from ..ir.printer import format_expr
+        lines = []
+        for v, ranges in zip(self.vars, self.axes):
+            for r in ranges:
+                lines.append(f"{v}: [{format_expr(r.lo)}, {format_expr(r.hi)}) {r.cls.name}")
+        return "\n".join(lines)
+
+
+# ---- helpers to build IR ----------------------------------------------------------------
+
+def _c(v: int) -> Expr:
+    return Const(int(v))
+
+
+def _b(op, a, b) -> Expr:
+    return Binary(op, a, b)
+
+
+def _sub(e: Expr, var: Expr, value: Expr) -> Expr:
+    return transform(e, lambda n: value if n is var else None)
+
+
+def _bool_to_int(cond: Expr) -> Expr:
+    return Select(cond, _c(1), _c(0))
+
+
+# ---- atoms → band ------------------------------------------------------------------------
+
+class _Unsupported(Exception):
+    pass
+
+
+def _conjuncts(e: Expr) -> list[Expr]:
+    if isinstance(e, Binary) and e.op == "and":
+        return _conjuncts(e.a) + _conjuncts(e.b)
+    return [e]
+
+
+def _free_of(e: Expr, node: Expr) -> bool:
+    return all(n is not node for n in walk(e))
+
+
+def _check_rest(e: Expr, i: Expr) -> None:
+    """The bound expression may only use the query index `i`, constants and integer
+    arithmetic."""
+    for n in walk(e):
+        if isinstance(n, (Var, Coord)):
+            if n is not i:
+                raise _Unsupported
+        elif not isinstance(n, (Const, Binary, Unary, Select)):
+            raise _Unsupported
+
+
+def _atom_bounds(atom: Expr, i: Expr, j: Expr) -> tuple[list[Expr], list[Expr]]:
+    """(lower bounds, upper bounds) on j from one comparison atom."""
+    if atom is Const(True):
+        return [], []
+    if not (isinstance(atom, Binary) and atom.op in _SWAP and atom.a.dtype == "int"):
+        raise _Unsupported
+    op, a, b = atom.op, atom.a, atom.b
+    # j // c on one side, j-free on the other.
+    for x, y, o in ((a, b, op), (b, a, _SWAP[op])):
+        if isinstance(x, Binary) and x.op == "floordiv" and x.a is j and \
+                isinstance(x.b, Const) and x.b.value > 0 and _free_of(y, j):
+            _check_rest(y, i)
+            c = x.b.value
+            start = _b("mul", y, _c(c))
+            last = _b("add", start, _c(c - 1))
+            return {"eq": ([start], [last]), "le": ([], [last]), "lt": ([], [_b("sub", start, _c(1))]),
+                    "ge": ([start], []), "gt": ([_b("add", start, _c(c))], [])}[o]
+    fa, fb = linear_form(a), linear_form(b)
+    coeffs = dict(fa[0])
+    for t, v in fb[0].items():
+        coeffs[t] = coeffs.get(t, 0) - v
+        if coeffs[t] == 0:
+            del coeffs[t]
+    const = fa[1] - fb[1]
+    cj = coeffs.pop(j, 0)
+    if cj not in (1, -1):
+        raise _Unsupported
+    if any(not _free_of(t, j) for t in coeffs):
+        raise _Unsupported
+    # cj·j + R op 0
+    if cj == 1:
+        e, o = build_linear({t: -v for t, v in coeffs.items()}, -const), op     # j op -R
+    else:
+        e, o = build_linear(coeffs, const), _SWAP[op]                           # j op' R
+    _check_rest(e, i)
+    return {"eq": ([e], [e]), "le": ([], [e]), "lt": ([], [_b("sub", e, _c(1))]),
+            "ge": ([e], []), "gt": ([_b("add", e, _c(1))], [])}[o]
+
+
+def _band(atoms: list[Expr], i: Expr, j: Expr, kv_len: int) -> tuple[Expr, Expr]:
+    """Clamped (lo(i), hi(i)) of the conjunction of `atoms` on j ∈ [0, kv_len)."""
+    los, his = [_c(0)], [_c(kv_len - 1)]
+    for a in atoms:
+        lo, hi = _atom_bounds(a, i, j)
+        los += lo
+        his += hi
+    lo, hi = los[0], his[0]
+    for x in los[1:]:
+        lo = _b("max", lo, x)
+    for x in his[1:]:
+        hi = _b("min", hi, x)
+    return simplify(lo), simplify(hi)
+
+
+# ---- band → ranges -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Axis:
+    t: Expr        # the query-tile variable
+    i: Expr        # query index node
+    bm: int
+    bn: int
+    q_len: int
+    kv_len: int
+
+    @property
+    def nk(self) -> int:
+        return -(-self.kv_len // self.bn)
+
+    def q0(self) -> Expr:
+        return _b("mul", self.t, _c(self.bm))
+
+    def q1(self) -> Expr:
+        return _b("min", _b("add", self.q0(), _c(self.bm - 1)), _c(self.q_len - 1))
+
+
+def _ends(ax: _Axis, band) -> tuple[Expr, Expr, Expr, Expr]:
+    lo, hi = band
+    q0, q1 = ax.q0(), ax.q1()
+    return _sub(lo, ax.i, q0), _sub(lo, ax.i, q1), _sub(hi, ax.i, q0), _sub(hi, ax.i, q1)
+
+
+def _band_ranges(ax: _Axis, band) -> list[Range]:
+    L0, L1, H0, H1 = _ends(ax, band)
+    bn = ax.bn
+    vlo = _b("floordiv", L0, _c(bn))
+    vhi = Select(_b("lt", H1, L0), vlo, _b("add", _b("floordiv", H1, _c(bn)), _c(1)))
+    flo = _b("sub", _c(0), _b("floordiv", _b("sub", _c(0), L1), _c(bn)))   # ceil(L1 / bn)
+    fhi = Select(_b("ge", H0, _c(ax.kv_len - 1)), _c(ax.nk), _b("floordiv", _b("add", H0, _c(1)), _c(bn)))
+    fe_lo = _b("min", _b("max", flo, vlo), vhi)
+    fe_hi = _b("max", _b("min", fhi, vhi), fe_lo)
+    return [Range(vlo, fe_lo, TileClass.PARTIAL), Range(fe_lo, fe_hi, TileClass.FULL),
+            Range(fe_hi, vhi, TileClass.PARTIAL)]
+
+
+def _full_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
+    """Every row of the query tile keeps every key of [ka, kb]."""
+    L0, L1, H0, H1 = _ends(ax, band)
+    return _b("and", _b("le", L1, _c(ka)), _b("le", _c(kb), H0))
+
+
+def _visited_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
+    """Some row of the query tile keeps some key of [ka, kb]."""
+    L0, L1, H0, H1 = _ends(ax, band)
+    return _b("le", _b("max", L0, _c(ka)), _b("min", H1, _c(kb)))
+
+
+def _prefix_of(e: Expr, i, j, kv_len) -> Optional[int]:
+    """p when `e` is the constant key range [0, p) (e.g. `k < 4`), else None."""
+    try:
+        lo, hi = _band(_conjuncts(e), i, j, kv_len)
+    except _Unsupported:
+        return None
+    if isinstance(lo, Const) and isinstance(hi, Const) and lo.value <= 0:
+        return hi.value + 1
+    return None
+
+
+def _ranges_1d(mask: Expr, ax: _Axis) -> list[Range]:
+    items = _conjuncts(mask)
+    ors = [x for x in items if isinstance(x, Binary) and x.op == "or"]
+    if not ors:
+        return _band_ranges(ax, _band(items, ax.i, Var("k"), ax.kv_len))
+    if len(ors) != 1:
+        raise _Unsupported
+    common = [x for x in items if x is not ors[0]]
+    j = Var("k")
+    for pre, other in ((ors[0].a, ors[0].b), (ors[0].b, ors[0].a)):
+        p = _prefix_of(pre, ax.i, j, ax.kv_len)
+        if p is not None:
+            break
+    else:
+        raise _Unsupported
+    x_band = _band(common, ax.i, j, ax.kv_len)
+    xy_band = _band(common + _conjuncts(other), ax.i, j, ax.kv_len)
+    p = min(max(p, 0), ax.kv_len)
+    bn = ax.bn
+    pf, pv = p // bn, -(-p // bn)
+    out = [Range(_b("min", r.lo, _c(pf)), _b("min", r.hi, _c(pf)), r.cls)
+           for r in _band_ranges(ax, x_band)]
+    if p % bn:
+        k0, k1 = pf * bn, min(pf * bn + bn - 1, ax.kv_len - 1)
+        full = _full_on(ax, x_band, k0, p - 1)
+        vis = _visited_on(ax, x_band, k0, p - 1)
+        if p <= k1:
+            full = _b("and", full, _full_on(ax, xy_band, p, k1))
+            vis = _b("or", vis, _visited_on(ax, xy_band, p, k1))
+        mid = _b("add", _c(pf), _bool_to_int(full))
+        out += [Range(_c(pf), mid, TileClass.FULL),
+                Range(mid, _b("add", _c(pf), _bool_to_int(vis)), TileClass.PARTIAL)]
+    out += [Range(_b("max", r.lo, _c(pv)), _b("max", r.hi, _c(pv)), r.cls)
+            for r in _band_ranges(ax, xy_band)]
+    return out
+
+
+def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
+                  layout=None) -> Optional[Bounds]:
+    """Closed-form bounds of a specialized (lengths and `h` substituted, simplified) mask on
+    the given tilings, or None when the mask is not recognized as band-like. Unvalidated:
+    check with `bounds_matrix` against the exact classification."""
+    try:
+        if len(q_grid.shape) == 1:
+            if layout is not None and len(layout.axes) == 1:
+                mask = transform(mask, lambda n: Var(n.side) if isinstance(n, Coord) else None)
+            if any(isinstance(n, Coord) for n in walk(mask)):
+                return None
+            ax = _Axis(Var("qt"), Var("q"), q_grid.tile[0], kv_grid.tile[0],
+                       q_grid.shape[0], kv_grid.shape[0])
+            ranges = _ranges_1d(mask, ax)
+            axes = (tuple(_simplify_range(r) for r in ranges),)
+            names = ("qt",)
+        else:
+            nd = len(q_grid.shape)
+            if nd > 4 or any(isinstance(n, Var) and n.name in ("q", "k") for n in walk(mask)):
+                return None
+            per_axis: list[list[Expr]] = [[] for _ in range(nd)]
+            for atom in _conjuncts(mask):
+                axes_used = {n.axis for n in walk(atom) if isinstance(n, Coord)}
+                if len(axes_used) != 1:
+                    if atom is Const(True):
+                        continue
+                    return None
+                per_axis[axes_used.pop()].append(atom)
+            axes_l, names = [], tuple(f"qt{a}" for a in range(nd))
+            for a in range(nd):
+                name = layout.axes[a].name if layout is not None else str(a)
+                i, j = Coord("q", a, name), Coord("k", a, name)
+                ax = _Axis(Var(names[a]), i, q_grid.tile[a], kv_grid.tile[a],
+                           q_grid.shape[a], kv_grid.shape[a])
+                band = _band(per_axis[a], i, j, kv_grid.shape[a])
+                axes_l.append(tuple(_simplify_range(r) for r in _band_ranges(ax, band)))
+            axes = tuple(axes_l)
+    except _Unsupported:
+        return None
+    return Bounds(names, axes, q_grid.counts, kv_grid.counts)
+
+
+def _simplify_range(r: Range) -> Range:
+    return Range(simplify(r.lo), simplify(r.hi), r.cls)
+
+
+# ---- evaluation / validation ------------------------------------------------------------
+
+def _axis_matrix(var: str, ranges, nq: int, nk: int) -> Optional[torch.Tensor]:
+    t = torch.arange(nq, dtype=torch.int64)
+    kt = torch.arange(nk, dtype=torch.int64)[None, :]
+    cover = torch.zeros(nq, nk, dtype=torch.int64)
+    out = torch.zeros(nq, nk, dtype=torch.int8)
+    prev = torch.full((nq,), -(1 << 62), dtype=torch.int64)
+    for r in ranges:
+        lo = eval_expr(r.lo, {var: t}).expand(nq).to(torch.int64)
+        hi = eval_expr(r.hi, {var: t}).expand(nq).to(torch.int64)
+        nonempty = hi > lo
+        if bool((nonempty & (lo < prev)).any()):
+            return None  # ranges out of order
+        inside = (kt >= lo[:, None]) & (kt < hi[:, None])
+        cover += inside
+        out[inside] = int(r.cls)
+        prev = torch.where(nonempty, hi, prev)
+    if bool((cover > 1).any()):
+        return None
+    return out
+
+
+def bounds_matrix(bounds: Bounds) -> Optional[torch.Tensor]:
+    """int8 [n_q_tiles, n_kv_tiles] of TileClass values described by `bounds` (row-major tile
+    numbering on both sides), or None if its ranges overlap or are out of order."""
+    mats = []
+    for var, ranges, nq, nk in zip(bounds.vars, bounds.axes, bounds.q_counts, bounds.kv_counts):
+        m = _axis_matrix(var, ranges, nq, nk)
+        if m is None:
+            return None
+        mats.append(m)
+    nd = len(mats)
+    out = None
+    for a, m in enumerate(mats):
+        shape = [1] * (2 * nd)
+        shape[a], shape[nd + a] = m.shape
+        v = m.view(shape)
+        out = v if out is None else torch.minimum(out, v)
+    nq = 1
+    for c in bounds.q_counts:
+        nq *= c
+    return out.reshape(nq, -1)

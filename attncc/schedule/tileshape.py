@@ -1,0 +1,85 @@
+"""Tile shapes: 1-D blocks, or multi-dimensional boxes of a grid layout chosen by a cost model.
+
+1-D patterns (no layout) use `(block_m,)` query tiles and `(block_n,)` key tiles from the
+`CompileOptions`. On a grid layout the candidates are boxes with power-of-two extents per
+axis (each at most the axis length rounded up to a power of two) whose token count equals
+`block_m` (queries) / `block_n` (keys) — so every candidate launches the same work per
+tile — plus the 1-D flattening. The cost of a candidate is the number of token pairs the
+kernel computes: visited tiles × query-tile size × key-tile size, with visited tiles
+counted by the interval stage alone (cheap, an upper bound). The cheapest wins; ties go to
+the 1-D tiles, then to the squarer box. `options.q_tile` / `kv_tile` fix the shapes and
+`options.tile_1d` forces 1-D tiles.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+from ..ir.nodes import Expr
+from ..passes.tiles import classify_tiles
+from .schedule import TileClass, TileGrid
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def box_candidates(shape: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
+    """Power-of-two boxes with prod == size fitting `shape` (extents ≤ pow2ceil(axis))."""
+    caps = [_pow2_at_least(s) for s in shape]
+    exps = [list(range(0, c.bit_length())) for c in caps]
+    out = []
+    for combo in itertools.product(*exps):
+        box = tuple(1 << e for e in combo)
+        prod = 1
+        for b in box:
+            prod *= b
+        if prod == size:
+            out.append(box)
+    return out
+
+
+def grids_1d(q_len: int, kv_len: int, options) -> tuple[TileGrid, TileGrid]:
+    return TileGrid((q_len,), (options.block_m,)), TileGrid((kv_len,), (options.block_n,))
+
+
+def computed_pairs(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, layout, head,
+                   exact: bool = False) -> int:
+    """Token pairs computed by a kernel visiting every non-EMPTY tile."""
+    c = classify_tiles(mask, q_grid, kv_grid, layout=layout, head=head, exact=exact)
+    visited = int((c.matrix != int(TileClass.EMPTY)).sum())
+    return visited * q_grid.tile_size * kv_grid.tile_size
+
+
+def choose_grids(masks: list[Expr], layout, q_len: int, kv_len: int, options,
+                 heads: Optional[list[int]] = None) -> tuple[TileGrid, TileGrid, dict]:
+    """(q_grid, kv_grid, info) for the specialized masks of all head classes; `info` lists
+    each candidate's computed pairs (`candidates`) when the cost model ran."""
+    if layout is None or options.tile_1d or len(layout.axes) == 0:
+        return (*grids_1d(q_len, kv_len, options), {})
+    shape = layout.shape
+    if options.q_tile is not None or options.kv_tile is not None:
+        qt = options.q_tile or options.kv_tile
+        kt = options.kv_tile or options.q_tile
+        if len(qt) != len(shape) or len(kt) != len(shape):
+            raise ValueError(f"tile shapes {qt} / {kt} do not match layout {layout}")
+        return TileGrid(shape, tuple(qt)), TileGrid(shape, tuple(kt)), {}
+    heads = heads or [None] * len(masks)
+    cands: list[tuple[TileGrid, TileGrid]] = [grids_1d(q_len, kv_len, options)]
+    if len(shape) > 1:
+        qb, kb = box_candidates(shape, options.block_m), box_candidates(shape, options.block_n)
+        for a, b in zip(qb, kb) if options.block_m == options.block_n else itertools.product(qb, kb):
+            cands.append((TileGrid(shape, a), TileGrid(shape, b)))
+    scored = []
+    for idx, (qg, kg) in enumerate(cands):
+        cost = sum(computed_pairs(m, qg, kg, layout, h) for m, h in zip(masks, heads))
+        squareness = max(qg.tile) / min(qg.tile)
+        scored.append((cost, idx > 0, squareness, idx))
+    best = min(scored)
+    qg, kg = cands[best[3]]
+    info = {"candidates": {("×".join(map(str, q.tile)), "×".join(map(str, k.tile))): s[0]
+                           for (q, k), s in zip(cands, scored)}}
+    return qg, kg, info
