@@ -17,66 +17,25 @@ recorded on the pattern (`Pattern.checks`) and verified by `check_lengths`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from ..frontend import ast
 from ..frontend.errors import Diagnostic, Diagnostics, SpecError, suggest
-from ..ir.nodes import (BOOL, FLOAT, INT, LENGTH_VARS, INDEX_VARS, SCORE_VAR, TRUE, Blocks,
-                        Const, Coord, Expr, Load, Route, Var)
+from ..ir.nodes import (BOOL, FLOAT, INT, INDEX_VARS, LENGTH_VARS, SCORE_VAR, TRUE, Const, Coord,
+                        Expr, Load, Var)
 from ..ir.pattern import Axis, InputDecl, Layout, Pattern
-from .neighborhood import blocked_axis, conjunction, neighborhood_axis
+from .neighborhood import (PY_PRIMITIVES, REQUIRED, LengthCheck, PythonPrimitives,  # noqa: F401
+                           TupleValue, Value, _Ctx, _Failed)
 from .primitives import BUILTINS, BuildError, binary, builtin, const, select, to_float, unary
 
 DIM_NAMES = ("b", "h", "q", "k", "q_blocks", "k_blocks")
 DTYPES = (INT, FLOAT, BOOL)
-#: Primitives implemented in Python: name -> ((param, default-or-REQUIRED), ...).
-REQUIRED = object()
-PY_PRIMITIVES = {
-    "neighborhood": (("kernel", REQUIRED), ("dilation", 1), ("stride", 1), ("causal", False)),
-    "blocked": (("size", REQUIRED),),
-    "route": (("region", REQUIRED), ("topk", REQUIRED)),
-    "blocks": (("scores", REQUIRED), ("block", REQUIRED), ("top", None), ("threshold", None)),
-}
 _BIN = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod",
         "&": "and", "|": "or", "and": "and", "or": "or"}
 _CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
-@dataclass(frozen=True)
-class LengthCheck:
-    """A NATTEN constraint `kernel * dilation <= Q_LEN` deferred to call time."""
-    loc: Optional[ast.Loc]
-    kernel: int
-    dilation: int
-
-
-@dataclass(frozen=True)
-class TupleValue:
-    """`(a, b, ...)`: a per-axis argument, only meaningful to primitives."""
-    items: tuple
-
-
-Value = Union[Expr, TupleValue]
-
-
-@dataclass
-class _Ctx:
-    clause: str                      # 'const' | 'mask' | 'score' | 'output'
-    env: dict = field(default_factory=dict)   # def parameters in scope
-    site: Optional[ast.Loc] = None   # report errors here (inside prelude expansions)
-    stack: tuple = ()                # defs being expanded (recursion check)
-
-    @property
-    def floats(self) -> bool:
-        return self.clause in ("const", "score", "output")
-
-
-class _Failed(Exception):
-    """Internal: the current expression already produced a diagnostic."""
-
-
-class Elaborator:
+class Elaborator(PythonPrimitives):
     """One elaboration of one spec; use `elaborate()`."""
 
     def __init__(self, spec: ast.Spec, params: dict, source, filename, prelude):
@@ -455,117 +414,6 @@ class Elaborator:
             if p.name not in env:
                 env[p.name] = self.expr(p.default, inner)
         return self.expr(d.body, inner)
-
-    # ---- Python primitives ----------------------------------------------------------------
-    def axes_values(self, fname, pname, e, ctx, kind=int, lo=1):
-        """A per-axis constant argument: one value per layout axis (scalars broadcast)."""
-        n = len(self.layout.axes) if self.layout is not None else 1
-        v = self.expr(e, _Ctx("const", ctx.env, ctx.site, ctx.stack))
-        items = v.items if isinstance(v, TupleValue) else (v,) * n
-        if isinstance(v, TupleValue) and len(items) != n:
-            where = (f"the layout has {n} axes ({', '.join(a.name for a in self.layout.axes)})"
-                     if self.layout is not None else "the pattern has no layout (one axis)")
-            self.fail(e.loc, f"'{pname}' of '{fname}' has {len(items)} values but {where}", ctx=ctx)
-        out = []
-        for x in items:
-            if not isinstance(x, Const):
-                self.fail(e.loc, f"'{pname}' of '{fname}' must be a constant", ctx=ctx)
-            x = x.value
-            if kind is bool:
-                if not isinstance(x, bool):
-                    self.fail(e.loc, f"'{pname}' of '{fname}' must be true or false", ctx=ctx)
-            elif type(x) is not int or x < lo:
-                self.fail(e.loc, f"'{pname}' of '{fname}' must be an integer >= {lo}, got {x!r}",
-                          ctx=ctx)
-            out.append(x)
-        return out
-
-    def axis_exprs(self):
-        """Per axis: (query coordinate, key coordinate, length expression, axis label)."""
-        if self.layout is None:
-            return [(Var("q"), Var("k"), Var("Q_LEN"), None)]
-        return [(Coord("q", i, a.name), Coord("k", i, a.name), const(a.size), a.name)
-                for i, a in enumerate(self.layout.axes)]
-
-    def prim_neighborhood(self, bound, loc, ctx):
-        kern = self.axes_values("neighborhood", "kernel", bound["kernel"], ctx)
-        dil = self.axes_values("neighborhood", "dilation", bound.get("dilation", ast.Num(1)), ctx)
-        stride = self.axes_values("neighborhood", "stride", bound.get("stride", ast.Num(1)), ctx)
-        caus = self.axes_values("neighborhood", "causal", bound.get("causal", ast.Bool(False)),
-                                ctx, kind=bool)
-        parts, bad = [], False
-        for (i, j, L, label), K, d, s, c in zip(self.axis_exprs(), kern, dil, stride, caus):
-            where = f" on axis '{label}'" if label else ""
-            if s > K:
-                self.error(loc, f"neighborhood stride {s} exceeds the kernel size {K}{where}",
-                           "NATTEN requires stride <= kernel", ctx=ctx)
-                bad = True
-            if isinstance(L, Const) and K * d > L.value:
-                self.error(loc, f"neighborhood kernel {K} x dilation {d} = {K * d} exceeds the "
-                                f"length {L.value} of axis '{label}'", ctx=ctx)
-                bad = True
-            elif not isinstance(L, Const):
-                self.checks.append(LengthCheck(ctx.site or loc, K, d))
-            parts.append(neighborhood_axis(i, j, L, K, d, s, c))
-        if bad:
-            raise _Failed
-        return self.build_all(conjunction, loc, ctx, parts)
-
-    def build_all(self, fn, loc, ctx, *args):
-        try:
-            return fn(*args)
-        except BuildError as e:
-            self.fail(loc, str(e), ctx=ctx)
-
-    def prim_blocked(self, bound, loc, ctx):
-        sizes = self.axes_values("blocked", "size", bound["size"], ctx)
-        parts = [blocked_axis(i, j, sz) for (i, j, _, _), sz in zip(self.axis_exprs(), sizes)]
-        if self.layout is not None and len(self.layout.axes) == 1:
-            parts = [blocked_axis(Var("q"), Var("k"), sizes[0])]
-        return conjunction(parts)
-
-    def prim_route(self, bound, loc, ctx):
-        region = self.axes_values("route", "region", bound["region"], ctx)
-        topk = self.constant(bound["topk"], ctx, "'topk' of 'route'")
-        if topk is None:
-            raise _Failed
-        if type(topk) is not int or topk < 1:
-            self.fail(bound["topk"].loc, f"'topk' of 'route' must be an integer >= 1, got {topk!r}",
-                      ctx=ctx)
-        return Route(tuple(region), topk)
-
-    def prim_blocks(self, bound, loc, ctx):
-        src = bound["scores"]
-        if not isinstance(src, ast.Name):
-            self.fail(src.loc, "the first argument of 'blocks' must be the name of an input "
-                               "declared float[b, h, q_blocks, k_blocks]", ctx=ctx)
-        decl = self.inputs.get(src.id)
-        if decl is None:
-            self.fail(src.loc, f"unknown input '{src.id}'", suggest(src.id, self.inputs), ctx=ctx)
-        if decl.dtype != FLOAT or decl.dims != ("b", "h", "q_blocks", "k_blocks"):
-            self.fail(src.loc, f"'blocks' needs an input declared float[b, h, q_blocks, k_blocks]; "
-                               f"'{src.id}' is {decl.dtype}[{', '.join(map(str, decl.dims))}]",
-                      ctx=ctx)
-        block = self.constant(bound["block"], ctx, "'block' of 'blocks'")
-        if block is None:
-            raise _Failed
-        if type(block) is not int or block < 1:
-            self.fail(bound["block"].loc, f"'block' of 'blocks' must be an integer >= 1", ctx=ctx)
-        top, thr = bound.get("top"), bound.get("threshold")
-        if (top is None) == (thr is None):
-            self.fail(loc, "'blocks' needs exactly one of 'top' and 'threshold'", ctx=ctx)
-        if top is not None:
-            f = self.constant(top, ctx, "'top' of 'blocks'")
-            if f is None:
-                raise _Failed
-            if isinstance(f, bool) or not 0 < f <= 1:
-                self.fail(top.loc, f"'top' of 'blocks' must be a fraction in (0, 1], got {f!r}",
-                          ctx=ctx)
-            return Blocks(src.id, block, top=float(f))
-        t = self.constant(thr, ctx, "'threshold' of 'blocks'")
-        if t is None or isinstance(t, bool):
-            self.fail(thr.loc, "'threshold' of 'blocks' must be a number", ctx=ctx)
-        return Blocks(src.id, block, threshold=float(t))
 
 
 def _n_args(n: int) -> str:
