@@ -332,7 +332,10 @@ class Renderer:
             if not nonneg(node, self._sign):
                 checks.append(f"({i} >= 0)")
             checks.append(f"({i} < {size})")
-        mask = " & ".join(checks) if checks else "None"
+        # `!= 0` keeps the mask boolean when scalar and block checks mix (the CPU
+        # interpreter otherwise rejects the mask's dtype); compiled code folds it away.
+        mask = ("(" + " & ".join(checks) + ") != 0") if len(checks) > 1 else \
+            (checks[0] if checks else "None")
         text = f"tl.load({ref.ptr} + {offset}, mask={mask}, other=0)"
         if n.elem == FLOAT:
             return f"{text}.to(tl.float32)"

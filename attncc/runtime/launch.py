@@ -120,11 +120,18 @@ def schedule_tensors(schedule, device) -> dict:
     return out
 
 
+def _interpreted(module) -> bool:
+    """True when the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1), whose
+    tl.dot does not support bfloat16 operands."""
+    return type(module.KERNEL).__name__ == "InterpretedFunction"
+
+
 def _block_d(d: int) -> int:
     return max(16, 1 << max(0, (d - 1).bit_length()))
 
 
-def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, options=None):
+def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, options=None,
+                out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Run the generated forward kernel of `module` (from `load_kernel`).
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] in float16/bfloat16/float32
@@ -133,7 +140,8 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
     stages on GPU (default: the values the kernel was generated with).
 
     Returns (out [B, Hq, Lq, Dv] in q.dtype, lse float32 [B, Hq, Lq], natural log; rows
-    with no visible key have out 0 and lse -inf).
+    with no visible key have out 0 and lse -inf). `out` / `lse` may be given as
+    preallocated tensors of those shapes and dtypes (any strides); every element is written.
     """
     meta = module.META
     B, Hq, Lq, D = q.shape
@@ -149,8 +157,15 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
                           f"match the kernel's {meta['q_tile']}/{meta['kv_tile']}")
     if len(schedule.head_class) != Hq:
         raise LaunchError(f"schedule has {len(schedule.head_class)} heads, q has {Hq}")
-    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    for label, t, shape, dtype in (("out", out, (B, Hq, Lq, Dv), q.dtype),
+                                   ("lse", lse, (B, Hq, Lq), torch.float32)):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device:
+            raise LaunchError(f"{label} must be {dtype} {list(shape)} on {q.device}, got "
+                              f"{t.dtype} {list(t.shape)} on {t.device}")
     if B * Hq * Lq == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     lists = schedule_tensors(schedule, q.device)
@@ -175,5 +190,6 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         *in_args,
         Lq, Lkv, Hq, Hq // Hkv, schedule.n_q_tiles, D, Dv, float(scale),
         BLOCK_M=meta["block_m"], BLOCK_N=meta["block_n"], BLOCK_D=_block_d(D),
-        BLOCK_DV=_block_d(Dv), num_warps=warps, num_stages=stages)
+        BLOCK_DV=_block_d(Dv), DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages)
     return out, lse
