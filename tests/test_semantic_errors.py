@@ -139,13 +139,30 @@ CASES = {
         "bad.attn:3:13: error: 'blocks' needs an input declared float[b, h, q_blocks, k_blocks]; 'gate' is float[b, h, q, k]\n"
         '  mask blocks(gate, block = 4, top = 0.5)\n'
         '              ^~~~'),
+    'inside_prelude_def': (
+        'pattern m\nmask softcap(q, 2) > 1\n',
+        "bad.attn:2:6: error: in 'softcap': '/' is only allowed on floats in score and output "
+        "clauses; use '//' for integer division\n"
+        '  mask softcap(q, 2) > 1\n'
+        '       ^~~~~~~~~~~~~'),
+    'division_by_zero': (
+        'pattern m\nmask q // 0 < 1\n',
+        "bad.attn:2:6: error: division by zero\n"
+        '  mask q // 0 < 1\n'
+        '       ^~~~~~'),
+    'bad_override_type': (
+        'pattern m(w = 3)\nmask window(w)\n',
+        "bad.attn:1:11: error: parameter 'w' must be an int, float or bool, got str\n"
+        '  pattern m(w = 3)\n'
+        '            ^~~~~'),
 }
+OVERRIDES = {"bad_override_type": {"w": "x"}}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_error_text(name):
     text, expected = CASES[name]
-    assert error_text(text) == expected
+    assert error_text(text, **OVERRIDES.get(name, {})) == expected
 
 
 def test_unknown_override_parameter():

@@ -53,7 +53,10 @@ class Elaborator(PythonPrimitives):
 
     # ---- errors ---------------------------------------------------------------------------
     def error(self, loc, msg, hint=None, ctx: Optional[_Ctx] = None):
-        loc = ctx.site if ctx is not None and ctx.site is not None else loc
+        if ctx is not None and ctx.site is not None:
+            # Inside a prelude definition: point at the use and name the primitive.
+            name = next((n for n in ctx.stack if self.defs[n][1]), None)
+            loc, msg = ctx.site, (f"in '{name}': {msg}" if name else msg)
         if Diagnostic(loc, msg, hint) not in self.diags.items:   # a def expanded twice
             self.diags.error(loc, msg, hint)
 
@@ -156,11 +159,11 @@ class Elaborator(PythonPrimitives):
                 if not isinstance(value, (bool, int, float)):
                     self.error(p.loc, f"parameter '{p.name}' must be an int, float or bool, "
                                       f"got {type(value).__name__}")
-                    continue
-                try:
-                    self.params[p.name] = const(value)
-                except BuildError as e:
-                    self.error(p.loc, f"parameter '{p.name}': {e}")
+                else:
+                    try:
+                        self.params[p.name] = const(value)
+                    except BuildError as e:
+                        self.error(p.loc, f"parameter '{p.name}': {e}")
             elif p.default is None:
                 self.error(p.loc, f"parameter '{p.name}' has no default and no value was given")
             else:

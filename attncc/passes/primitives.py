@@ -112,6 +112,8 @@ def binary(op: str, a: Expr, b: Expr, *, floats: bool) -> Expr:
         if op in ("floordiv", "mod"):
             if ta != INT or tb != INT:
                 raise BuildError(f"'{sym}' needs int operands, got {ta} and {tb}")
+            if isinstance(b, Const) and b.value == 0:
+                raise BuildError("division by zero")
         elif op == "div":
             if not floats:
                 raise BuildError("'/' is only allowed on floats in score and output clauses; "
