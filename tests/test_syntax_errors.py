@@ -216,3 +216,22 @@ def test_mutated_specs_fail_cleanly(spec, data):
 ])
 def test_truncated_inputs_fail_cleanly(text):
     _check_clean(text)
+
+
+def test_empty_expression_and_deep_nesting():
+    with pytest.raises(SpecError) as info:
+        parse_expr("", "e")
+    assert str(info.value) == "e:1:1: error: expected an expression, found end of file"
+    with pytest.raises(SpecError) as info:
+        parse_expr("-" * 5000 + "x", "e")
+    assert str(info.value) == "error: expression nested too deeply"
+
+
+def test_byte_order_mark_is_ignored():
+    spec = parse_spec("\ufeffpattern p\nmask q\n", "bom.attn")
+    assert spec.header.loc.col == 1
+    with pytest.raises(SpecError) as info:
+        parse_spec("\ufeffpattern p $\n", "bom.attn")
+    assert str(info.value) == ("bom.attn:1:11: error: unexpected character '$'\n"
+                               "  pattern p $\n"
+                               "            ^")

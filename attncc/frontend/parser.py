@@ -109,26 +109,40 @@ def parse_spec(text: str, filename: str = "<spec>") -> ast.Spec:
 
     Raises `SpecError` (one diagnostic for a syntax error, all of them for the checks listed
     in the module docstring) with `file:line:col`, the source line and a caret."""
+    text = _strip_bom(text)
     tree = _run(text, filename, "start")
     conv = _Converter(text, filename)
-    spec = conv.spec(tree)
+    spec = _convert(conv.spec, tree, text)
     conv.diags.raise_if_any()
     return spec
 
 
 def parse_expr(text: str, filename: str = "<expr>") -> ast.Expr:
     """Parse one expression (newlines allowed inside brackets only). Raises `SpecError`."""
-    tree = _run(text.rstrip() if isinstance(text, str) else text, filename, "expr")
+    text = _strip_bom(text)
+    tree = _run(text.rstrip(), filename, "expr")
     conv = _Converter(text, filename)
-    expr = conv.expr(tree)
+    expr = _convert(conv.expr, tree, text)
     conv.diags.raise_if_any()
     return expr
 
 
-def _run(text: str, filename: str, start: str):
-    import lark.exceptions as lex
+def _strip_bom(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"spec text must be str, not {type(text).__name__}")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _convert(fn, tree, text: str):
+    try:
+        return fn(tree)
+    except RecursionError:
+        pass
+    raise SpecError([Diagnostic(None, "expression nested too deeply")], text)
+
+
+def _run(text: str, filename: str, start: str):
+    import lark.exceptions as lex
     parser = _parser()
     try:
         return parser.parse(text, start=start)
@@ -335,9 +349,8 @@ class _Converter:
         self.diags = Diagnostics(text, filename)
 
     def loc(self, item) -> Optional[ast.Loc]:
-        from lark import Token
-        if isinstance(item, Token):
-            return _tok_loc(item, self.filename)
+        if isinstance(item, str):  # a lark Token (a str subclass); trees are not strings
+            return ast.Loc(self.filename, item.line, item.column, item.end_line, item.end_column)
         meta = item.meta
         if getattr(meta, "empty", True):
             return None
@@ -429,9 +442,6 @@ class _Converter:
     # ---- expressions
 
     def expr(self, t) -> ast.Expr:
-        from lark import Token
-        if isinstance(t, Token):  # pragma: no cover - every expression token is wrapped in a rule
-            raise AssertionError(f"unexpected token {t.type}")
         kind = t.data
         loc = self.loc(t)
         c = t.children
