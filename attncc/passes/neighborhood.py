@@ -4,7 +4,8 @@ state types of elaboration.
 
 Both act per layout axis and AND the axes together. An axis is given by the query and key
 coordinate expressions `i`, `j` and its length `L` (a constant for grid layouts, or the
-`Q_LEN` variable for a pattern without a layout, where the mask acts on the flat index).
+`Q_LEN` variable for a pattern without a layout, where the mask acts on the flat index;
+NATTEN is self-attention, so keys at or beyond Q_LEN fall outside every window).
 
 `neighborhood` follows NATTEN exactly (DESIGN §4), per axis with kernel K, dilation d,
 stride s:
