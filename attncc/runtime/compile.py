@@ -10,6 +10,9 @@ inputs, grid lengths) before any work, then runs one backend:
     triton     the generated block-sparse Triton kernel, compiled for CUDA
     interpret  the same generated kernel through Triton's interpreter (CPU; needs
                TRITON_INTERPRET=1 in the environment before triton is imported)
+               (patterns with a runtime selector, `route`/`blocks`, run on both of these
+               through the pre-pass's block-sparse torch path, `prepass.blocksparse_attention`:
+               generated kernels do not yet read per-(batch, head) tile lists)
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
     reference  `attncc.reference` (dense float64), cast to the dtype of q
 
@@ -30,6 +33,7 @@ import torch
 
 from ..frontend.errors import suggest
 from ..ir.inputs import InputError, InputTypeError, check_inputs, check_qkv
+from ..ir.nodes import Blocks, Route, walk
 from ..ir.pattern import Pattern
 from . import cache
 from .options import BACKENDS, CompileOptions
@@ -321,13 +325,24 @@ class Kernel:
 
 # ---- backends ------------------------------------------------------------------------------
 
+def has_runtime_selector(pattern: Pattern) -> bool:
+    """True when the mask uses `route(...)` or `blocks(...)` (decided per call from data)."""
+    return any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask))
+
+
 def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
-    from .launch import run_forward
     B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     sched = kern.schedule(Lq, k.shape[2], Hq)
+    if has_runtime_selector(kern.pattern):
+        # Generated kernels read static tile lists only; the per-(batch, head) lists of a
+        # route/blocks pre-pass run through the pre-pass's block-sparse torch path instead.
+        from .prepass import blocksparse_attention
+        out, lse, _ = blocksparse_attention(kern.pattern, q, k, v, inputs, q_tile=sched.q_grid,
+                                            kv_tile=sched.kv_grid, scale=scale, static=sched)
+        return out, lse
+    from .launch import run_forward
     module = kern._module(sched)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    inputs = {n: t.contiguous() for n, t in inputs.items()}
+    # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
     return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
 
 
