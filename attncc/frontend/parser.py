@@ -232,11 +232,11 @@ def _token_error(e, text: str, filename: str) -> Diagnostic:
     stack = list(getattr(state, "stack", []))
     line = list(getattr(state, "line", []))
     found = _describe(tok)
-    if tok.type == "$END":
-        loc = _eof_loc(text, filename)
-    elif tok.type == "_NL" and line:
+    if tok.type in _END and line:  # just after the last token (not after a trailing comment)
         last = line[-1]
         loc = ast.Loc(filename, last.end_line, last.end_column)
+    elif tok.type == "$END":
+        loc = _eof_loc(text, filename)
     else:
         loc = _tok_loc(tok, filename)
 
@@ -260,9 +260,8 @@ def _token_error(e, text: str, filename: str) -> Diagnostic:
     # At the start of a line: a declaration keyword is due.
     if not line and expected & _DECL_TYPES:
         hint = suggest(tok.value, _DECL_WORDS) if tok.type == "NAME" else None
-        if head is None and tok.type not in _DECL_TYPES and tok.type not in _END:
-            return Diagnostic(loc, "expected a declaration (pattern, layout, input, def, mask, "
-                                   f"score or output), found {found}", hint)
+        return Diagnostic(loc, "expected a declaration (pattern, layout, input, def, mask, "
+                               f"score or output), found {found}", hint)
     # A clause keyword with nothing after it.
     if tok.type in _END and expected >= {"NAME", "NUMBER", "LPAR"}:
         clause = None
