@@ -11,7 +11,7 @@ inputs, grid lengths) before any work, then runs one backend:
     interpret  the same generated kernel through Triton's interpreter (CPU; needs
                TRITON_INTERPRET=1 in the environment before triton is imported)
                (patterns with a runtime selector, `route`/`blocks`, run on both of these
-               through the pre-pass's block-sparse torch path, `prepass.blocksparse_attention`:
+               through the block-sparse torch path `runtime.blocksparse.blocksparse_attention`:
                generated kernels do not yet read per-(batch, head) tile lists)
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
     reference  `attncc.reference` (dense float64), cast to the dtype of q
@@ -335,8 +335,8 @@ def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
     sched = kern.schedule(Lq, k.shape[2], Hq)
     if has_runtime_selector(kern.pattern):
         # Generated kernels read static tile lists only; the per-(batch, head) lists of a
-        # route/blocks pre-pass run through the pre-pass's block-sparse torch path instead.
-        from .prepass import blocksparse_attention
+        # route/blocks pre-pass run through the block-sparse torch path instead.
+        from .blocksparse import blocksparse_attention
         out, lse, _ = blocksparse_attention(kern.pattern, q, k, v, inputs, q_tile=sched.q_grid,
                                             kv_tile=sched.kv_grid, scale=scale, static=sched)
         return out, lse
