@@ -43,12 +43,32 @@ def test_expr_roundtrip(e):
     assert format_expr(back) == text
 
 
+def all_nodes(x):
+    if isinstance(x, ast.Node):
+        yield x
+        for f in dataclasses.fields(x):
+            yield from all_nodes(getattr(x, f.name))
+    elif isinstance(x, tuple):
+        for i in x:
+            yield from all_nodes(i)
+
+
 @given(specs())
 def test_spec_roundtrip(s):
     text = format_spec(s)
-    back = parse_spec(text)
+    back = parse_spec(text, "r.attn")
     assert strict(back) == strict(s), text
     assert format_spec(back) == text
+    lines = text.splitlines()
+    for node in all_nodes(back):
+        if node is back and not s.decls and s.header is None:
+            continue  # an empty file has no span
+        loc = node.loc
+        assert loc is not None and loc.file == "r.attn", node
+        assert (loc.line, loc.col) <= (loc.end_line, loc.end_col), node
+        if isinstance(node, (ast.Name, ast.Num, ast.Bool)):
+            assert loc.line == loc.end_line
+            assert lines[loc.line - 1][loc.col - 1:loc.end_col - 1] == format_expr(node)
 
 
 # ---- precedence -------------------------------------------------------------------------------
