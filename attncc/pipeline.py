@@ -63,7 +63,7 @@ def _ast(spec, params, shape, options):
     from .frontend.format import format_spec
     from .frontend.parser import parse_spec
     text, filename = read_spec(spec)
-    return format_spec(parse_spec(text, filename)) + "\n"
+    return format_spec(parse_spec(text, filename)).rstrip("\n") + "\n"
 
 
 def _ir(spec, params, shape, options):
@@ -79,7 +79,7 @@ def _schedule(spec, params, shape, options):
     from .schedule.build import build_schedule
     p = load_pattern(spec, params)
     q_len, kv_len, heads = resolve_shape(p, shape)
-    return str(build_schedule(p, q_len, kv_len, heads, options=options)) + "\n"
+    return str(build_schedule(p, q_len, kv_len, heads, options=options)).rstrip("\n") + "\n"
 
 
 def _triton(spec, params, shape, options):
