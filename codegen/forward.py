@@ -15,16 +15,23 @@ Kernel contract (what `attncc.runtime.launch.run_forward` passes):
     strides           four each for Q, K, V, O and three for LSE, in elements
     FULL_/PARTIAL_OFFSETS, _INDICES   int32 CSR over rows `ROW_ID` (see below); row r lists
                       the key tiles of that row in `INDICES[OFFSETS[r]:OFFSETS[r+1]]`
-    HEAD_CLASS        int32 [Hq]: head class of each query head
+    HEAD_CLASS        int32 [Hq]: head class of each query head; ROWS_PER_BATCH (see below)
     per input j       pointer `in{j}`, strides `in{j}_s{i}`, sizes `in{j}_n{i}` (in the order
                       of `META["inputs"]`)
-    Q_LEN, KV_LEN, HEADS (= Hq), GROUP (= Hq // Hkv), N_Q_TILES, HEAD_DIM, HEAD_DIM_V,
+    ROWS_PER_BATCH, Q_LEN, KV_LEN, HEADS (= Hq), GROUP (= Hq // Hkv), N_Q_TILES, HEAD_DIM, HEAD_DIM_V,
     sm_scale, and constexprs BLOCK_M, BLOCK_N (tile slots), BLOCK_D, BLOCK_DV (powers of two
     >= 16 covering the head dims).
 
-Row hook: static schedules index CSR rows by `head_class[h] * N_Q_TILES + m`. A runtime
-selector pre-pass (route / blocks) would supply lists with one row per (batch, head, query
-tile), `ROW_ID_PER_PROGRAM` below; only the static form is generated today.
+Row hook: the CSR row of a program is `ROW_ID` = (HEAD_CLASS[h] + b·ROWS_PER_BATCH)·N_Q_TILES + m.
+Static schedules pass the head-class table and ROWS_PER_BATCH = 0 (rows per head class); a
+runtime pre-pass (route / blocks / document ids) can pass lists with one row per (batch,
+head, query tile) by giving HEAD_CLASS = arange(Hq) and ROWS_PER_BATCH = Hq, with the same
+source (`attncc.runtime.launch.run_forward(lists=...)`).
+
+Closed form: when every head class has `bounds` (attncc.schedule.closed_form) with the same
+range structure, the loops run over `range(lo, hi)` of key-tile coordinates rendered from
+the bound expressions (selected per head class with `tl.where`); no index arrays are read.
+On multi-dimensional tiles each combination of per-axis ranges is one loop nest.
 
 The generated module also defines `META`, a dict of Python literals describing the launch
 (kernel name, tile sizes, input order, warps, stages).
@@ -37,16 +44,14 @@ import os
 from functools import lru_cache
 from typing import Optional
 
-from attncc.ir.nodes import FLOAT, TRUE, Coord, Expr, Load, Var, free_vars, walk
+from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, Load, free_vars, walk
 
 from .emitter import fill
 from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
 
-__all__ = ["generate_forward", "kernel_name", "CodegenError", "ROW_ID_STATIC",
-           "ROW_ID_PER_PROGRAM"]
+__all__ = ["generate_forward", "kernel_name", "usable_bounds", "CodegenError", "ROW_ID"]
 
-ROW_ID_STATIC = "tl.load(HEAD_CLASS + h) * N_Q_TILES + m"
-ROW_ID_PER_PROGRAM = "(b * HEADS + h) * N_Q_TILES + m"
+ROW_ID = "(tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m"
 
 _TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 LOG2E = "1.4426950408889634"
@@ -153,6 +158,100 @@ def _coord_lines(side: str, grid, layout, axes: set[int]) -> list[str]:
     return out
 
 
+# ---- closed-form bounds -----------------------------------------------------------------
+
+def usable_bounds(schedule) -> Optional[list]:
+    """The per-class `Bounds` when every head class has closed-form bounds of one structure
+    (same variables, per-axis range counts and classes, tile counts matching the grids);
+    None means the kernel reads CSR lists."""
+    bs = [c.bounds for c in schedule.classes]
+    if not bs or any(b is None for b in bs):
+        return None
+    b0 = bs[0]
+    nd = len(schedule.q_grid.tile)
+    want = ("qt",) if nd == 1 else tuple(f"qt{a}" for a in range(nd))
+    if tuple(b0.vars) != want or len(schedule.kv_grid.tile) != nd \
+            or tuple(b0.q_counts) != schedule.q_grid.counts \
+            or tuple(b0.kv_counts) != schedule.kv_grid.counts:
+        return None
+    shape = [[r.cls for r in ax] for ax in b0.axes]
+    for b in bs[1:]:
+        if tuple(b.vars) != want or [[r.cls for r in ax] for ax in b.axes] != shape \
+                or tuple(b.kv_counts) != tuple(b0.kv_counts):
+            return None
+    return bs
+
+
+def _clip(expr, text: str, lo: Optional[int], hi: Optional[int]) -> str:
+    if isinstance(expr, Const):
+        v = int(expr.value)
+        v = v if lo is None else max(v, lo)
+        v = v if hi is None else min(v, hi)
+        return str(v)
+    if lo is not None:
+        return f"tl.maximum({text}, {lo})"
+    return f"tl.minimum({text}, {hi})"
+
+
+def _closed_form(bounds: list, qg, kg, kv_step):
+    """(prologue lines, {"FULL": lines, "PARTIAL": lines}, helpers) of the closed-form loops."""
+    from attncc.schedule.schedule import TileClass
+
+    nd = len(qg.tile)
+    if nd == 1:
+        scope = Scope(vars={"qt": "m"})
+        pro = ["# Closed-form key-tile ranges of query tile m."]
+    else:
+        scope = Scope(vars={f"qt{a}": f"qt{a}" for a in range(nd)})
+        pro = ["# Closed-form key-tile ranges: coordinates of query tile m on the tile grid."]
+        for a, ci, cnt, _, _ in _axis_terms(qg.counts, qg.tile):
+            text = "m" if ci == 1 else f"(m // {ci})"
+            pro.append(f"qt{a} = {text}" + (f" % {cnt}" if a > 0 else ""))
+    roots = [e for b in bounds for ax in b.axes for r in ax for e in (r.lo, r.hi)]
+    rendered = Renderer(scope, "cb").render(roots)
+    pro += rendered.hoisted
+    if len(bounds) > 1:
+        pro.append("hc = tl.load(HEAD_CLASS + h)")
+    counts = kg.counts
+    names: list[list[tuple[str, str]]] = []
+    for a, ranges in enumerate(bounds[0].axes):
+        names.append([])
+        for i in range(len(ranges)):
+            lo_n, hi_n = f"kt{a}_lo{i}", f"kt{a}_hi{i}"
+            for attr, name, clip in (("lo", lo_n, (0, None)), ("hi", hi_n, (None, counts[a]))):
+                texts = [_clip(getattr(b.axes[a][i], attr),
+                               rendered.text(getattr(b.axes[a][i], attr)), *clip) for b in bounds]
+                text = texts[-1]
+                for c in range(len(bounds) - 2, -1, -1):
+                    text = f"tl.where(hc == {c}, {texts[c]}, {text})"
+                pro.append(f"{name} = {text}")
+            names[a].append((lo_n, hi_n))
+    loops = {"FULL": [], "PARTIAL": []}
+    combos = [()]
+    for a in range(nd):
+        combos = [c + (i,) for c in combos for i in range(len(bounds[0].axes[a]))]
+    for combo in combos:
+        classes = [bounds[0].axes[a][i].cls for a, i in enumerate(combo)]
+        kind = "FULL" if all(c == TileClass.FULL for c in classes) else "PARTIAL"
+        if any(c == TileClass.EMPTY for c in classes):
+            continue
+        if nd == 1:
+            lo_n, hi_n = names[0][combo[0]]
+            loops[kind] += kv_step(kind, f"for n in range({lo_n}, {hi_n}):", [])
+            continue
+        outer = []
+        for a, i in enumerate(combo[:-1]):
+            lo_n, hi_n = names[a][i]
+            outer.append("    " * a + f"for kt{a} in range({lo_n}, {hi_n}):")
+        a = nd - 1
+        lo_n, hi_n = names[a][combo[-1]]
+        flat = " + ".join(f"kt{x} * {math.prod(counts[x + 1:])}" if x < nd - 1 else f"kt{x}"
+                          for x in range(nd))
+        body = kv_step(kind, f"for kt{a} in range({lo_n}, {hi_n}):", [f"n = {flat}"])
+        loops[kind] += outer + ["    " * (nd - 1) + ln if ln else "" for ln in body]
+    return pro, loops, rendered.helpers
+
+
 # ---- the generator ---------------------------------------------------------------------------
 
 def _options_text(options) -> str:
@@ -238,33 +337,39 @@ def generate_forward(pattern, schedule, options) -> str:
     q_hoist, q_tile = _tile_lines("q", qg, layout)
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
 
-    def step(kind: str) -> list[str]:
-        offsets, indices = f"{kind}_OFFSETS", f"{kind}_INDICES"
-        lines = [f"lo_{kind.lower()} = tl.load({offsets} + row)",
-                 f"hi_{kind.lower()} = tl.load({offsets} + row + 1)"]
-        scores = []
-        need = [score] if score is not None else []
-        if kind == "PARTIAL" and mask is not TRUE:
-            need.append(mask)
+    def kv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
+        """One key-tile step of the online softmax; `kind` FULL (no mask code) or PARTIAL."""
+        masked = kind == "PARTIAL" and mask is not TRUE
+        need = ([score] if score is not None else []) + ([mask] if masked else [])
         if score is None:
-            scores.append("x = tl.dot(q_blk, k_blk) * qk_scale")
-            scores += rendered.loop_lines(need)
+            scores = ["x = tl.dot(q_blk, k_blk) * qk_scale"] + rendered.loop_lines(need)
         else:
-            scores.append("s = tl.dot(q_blk, k_blk) * sm_scale")
-            scores += rendered.loop_lines(need)
+            scores = ["s = tl.dot(q_blk, k_blk) * sm_scale"] + rendered.loop_lines(need)
             text = rendered.text(score)
             if "s" not in free_vars(score):
                 text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
             scores.append(f"x = {text} * {LOG2E}  # score modifier, then base 2")
-        keep = "keep = k_ok[None, :]"
-        if kind == "PARTIAL" and mask is not TRUE:
-            keep += f" & {rendered.text(mask)}"
-        body = fill(_template("kv_step.tmpl"), {
-            "loop_header": f"for it in range(lo_{kind.lower()}, hi_{kind.lower()}):",
-            "tile_index": f"n = tl.load({indices} + it)",
+        keep = "keep = k_ok[None, :]" + (f" & {rendered.text(mask)}" if masked else "")
+        return fill(_template("kv_step.tmpl"), {
+            "loop_header": loop_header, "tile_index": tile_index,
             "kv_tile": kv_tile, "k_coords": _coord_lines("k", kg, layout, coords["k"]),
             "scores": scores, "keep": keep})
-        return lines + body
+
+    bounds = usable_bounds(schedule)
+    if bounds is None:
+        row_id = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
+                  f"row = {ROW_ID}"]
+        loops = {}
+        for kind in ("FULL", "PARTIAL"):
+            lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
+            loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
+                           f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + kv_step(
+                kind, f"for it in range({lo}, {hi}):", [f"n = tl.load({kind}_INDICES + it)"])
+        list_kind = "key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL."
+    else:
+        row_id, loops, helpers_cf = _closed_form(bounds, qg, kg, kv_step)
+        helpers |= helpers_cf
+        list_kind = "key-tile loops: closed-form bounds (no index arrays)."
 
     header = [
         "# attncc forward attention kernel (generated source; edit the pattern, not this file).",
@@ -274,7 +379,7 @@ def generate_forward(pattern, schedule, options) -> str:
         + (f" over grid {'x'.join(map(str, qg.shape))}" if len(qg.tile) > 1 else " tokens"),
         f"# key tiles:   {'x'.join(map(str, kg.tile))}"
         + (f" over grid {'x'.join(map(str, kg.shape))}" if len(kg.tile) > 1 else " tokens"),
-        "# key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL.",
+        f"# {list_kind}",
     ]
     helper_lines: list[str] = []
     for h in sorted(helpers):
@@ -285,7 +390,8 @@ def generate_forward(pattern, schedule, options) -> str:
             "kv_grid": tuple(int(s) for s in kg.shape) if len(kg.tile) > 1 else None,
             "inputs": tuple(safe_identifier(d.name, "input name") for _, d in inputs),
             "input_dims": tuple(len(d.dims) for _, d in inputs),
-            "num_warps": int(options.num_warps), "num_stages": int(options.num_stages)}
+            "num_warps": int(options.num_warps), "num_stages": int(options.num_stages),
+            "closed_form": bounds is not None}
     hoisted = (["# Loop-invariant parts of the mask and score."] + rendered.hoisted
                if rendered.hoisted else [])
     lines = fill(_template("forward.tmpl"), {
@@ -297,10 +403,9 @@ def generate_forward(pattern, schedule, options) -> str:
         "q_coords": _coord_lines("q", qg, layout, coords["q"]),
         "kv_slots": kv_hoist,
         "hoisted": hoisted,
-        "row_id": ["# CSR row of this program: (head class of h, query tile m).",
-                   f"row = {ROW_ID_STATIC}"],
-        "full_loop": step("FULL"),
-        "partial_loop": step("PARTIAL"),
+        "row_id": row_id,
+        "full_loop": loops["FULL"],
+        "partial_loop": loops["PARTIAL"],
         "output_scale": epilogue,
     })
     lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]

@@ -98,7 +98,8 @@ HELPERS = {
 _FUNCS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "sqrt": "tl.sqrt", "tanh": "_tanh"}
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
-_NONNEG_VARS = frozenset({"b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS"})
+_NONNEG_VARS = frozenset({"b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS",
+                          "qt", "qt0", "qt1", "qt2", "qt3"})
 
 
 def nonneg(node: Expr, memo: Optional[dict] = None) -> bool:

@@ -131,7 +131,8 @@ def _block_d(d: int) -> int:
 
 
 def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, options=None,
-                out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+                out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                lists: Optional[dict] = None):
     """Run the generated forward kernel of `module` (from `load_kernel`).
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] in float16/bfloat16/float32
@@ -142,6 +143,11 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
     Returns (out [B, Hq, Lq, Dv] in q.dtype, lse float32 [B, Hq, Lq], natural log; rows
     with no visible key have out 0 and lse -inf). `out` / `lse` may be given as
     preallocated tensors of those shapes and dtypes (any strides); every element is written.
+
+    `lists` (hook for runtime pre-passes) replaces the schedule's static tile lists with
+    per-program CSR lists: int32 tensors `full_offsets`, `partial_offsets` [B·Hq·n_q_tiles + 1]
+    and `full_indices`, `partial_indices` on q's device, row (b·Hq + h)·n_q_tiles + m. Only
+    kernels without closed-form loops (META["closed_form"] false) read lists.
     """
     meta = module.META
     B, Hq, Lq, D = q.shape
@@ -168,7 +174,25 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
                               f"{t.dtype} {list(t.shape)} on {t.device}")
     if B * Hq * Lq == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    lists = schedule_tensors(schedule, q.device)
+    rows_per_batch = 0
+    if lists is None:
+        lists = schedule_tensors(schedule, q.device)
+    else:
+        if meta.get("closed_form"):
+            raise LaunchError("this kernel has closed-form loop bounds and reads no tile lists")
+        n_rows = B * Hq * schedule.n_q_tiles
+        for key in ("full_offsets", "full_indices", "partial_offsets", "partial_indices"):
+            t = lists.get(key)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 \
+                    or t.device != q.device:
+                raise LaunchError(f"lists['{key}'] must be a 1-D int32 tensor on {q.device}")
+            if key.endswith("offsets") and t.numel() != n_rows + 1:
+                raise LaunchError(f"lists['{key}'] must have B*Hq*n_q_tiles + 1 = {n_rows + 1} "
+                                  f"entries, got {t.numel()}")
+        lists = dict(lists, head_class=torch.arange(Hq, dtype=torch.int32, device=q.device))
+        lists = {k: (t if t.numel() else torch.zeros(1, dtype=torch.int32, device=q.device))
+                 for k, t in lists.items()}
+        rows_per_batch = Hq
     in_args = []
     for name, nd in zip(meta["inputs"], meta["input_dims"]):
         t = inputs.get(name)
@@ -186,7 +210,7 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         lists["full_offsets"], lists["full_indices"], lists["partial_offsets"],
-        lists["partial_indices"], lists["head_class"],
+        lists["partial_indices"], lists["head_class"], rows_per_batch,
         *in_args,
         Lq, Lkv, Hq, Hq // Hkv, schedule.n_q_tiles, D, Dv, float(scale),
         BLOCK_M=meta["block_m"], BLOCK_N=meta["block_n"], BLOCK_D=_block_d(D),
