@@ -209,6 +209,11 @@ class Schedule:
         mask depends on runtime data."""
         return self.stats.get("efficiency")
 
+    def to_block_mask(self, **kwargs):
+        """FlexAttention `BlockMask` of this schedule (see `attncc.schedule.blockmask`)."""
+        from .blockmask import to_block_mask
+        return to_block_mask(self, **kwargs)
+
     def __str__(self) -> str:
         from .draw import draw_text
         return draw_text(self)
