@@ -105,6 +105,19 @@ CASES = [
      "spec.attn:2:11: error: unexpected end of file: expected ':'\n"
      "  mask a ? b\n"
      "            ^"),
+    ("pattern p\nmask q = k\n",
+     "spec.attn:2:8: error: expected an operator or end of line, found '=' "
+     "(equality is written '==')\n"
+     "  mask q = k\n"
+     "         ^"),
+    ("pattern p\nmask causal && q < k\n",
+     "spec.attn:2:14: error: expected an expression, found '&' ('&&' is written '&')\n"
+     "  mask causal && q < k\n"
+     "               ^"),
+    ("pattern p\nmask causal;\n",
+     "spec.attn:2:12: error: unexpected character ';' (a declaration ends at the end of its line)\n"
+     "  mask causal;\n"
+     "             ^"),
     ("pattern p\n\tmask (q,)\n",
      "spec.attn:2:10: error: expected an expression, found ')'\n"
      "  \tmask (q,)\n"

@@ -175,7 +175,8 @@ def _eof_loc(text: str, filename: str) -> ast.Loc:
 def _char_error(e, text: str, filename: str) -> Diagnostic:
     ch = e.char
     shown = ch if ch.isprintable() else ascii(ch)[1:-1]
-    hint = "the language has no strings" if ch in "\"'" else None
+    hint = {"\"": "the language has no strings", "'": "the language has no strings",
+            ";": "a declaration ends at the end of its line"}.get(ch)
     loc = ast.Loc(filename, e.line, e.column, e.line, e.column + 1)
     return Diagnostic(loc, f"unexpected character '{shown}'", hint)
 
@@ -282,7 +283,10 @@ def _token_error(e, text: str, filename: str) -> Diagnostic:
             what += " or ')'"
         elif "RSQB" in expected:
             what += " or ']'"
-        return Diagnostic(loc, f"expected {what}, found {found}")
+        hint = None
+        if tok.type in ("AMPERSAND", "VBAR") and line and line[-1].type == tok.type:
+            hint = f"'{tok.value * 2}' is written '{tok.value}'"
+        return Diagnostic(loc, f"expected {what}, found {found}", hint)
     # A name is due (after `pattern`, `def`, `input`, `.`, `output`, in parameter lists).
     if "NAME" in expected and expected <= {"NAME", "RPAR"}:
         after = f" after '{line[-1].value}'" if line and line[-1].type in _KEYWORD_TYPES | {"DOT"} else ""
@@ -316,7 +320,8 @@ def _token_error(e, text: str, filename: str) -> Diagnostic:
             words.append("end of line")
     if tok.type in _END:
         return Diagnostic(loc, f"unexpected {found}: expected {_join(words)}")
-    return Diagnostic(loc, f"expected {_join(words)}, found {found}")
+    hint = "equality is written '=='" if tok.value == "=" and "'=='" in map(_word, ops) else None
+    return Diagnostic(loc, f"expected {_join(words)}, found {found}", hint)
 
 
 _OPERATOR_TEXT = frozenset({"?", "|", "or", "&", "and", "<", "<=", ">", ">=", "==", "!=",
