@@ -6,6 +6,12 @@ identity), so an expression that does not use `h` or `b` stays [1,1,Lq,Lkv] unti
 broadcast into the output. Query rows are evaluated in chunks to bound intermediates, and
 nodes that do not depend on `q` are shared between chunks.
 
+For grid patterns the index space mirrors the layout: q and k each get one tensor dimension
+per layout axis (b, h, q.y, q.x, k.y, k.x for a 2-D grid), coordinates are plain aranges and
+`q`/`k` are their row-major flattening. A per-axis condition such as `abs(q.y - k.y) <= 3`
+then costs [Y, 1, Y, 1] elements, and only the final `&` of the axes is full size; the
+result is a view of the [B, H, Lq, Lkv] output, which is written chunk by chunk.
+
 Semantics (DESIGN §4): `//` and `%` floor as in Python (`-3 // 4 == -1`, `-3 % 4 == 1`);
 coordinates are `(index // stride) % size` on the row-major layout.
 
@@ -155,12 +161,17 @@ class Evaluator:
     index tensors must be 4-D and broadcastable in the order (b, h, q, k). `inputs` are the
     runtime input tensors (and `query`/`key` for `route`). `shared` is a memo that outlives
     this evaluator for nodes that do not depend on `q` (and for selector results).
-    `q_offset` is added to `q` positions in error messages (for chunked evaluation).
+
+    Grid index space: `space` = ((dims, shape) for b, h, q, k) lets q and k span several
+    tensor dimensions (one per layout axis, row-major); `env` then also holds the
+    coordinate tensors under "q.0", "k.1", ... and `q`/`k` are the flat indices. Used for
+    error positions; `q_offset` is the flat offset of the first query (chunked evaluation).
     """
 
     def __init__(self, env: Mapping[str, object], *, layout=None, inputs=None, device=None,
                  shared: Optional[dict] = None, q_varying: Optional[set] = None,
-                 q_offset: int = 0):
+                 q_offset: int = 0, space=None):
+        self.space = space or tuple(((d,), (1,)) for d in range(4))
         self.device = torch.device(device) if device is not None else None
         self.env = {n: self._tensor(v, n) for n, v in env.items()}
         self.layout = layout
@@ -200,17 +211,25 @@ class Evaluator:
 
     # -- poison bookkeeping ---------------------------------------------------------------
     def _raise(self, poison: torch.Tensor):
-        p4 = poison.reshape((1,) * (4 - poison.dim()) + tuple(poison.shape))
-        pos = [int(i) for i in p4.nonzero()[0]]
+        rank = 1 + max(d for dims, _ in self.space for d in dims)
+        pad = lambda t: t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))  # noqa: E731
+        pp = pad(poison)
+        pos = [int(i) for i in pp.nonzero()[0]]
         sources = self.shared.get("sources", []) + self.sources
         message = sources[0][0] if sources else "undefined value"
         for msg, src in sources:
-            s4 = src.reshape((1,) * (4 - src.dim()) + tuple(src.shape))
-            if bool(s4[tuple(p if n > 1 else 0 for p, n in zip(pos, s4.shape))]):
+            ps = pad(src)
+            if bool(ps[tuple(p if n > 1 else 0 for p, n in zip(pos, ps.shape))]):
                 message = msg
                 break
-        where = [f"{a}={p + (self.q_offset if a == 'q' else 0)}"
-                 for a, p, n in zip(_AXES, pos, p4.shape) if n > 1]
+        where = []
+        for name, (dims, shape) in zip(_AXES, self.space):
+            if all(pp.shape[d] == 1 for d in dims):
+                continue  # the undefined value does not vary along this index
+            flat = 0
+            for d, size in zip(dims, shape):
+                flat = flat * size + pos[d]
+            where.append(f"{name}={flat + (self.q_offset if name == 'q' else 0)}")
         raise MaskEvalError(message + (" at " + ", ".join(where) if where else ""))
 
     def _poison(self, msg: str, bad: torch.Tensor) -> Optional[torch.Tensor]:
@@ -273,6 +292,9 @@ class Evaluator:
         raise MaskEvalError(f"cannot evaluate IR node {type(node).__name__}")
 
     def _coord(self, node: Coord) -> torch.Tensor:
+        direct = self.env.get(f"{node.side}.{node.axis}")
+        if direct is not None:
+            return direct
         if self.layout is None:
             raise MaskEvalError(f"coordinate {node.side}.{node.name} used, but the pattern has "
                                 "no layout")
@@ -447,17 +469,46 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
 
     fv = free_vars(mask)
     wide = "b" in fv or "h" in fv or any(isinstance(n, (Route, Blocks, Load)) for n in walk(mask))
-    rows = max(1, _CHUNK_ELEMS // max(1, kv_len * (batch * heads if wide else 1)))
+    # Index space: b, h, then one dimension per layout axis for q and for k (or one each).
+    layout = pattern.layout
+    q_shape = layout.shape if layout is not None else (q_len,)
+    k_shape = layout.shape if layout is not None else (kv_len,)
+    nd = len(q_shape)
+    rank = 2 + 2 * nd
+
+    def at(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t.view([-1 if d == dim else 1 for d in range(rank)])
+
+    def flat(coords: list, shape: tuple) -> torch.Tensor:
+        out = coords[0]
+        for c, size in zip(coords[1:], shape[1:]):
+            out = out * size + c
+        return out
+
+    ar = lambda n, start=0: torch.arange(start, start + n, device=device, dtype=torch.int64)  # noqa: E731
+    k_coords = [at(ar(n), 2 + nd + a) for a, n in enumerate(k_shape)]
+    base = {"b": at(ar(batch), 0), "h": at(ar(heads), 1), "k": flat(k_coords, k_shape),
+            "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
+    if layout is not None:
+        base.update({f"k.{a}": c for a, c in enumerate(k_coords)})
+    row = math.prod(q_shape[1:])  # tokens per step of the first q axis
+    step = max(1, _CHUNK_ELEMS // max(1, row * kv_len * (batch * heads if wide else 1)))
     out = torch.empty(batch, heads, q_len, kv_len, dtype=torch.bool, device=device)
-    ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
-    base = {"b": ar(batch).view(-1, 1, 1, 1), "h": ar(heads).view(1, -1, 1, 1),
-            "k": ar(kv_len).view(1, 1, 1, -1), "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
     shared: dict = {}
     q_varying = _q_dependent(mask)
-    for q0 in range(0, q_len, rows):
-        q1 = min(q_len, q0 + rows)
-        env = dict(base, q=torch.arange(q0, q1, device=device).view(1, 1, -1, 1))
-        ev = Evaluator(env, layout=pattern.layout, inputs=inputs, device=device, shared=shared,
-                       q_varying=q_varying, q_offset=q0)
-        out[:, :, q0:q1] = ev.evaluate(mask)
+    for r0 in range(0, q_shape[0], step):
+        r1 = min(q_shape[0], r0 + step)
+        q_coords = [at(ar(r1 - r0, r0), 2)] + [at(ar(n), 2 + a) for a, n in enumerate(q_shape)][1:]
+        env = dict(base, q=flat(q_coords, q_shape))
+        if layout is not None:
+            env.update({f"q.{a}": c for a, c in enumerate(q_coords)})
+        space = (((0,), (batch,)), ((1,), (heads,)),
+                 (tuple(range(2, 2 + nd)), (r1 - r0,) + tuple(q_shape[1:])),
+                 (tuple(range(2 + nd, rank)), tuple(k_shape)))
+        ev = Evaluator(env, layout=layout, inputs=inputs, device=device, shared=shared,
+                       q_varying=q_varying, q_offset=r0 * row, space=space)
+        value = ev.evaluate(mask)
+        value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+        out[:, :, r0 * row:r1 * row].view(batch, heads, r1 - r0, *q_shape[1:], *k_shape) \
+            .copy_(value)
     return out
