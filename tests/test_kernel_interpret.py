@@ -247,3 +247,93 @@ def band_specs(draw):
 def test_random_bands(spec, lq, lkv, ratio, partial_only):
     p = attncc.parse(spec)
     check(p, 1, 2, 2 // ratio, lq, lkv, 16, 16, F32, partial_only=partial_only)
+
+
+# ---- schedules from attncc.schedule.build (closed-form bounds where derivable) ------------
+
+def _built(p, lq, lkv, heads, **opts):
+    from attncc.schedule.build import build_schedule
+    options = CompileOptions(**opts)
+    return build_schedule(p, lq, lkv, heads, options=options), options
+
+
+BUILT = {
+    # name: (spec, Lq, Lkv, Hq, Hkv, options, expect closed form)
+    "causal": ("pattern c\nmask causal", 50, 70, 2, 1, {}, True),
+    "window": ("pattern sw\nmask window(9)", 70, 70, 2, 2, {}, True),
+    "chunked": ("pattern ch\nmask causal & chunked(12)", 50, 50, 2, 2, {}, True),
+    "sinks": ("pattern s\nmask causal & (sinks(4) | window(20))", 90, 90, 2, 2, {}, True),
+    "moa": ("pattern moa\nmask causal & (k < 2 | q - k < (h < 2 ? 10 : 30))", 60, 60, 4, 2,
+            {}, True),
+    "natten2d_boxes": ("pattern n2(height = 12, width = 10, kernel = 5)\n"
+                       "layout grid(y = height, x = width)\nmask neighborhood(kernel)",
+                       120, 120, 1, 1, {"q_tile": (4, 4), "kv_tile": (4, 4)}, True),
+    "natten2d_dilated": ("pattern n2(height = 12, width = 10, kernel = 3, dilation = 2)\n"
+                         "layout grid(y = height, x = width)\n"
+                         "mask neighborhood(kernel, dilation = dilation)",
+                         120, 120, 2, 1, {"q_tile": (4, 4), "kv_tile": (4, 8)}, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_built_schedules(name):
+    text, lq, lkv, hq, hkv, opts, closed = BUILT[name]
+    p = attncc.parse(text)
+    sched, options = _built(p, lq, lkv, hq, block_m=16, block_n=16, **opts)
+    module = load_kernel(generate_forward(p, sched, options))
+    if closed is not None:
+        assert module.META["closed_form"] is closed
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, hq, lq, 16, generator=g)
+    k, v = (torch.randn(1, hkv, lkv, 16, generator=g) for _ in range(2))
+    out, lse = run_forward(module, sched, q, k, v, inputs={}, scale=0.3, options=options)
+    ref, ref_lse = attncc.reference(p, q, k, v, scale=0.3, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
+
+
+def test_per_program_lists_hook():
+    """Per-(batch, head, query tile) CSR lists (what a runtime pre-pass supplies) through
+    the same kernel: here exact per-batch lists of a document mask."""
+    p = attncc.parse("pattern doc\ninput doc: int[b, k]\nmask causal & doc[b, q] == doc[b, k]")
+    B, H, L = 2, 2, 40
+    doc = _doc_ids(B, L, 11)
+    doc[0] = (torch.arange(L) >= 32).to(torch.int64)   # a long document: FULL tiles in batch 0
+    mask = p.dense_mask(q_len=L, kv_len=L, heads=H, batch=B, inputs={"doc": doc})
+    sched = all_partial_schedule(p, L, L, H)
+    rows_full, rows_part = [], []
+    for b in range(B):
+        for h in range(H):
+            anyt, allt = _tile_maps(mask[b:b + 1, h:h + 1], sched.q_grid, sched.kv_grid)
+            rows_full += [r.nonzero().flatten().tolist() for r in allt[0]]
+            rows_part += [r.nonzero().flatten().tolist() for r in (anyt[0] & ~allt[0])]
+    assert sum(map(len, rows_full)) > 0
+    f, pt = CSR.from_rows(rows_full), CSR.from_rows(rows_part)
+    lists = {"full_offsets": f.offsets, "full_indices": f.indices,
+             "partial_offsets": pt.offsets, "partial_indices": pt.indices}
+    q, k, v = (torch.randn(B, H, L, 16) for _ in range(3))
+    module = load_kernel(generate_forward(p, sched, CompileOptions()))
+    out, _ = run_forward(module, sched, q, k, v, inputs={"doc": doc}, scale=0.25, lists=lists)
+    ref = attncc.reference(p, q, k, v, scale=0.25, doc=doc)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    # Lists that drop every visited tile leave every row empty: proof they are read.
+    empty = {key: (torch.zeros(B * H * sched.n_q_tiles + 1, dtype=torch.int32)
+                   if key.endswith("offsets") else torch.zeros(0, dtype=torch.int32))
+             for key in lists}
+    out0, lse0 = run_forward(module, sched, q, k, v, inputs={"doc": doc}, scale=0.25, lists=empty)
+    assert (out0 == 0).all() and torch.isneginf(lse0).all()
+
+
+@settings(max_examples=_EXAMPLES)
+@given(spec=band_specs(), lq=st.integers(1, 96), lkv=st.integers(1, 96))
+def test_random_bands_built_schedule(spec, lq, lkv):
+    p = attncc.parse(spec)
+    sched, options = _built(p, lq, lkv, 2, block_m=16, block_n=16)
+    module = load_kernel(generate_forward(p, sched, options))
+    g = torch.Generator().manual_seed(lq * 97 + lkv)
+    q = torch.randn(1, 2, lq, 16, generator=g)
+    k, v = (torch.randn(1, 1, lkv, 16, generator=g) for _ in range(2))
+    out, lse = run_forward(module, sched, q, k, v, inputs={}, scale=0.25, options=options)
+    ref, ref_lse = attncc.reference(p, q, k, v, scale=0.25, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
