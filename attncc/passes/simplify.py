@@ -99,10 +99,18 @@ def logic_identities(n: Expr) -> Optional[Expr]:
             return zero
     if n.a is n.b:
         return n.a
-    for x, y in ((n.a, n.b), (n.b, n.a)):
-        if isinstance(x, Unary) and x.op == "not" and x.x is y and _total(y):
-            return zero
+    if _complement(n.a, n.b) and _total(n.a):
+        return zero
     return None
+
+
+def _complement(x: Expr, y: Expr) -> bool:
+    """x is `!y`, or x and y are opposite comparisons of the same int operands."""
+    if (isinstance(x, Unary) and x.op == "not" and x.x is y) or \
+            (isinstance(y, Unary) and y.op == "not" and y.x is x):
+        return True
+    return (isinstance(x, Binary) and isinstance(y, Binary) and x.op in _FLIP
+            and y.op == _FLIP[x.op] and x.a is y.a and x.b is y.b and x.a.dtype != "float")
 
 
 def double_negation(n: Expr) -> Optional[Expr]:
@@ -255,7 +263,20 @@ RULES: tuple[tuple[str, Rule], ...] = (
 _MAX_ROUNDS = 50
 
 
+# IR nodes are interned and immutable, so rule results can be cached per node for the
+# lifetime of the process (the interning table keeps every node alive anyway).
+_RESULT: dict[Expr, Optional[Expr]] = {}
+
+
 def _apply_rules(n: Expr) -> Optional[Expr]:
+    if n in _RESULT:
+        return _RESULT[n]
+    out = _rewrite_node(n)
+    _RESULT[n] = out
+    return out
+
+
+def _rewrite_node(n: Expr) -> Optional[Expr]:
     changed = False
     for _ in range(_MAX_ROUNDS):
         for _name, rule in RULES:

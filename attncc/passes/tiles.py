@@ -33,7 +33,7 @@ import torch
 
 from ..ir.dense import Evaluator
 from ..ir.intervals import Box, IntervalEval
-from ..ir.nodes import Blocks, Expr, Load, Route, walk
+from ..ir.nodes import Blocks, Expr, Load, Route, free_vars, walk
 from ..schedule.schedule import TileClass, TileGrid
 
 _BAND_ELEMS = 1 << 18      # tile pairs per row-band in the interval stage
@@ -116,6 +116,8 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
     Returns a `TileClassification` (matrix int8 [n_q_tiles, n_kv_tiles]).
     """
     lengths = dict(lengths or {})
+    if head is None and "h" in free_vars(mask) and exact and is_static(mask):
+        raise ValueError("the mask uses h: classify one head class at a time (pass head=)")
     nq, nk = q_grid.n_tiles, kv_grid.n_tiles
     static = is_static(mask)
     out = torch.zeros(nq, nk, dtype=torch.int8)
