@@ -396,3 +396,52 @@ def test_lower_coords_text():
     from attncc.ir.printer import format_expr
     e = Binary("eq", Coord("q", 0, "y"), Coord("k", 1, "x"))
     assert format_expr(lower_coords(e, GRID)) == "((q // 4) % 3) == (k % 4)"
+
+
+# ---- spec text -----------------------------------------------------------------------------
+
+def natten_axis_loop(i, j, L, K, d, s, causal):
+    """DESIGN §4 NATTEN condition on one axis, written directly from the formula."""
+    g, ip = i % d, i // d
+    Lg = L // d + (1 if g < L % d else 0)
+    if j % d != g:
+        return False
+    jp = j // d
+    if causal:
+        lead = min(ip // s * s + s - 1, Lg - 1)
+        return max(lead - K + 1, 0) <= jp <= ip
+    lead = min(ip // s * s + s // 2, Lg - 1)
+    start = min(max(lead - K // 2, 0), Lg - K)
+    return start <= jp < start + K
+
+
+@pytest.mark.parametrize("H, W, kernel, dilation, stride", [
+    (7, 9, 3, 1, 1), (8, 8, 4, 2, 1), (9, 7, 3, 2, 2), (6, 10, 5, 1, 5), (7, 8, 2, 3, 1)])
+def test_natten2d_spec_matches_formula(H, W, kernel, dilation, stride):
+    import attncc
+    p = attncc.load("specs/natten2d.attn", height=H, width=W, kernel=kernel,
+                    dilation=dilation, stride=stride)
+    got = p.dense_mask()[0, 0]
+    for i, j in itertools.product(range(H * W), repeat=2):
+        want = all(natten_axis_loop(a, c, L, kernel, dilation, stride, False)
+                   for a, c, L in ((i // W, j // W, H), (i % W, j % W, W)))
+        assert bool(got[i, j]) == want, (i, j)
+
+
+def test_document_and_seer_gate_specs():
+    import attncc
+    p = attncc.parse("pattern document\ninput doc: int[b, k]\nmask causal & doc[b, q] == doc[b, k]\n")
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    got = p.dense_mask(7, 7, inputs={"doc": doc})[0, 0]
+    want = torch.tensor([[j <= i and doc[0, i] == doc[0, j] for j in range(7)] for i in range(7)])
+    assert torch.equal(got, want)
+    p = attncc.load("specs/seer_gate.attn", block=2, keep=0.5)
+    gate = torch.tensor([[[[0.0, 1.0, 1.0], [3.0, 2.0, 2.0], [1.0, 1.0, 1.0]]]])
+    got = p.dense_mask(6, 6, inputs={"gate": gate})[0, 0]
+    sel = loop_select_blocks(gate, top=0.5)[0, 0]  # keeps 2 of 3 key blocks per query block
+    want = torch.tensor([[j <= i and bool(sel[i // 2, j // 2]) for j in range(6)] for i in range(6)])
+    assert torch.equal(got, want)
+    with pytest.raises(InputError) as e:
+        p.dense_mask(6, 6, inputs={"gate": gate[..., :2]})
+    assert str(e.value) == ("input 'gate' has shape [1, 1, 3, 2], expected "
+                            "float[b, h, q_blocks, k_blocks] = [1, 1, 3, 3]")

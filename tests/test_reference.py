@@ -155,3 +155,20 @@ def test_errors():
     with pytest.raises(ValueError) as e:
         attncc.reference(CAUSAL, q, q, q, doc=torch.zeros(1))
     assert str(e.value).startswith("unknown input 'doc' for pattern 'causal'")
+
+
+def test_spec_text_softcap_and_moh():
+    p = attncc.load("specs/softcap.attn", cap=0.4)
+    q, k, v = rand(1, 2, 5, 4, seed=21) * 2, rand(1, 2, 5, 4, seed=22) * 2, rand(1, 2, 5, 3, seed=23)
+    want, _ = loop_attention(q, k, v, lambda b, h, i, j: j <= i, 0.5,
+                             score=lambda s, *_: 0.4 * math.tanh(s / 0.4))
+    torch.testing.assert_close(attncc.reference(p, q, k, v), want, rtol=0, atol=1e-12)
+    p = attncc.load("specs/moh.attn")
+    weight = rand(1, 5, 2, seed=24)
+    want, _ = loop_attention(q, k, v, lambda b, h, i, j: j <= i, 0.5,
+                             out_scale=lambda b, h, i: float(weight[b, i, h]))
+    torch.testing.assert_close(attncc.reference(p, q, k, v, weight=weight), want,
+                               rtol=0, atol=1e-12)
+    with pytest.raises(ValueError) as e:
+        attncc.reference(p, q, k, v)
+    assert str(e.value) == "missing input 'weight': expected float[b, q, h] = [1, 5, 2]"
