@@ -1,8 +1,6 @@
 """Parser and formatter: round trips, precedence, layout of the source, locations."""
 import dataclasses
-import os
 import pathlib
-import time
 
 import pytest
 from hypothesis import given
@@ -321,20 +319,3 @@ def test_locations_multiline_and_parenthesized():
     assert _loc(e) == (1, 1, 2, 13)
     assert _loc(e.args[1]) == (2, 6, 2, 11)  # parentheses make no node
     assert e.args[1].loc.file == "e.attn"
-
-
-# ---- performance ------------------------------------------------------------------------------
-
-def test_parse_is_fast():
-    """A typical 5-line spec parses in well under 5 ms once the parser is built."""
-    texts = list(DESIGN_EXAMPLES.values())
-    for t in texts:
-        parse_spec(t)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for t in texts:
-            parse_spec(t)
-        best = min(best, (time.perf_counter() - t0) / len(texts))
-    limit = 0.005 if not os.environ.get("CI") else 0.02  # shared CI machines are noisy
-    assert best < limit, f"{best * 1e3:.2f} ms per spec"
