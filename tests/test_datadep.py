@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncc
@@ -199,3 +199,65 @@ def test_grid_length_mismatch():
     q, k, v, _ = qkv(0, 1, 1, 1, 15, 15)
     with pytest.raises(InputError, match=r"has layout grid\(y = 4, x = 4\) \(16 tokens\) but Lq=15, Lkv=15"):
         blocksparse_attention(p, q, k, v, {})
+
+
+# ---- the generated kernel with pre-pass lists (Triton interpreter on CPU) ------------------
+
+def _kernel_check(p, q, k, v, inputs, skipped=None):
+    kern = attncc.compile(p, backend="interpret", block_m=16, block_n=16)
+    out, lse = kern(q, k, v, return_lse=True, **inputs)
+    ref, ref_lse = attncc.reference(p, q, k, v, return_lse=True, **inputs)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=1e-4)
+    if skipped is not None:
+        ref_lse = ref_lse.masked_fill(skipped, -math.inf)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], atol=ATOL, rtol=1e-4)
+    return kern.last_stats
+
+
+@settings(max_examples=10)
+@given(st.integers(1, 2), st.integers(1, 40), st.integers(0, 9), st.sampled_from([8, 16]),
+       st.floats(0.1, 0.9), st.integers(0, 9999))
+def test_kernel_seer_gate_matches_reference(B, Lq, extra, block, keep, seed):
+    p = attncc.load("specs/seer_gate.attn", block=block, keep=keep)
+    q, k, v, g = qkv(seed, B, 1, 2, Lq, Lq + extra, D=16)
+    gate = torch.randn(B, 2, -(-Lq // block), -(-(Lq + extra) // block), generator=g)
+    stats = _kernel_check(p, q, k, v, {"gate": gate})
+    assert stats["head_tiles"] == B * 2 * -(-Lq // 16)
+
+
+@settings(max_examples=10)
+@given(st.integers(2, 6), st.integers(2, 6), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 9999))
+def test_kernel_biformer_matches_reference(hgt, wid, region, topk, seed):
+    p = attncc.load("specs/biformer.attn", height=hgt, width=wid, region=region, topk=topk)
+    q, k, v, _ = qkv(seed, 1, 1, 2, hgt * wid, hgt * wid, D=16)
+    _kernel_check(p, q, k, v, {})
+
+
+def test_kernel_moh_skips_zero_weight_tiles():
+    p = attncc.load("specs/moh.attn")
+    q, k, v, g = qkv(8, 2, 3, 1, 40, 40, D=16)
+    w = moh_weights(torch.randn(2, 40, 3, generator=g), topk=1)
+    w[0, :16, :] = 0                              # batch 0, query tile 0: every head skipped
+    w[1, 32:, 2] = 0                              # batch 1, last query tile, head 2
+    tiles = torch.zeros(2, 48, 3)
+    tiles[:, :40] = w
+    dead = tiles.view(2, 3, 16, 3).eq(0).all(2)   # [B, nQT, H]
+    skipped = dead.permute(0, 2, 1).repeat_interleave(16, -1)[..., :40]
+    stats = _kernel_check(p, q, k, v, {"weight": w}, skipped)
+    assert stats["skipped_head_tiles"] == int(dead.sum()) >= 4
+    assert stats["head_tiles"] == 2 * 3 * 3
+    assert dead[0, 0].all() and dead[1, 2, 2]
+
+
+@settings(max_examples=10)
+@given(st.lists(st.lists(st.integers(0, 20), min_size=1, max_size=3), min_size=1, max_size=2),
+       st.integers(0, 9999))
+def test_kernel_document_matches_reference(lengths, seed):
+    p = attncc.load("specs/document.attn")
+    L = max(1, max(sum(r) for r in lengths))
+    doc = document_ids(lengths, L)
+    q, k, v, _ = qkv(seed, len(lengths), 2, 1, L, L, D=16)
+    _kernel_check(p, q, k, v, {"doc": doc})

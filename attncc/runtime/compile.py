@@ -10,9 +10,10 @@ inputs, grid lengths) before any work, then runs one backend:
     triton     the generated block-sparse Triton kernel, compiled for CUDA
     interpret  the same generated kernel through Triton's interpreter (CPU; needs
                TRITON_INTERPRET=1 in the environment before triton is imported)
-               (patterns with a runtime selector, `route`/`blocks`, run on both of these
-               through the block-sparse torch path `runtime.blocksparse.blocksparse_attention`:
-               generated kernels do not yet read per-(batch, head) tile lists)
+               (patterns with runtime data in the schedule, `route`/`blocks`, document ids
+               `doc[b, q] == doc[b, k]` or an `output scale`, run these kernels with
+               per-(batch, head, query tile) lists from `runtime.prepass.kernel_forward`;
+               `Kernel.last_stats` then reports visited and skipped tiles)
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
     reference  `attncc.reference` (dense float64), cast to the dtype of q
 
@@ -201,6 +202,8 @@ class Kernel:
         self.options = options
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._sources: dict[str, tuple[str, str]] = {}  # structure -> (cache key, source)
+        # Work counts of the last call that ran a runtime pre-pass (`prepass.PrepassStats`).
+        self.last_stats: Optional[dict] = None
 
     def __repr__(self) -> str:
         return (f"Kernel({self.pattern.name}, backend={self.backend!r}, "
@@ -331,15 +334,16 @@ def has_runtime_selector(pattern: Pattern) -> bool:
 
 
 def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
+    from .prepass import kernel_forward, needs_prepass
+    if needs_prepass(kern.pattern):
+        # Route / blocks / document ids / output scale: per-(batch, head) lists from the
+        # runtime pre-pass, read by the same generated kernel.
+        out, lse, stats = kernel_forward(kern.pattern, q, k, v, inputs, scale=scale,
+                                         options=kern.options)
+        kern.last_stats = stats.as_dict()
+        return out, lse
     B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     sched = kern.schedule(Lq, k.shape[2], Hq)
-    if has_runtime_selector(kern.pattern):
-        # Generated kernels read static tile lists only; the per-(batch, head) lists of a
-        # route/blocks pre-pass run through the block-sparse torch path instead.
-        from .blocksparse import blocksparse_attention
-        out, lse, _ = blocksparse_attention(kern.pattern, q, k, v, inputs, q_tile=sched.q_grid,
-                                            kv_tile=sched.kv_grid, scale=scale, static=sched)
-        return out, lse
     from .launch import run_forward
     module = kern._module(sched)
     # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
