@@ -21,7 +21,8 @@ boolean "poison" mask that propagates through every operator, except that a defi
 in `&` (or a defined `true` in `|`) and the untaken branch of `?:` discard it, so a guarded
 expression such as `k != q ? q // (k - q) : 0` is fine. If an undefined value reaches the
 result, `MaskEvalError` names the first offending expression and a position — the evaluator
-never returns silently wrong values and never wraps indices.
+never returns silently wrong values and never wraps indices. Float operations (`/`, `log`,
+`sqrt`, ...) follow IEEE arithmetic in float64 (`1.0 / 0.0 == inf`) and are not poisoned.
 """
 from __future__ import annotations
 
