@@ -211,13 +211,20 @@ def _band_ranges(ax: _Axis, band) -> list[Range]:
     L0, L1, H0, H1 = _ends(ax, band)
     bn = ax.bn
     vlo = _b("floordiv", L0, _c(bn))
-    vhi = Select(_b("lt", H1, L0), vlo, _b("add", _b("floordiv", H1, _c(bn)), _c(1)))
+    vhi = Select(_b("or", _b("lt", H1, L0), _rows_empty(L0, L1, H0, H1)), vlo,
+                 _b("add", _b("floordiv", H1, _c(bn)), _c(1)))
     flo = _b("sub", _c(0), _b("floordiv", _b("sub", _c(0), L1), _c(bn)))   # ceil(L1 / bn)
     fhi = Select(_b("ge", H0, _c(ax.kv_len - 1)), _c(ax.nk), _b("floordiv", _b("add", H0, _c(1)), _c(bn)))
     fe_lo = _b("min", _b("max", flo, vlo), vhi)
     fe_hi = _b("max", _b("min", fhi, vhi), fe_lo)
     return [Range(vlo, fe_lo, TileClass.PARTIAL), Range(fe_lo, fe_hi, TileClass.FULL),
             Range(fe_hi, vhi, TileClass.PARTIAL)]
+
+
+def _rows_empty(L0, L1, H0, H1) -> Expr:
+    """The first and the last row of the query tile keep nothing (e.g. a window that the
+    causal offset pushes out entirely); the band is then taken as empty on the tile."""
+    return _b("and", _b("gt", L0, H0), _b("gt", L1, H1))
 
 
 def _full_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
@@ -229,7 +236,8 @@ def _full_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
 def _visited_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
     """Some row of the query tile keeps some key of [ka, kb]."""
     L0, L1, H0, H1 = _ends(ax, band)
-    return _b("le", _b("max", L0, _c(ka)), _b("min", H1, _c(kb)))
+    return _b("and", _b("le", _b("max", L0, _c(ka)), _b("min", H1, _c(kb))),
+              Unary("not", _rows_empty(L0, L1, H0, H1)))
 
 
 def _prefix_of(e: Expr, i, j, kv_len) -> Optional[int]:
