@@ -128,19 +128,26 @@ def blocksparse_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                 s = _SelectionEvaluator(dict(env, s=s), selections, layout=pattern.layout,
                                         inputs=inputs, device=dev).evaluate(pattern.score)
                 s = torch.broadcast_to(s, (B, Hq, sq, ktok.shape[-1])).to(torch.float32)
-            keep = (kreal[:, :, None, :] & qreal.view(1, 1, -1, 1))
-            full_c = is_full[c0:c1].repeat_interleave(sk).view(1, 1, 1, -1)
-            if not bool(full_c.all()):
-                em = _SelectionEvaluator(env, selections, layout=pattern.layout, inputs=inputs,
-                                         device=dev).evaluate(pattern.mask)
-                keep = keep & (full_c | em)
-            s = torch.where(keep, s, torch.full_like(s, -math.inf))
-            m_new = torch.maximum(m_i, s.amax(-1))
-            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            all_full = bool(is_full[c0:c1].all())
+            if not (all_full and bool(kreal.all()) and bool(qreal.all())):
+                # Padding slots, unused list entries and PARTIAL tiles need a mask; a chunk of
+                # FULL tiles without padding needs none.
+                keep = kreal[:, :, None, :] & qreal.view(1, 1, -1, 1)
+                if not all_full:
+                    full_c = is_full[c0:c1].repeat_interleave(sk).view(1, 1, 1, -1)
+                    em = _SelectionEvaluator(env, selections, layout=pattern.layout,
+                                             inputs=inputs, device=dev).evaluate(pattern.mask)
+                    keep = keep & (full_c | em)
+                s = s.masked_fill(~keep, -math.inf)
+            m_new = s.amax(-1) if c0 == 0 else torch.maximum(m_i, s.amax(-1))
+            m_use = m_new.nan_to_num(0.0, posinf=0.0, neginf=0.0)  # an empty row shifts by 0
             p = torch.exp(s - m_use[..., None])
-            alpha = torch.exp(m_i - m_use)
-            l_i = l_i * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + p @ vg
+            if c0 == 0:
+                l_i, acc = p.sum(-1), p @ vg
+            else:
+                alpha = torch.exp(m_i - m_use)
+                l_i = l_i * alpha + p.sum(-1)
+                acc = acc * alpha[..., None] + p @ vg
             m_i = m_new
         ok = l_i > 0
         o = torch.where(ok[..., None], acc / torch.where(ok, l_i, torch.ones_like(l_i))[..., None],
