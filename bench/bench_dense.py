@@ -1,6 +1,7 @@
 """Time `dense_mask` (the dense reference evaluator) on large masks.
 
     python bench/bench_dense.py            # natten2d 64x64 kernel 7, 8 heads (4096 x 4096 x 8)
+    python bench/bench_dense.py --all      # also seer_gate (4096, block 64) and biformer (56x56)
 
 The natten2d IR is built here by hand from the NATTEN formula of DESIGN §4 (non-causal,
 per axis: group, leader, clamped window start), so the benchmark does not depend on the
@@ -14,8 +15,8 @@ import time
 import torch
 
 from attncc.ir.dense import dense_mask
-from attncc.ir.nodes import Binary, Const, Coord, Expr, Select
-from attncc.ir.pattern import Axis, Layout, Pattern
+from attncc.ir.nodes import Binary, Blocks, Const, Coord, Expr, Route, Select, Var
+from attncc.ir.pattern import Axis, InputDecl, Layout, Pattern
 
 
 def _b(op: str, a: Expr, b) -> Expr:
@@ -49,26 +50,59 @@ def natten2d(height: int = 64, width: int = 64, kernel: int = 7, dilation: int =
     return Pattern("natten2d", params, layout, (), mask)
 
 
+def seer_gate(block: int = 64, keep: float = 0.1) -> Pattern:
+    """causal & blocks(gate, block, top=keep) over a 1-D sequence."""
+    mask = _b("and", _b("le", Var("k"), Var("q")), Blocks("gate", block, top=keep))
+    decl = InputDecl("gate", "float", ("b", "h", "q_blocks", "k_blocks"))
+    return Pattern("seer_gate", (("block", block), ("keep", keep)), None, (decl,), mask)
+
+
+def biformer(size: int = 56, region: int = 8, topk: int = 4) -> Pattern:
+    """route(region=(R, R), topk) on a size x size grid."""
+    layout = Layout((Axis("y", size), Axis("x", size)))
+    return Pattern("biformer", (("region", region), ("topk", topk)), layout, (),
+                   Route((region, region), topk))
+
+
+def timed(fn, repeat: int) -> tuple[float, float, object]:
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), sorted(times)[len(times) // 2], out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--kernel", type=int, default=7)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--all", action="store_true", help="also time seer_gate and biformer")
     args = ap.parse_args()
+    H = args.heads
     p = natten2d(args.size, args.size, args.kernel)
     n = args.size * args.size
-    dense_mask(p, heads=args.heads)  # warm-up
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        m = dense_mask(p, heads=args.heads)
-        times.append(time.perf_counter() - t0)
-    kept = int(m[0, 0].sum())
-    print(f"natten2d {args.size}x{args.size} kernel {args.kernel}, {args.heads} heads: "
-          f"mask {tuple(m.shape)} ({m.numel() / 1e6:.0f}M bools), kept/row {kept / n:.1f}, "
-          f"threads {torch.get_num_threads()}; dense_mask best {min(times) * 1e3:.0f} ms, "
-          f"median {sorted(times)[len(times) // 2] * 1e3:.0f} ms")
+    best, med, m = timed(lambda: dense_mask(p, heads=H), args.repeat)
+    print(f"natten2d {args.size}x{args.size} kernel {args.kernel}, {H} heads: "
+          f"mask {tuple(m.shape)} ({m.numel() / 1e6:.0f}M bools), kept/row "
+          f"{int(m[0, 0].sum()) / n:.1f}, threads {torch.get_num_threads()}: "
+          f"best {best * 1e3:.0f} ms, median {med * 1e3:.0f} ms")
+    if not args.all:
+        return
+    gate = torch.randn(1, H, n // 64, n // 64, generator=torch.Generator().manual_seed(0))
+    best, med, m = timed(lambda: dense_mask(seer_gate(), n, n, heads=H, inputs={"gate": gate}),
+                         args.repeat)
+    print(f"seer_gate L={n} block 64 top 0.1, {H} heads: best {best * 1e3:.0f} ms, "
+          f"median {med * 1e3:.0f} ms")
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, H, 56 * 56, 32, generator=g) for _ in range(2))
+    best, med, m = timed(lambda: dense_mask(biformer(), heads=H, inputs={"query": q, "key": k}),
+                         args.repeat)
+    print(f"biformer 56x56 region 8 topk 4, {H} heads: mask {tuple(m.shape)}: "
+          f"best {best * 1e3:.0f} ms, median {med * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

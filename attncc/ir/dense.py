@@ -171,8 +171,11 @@ class Evaluator:
 
     def __init__(self, env: Mapping[str, object], *, layout=None, inputs=None, device=None,
                  shared: Optional[dict] = None, q_varying: Optional[set] = None,
-                 q_offset: int = 0, space=None):
+                 q_offset: int = 0, space=None, canonical: bool = False):
         self.space = space or tuple(((d,), (1,)) for d in range(4))
+        # canonical: b and h are full aranges and q / k vary exactly over their `space`
+        # dimensions (as built by dense_mask), so selectors expand by two 1-D gathers.
+        self.canonical = canonical
         self.device = torch.device(device) if device is not None else None
         self.env = {n: self._tensor(v, n) for n, v in env.items()}
         self.layout = layout
@@ -370,7 +373,7 @@ class Evaluator:
             rk = region_index(shape or (k.shape[2],), region, sel.device)
             self.shared[key] = (sel, rq, rk)
         sel, rq, rk = self.shared[key]
-        return sel[self._var("b"), self._var("h"), rq[self._var("q")], rk[self._var("k")]]
+        return self._expand(sel, rq[self._var("q")], rk[self._var("k")])
 
     def _blocks(self, node: Blocks) -> torch.Tensor:
         key = ("blocks", node)
@@ -378,8 +381,21 @@ class Evaluator:
             self.shared[key] = select_blocks(self._input(node.input), node.top, node.threshold)
         sel = self.shared[key]
         beta = node.block
-        return sel[self._var("b"), self._var("h"), torch.div(self._var("q"), beta, rounding_mode="floor"),
-                   torch.div(self._var("k"), beta, rounding_mode="floor")]
+        return self._expand(sel, torch.div(self._var("q"), beta, rounding_mode="floor"),
+                            torch.div(self._var("k"), beta, rounding_mode="floor"))
+
+    def _expand(self, sel: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """sel [B, H, nq, nk] at (b, h, qi, ki): the selection of each token pair."""
+        if not self.canonical:
+            return sel[self._var("b"), self._var("h"), qi, ki]
+        (_, _), (_, _), (_, q_shape), (_, k_shape) = self.space
+        # Columns first on the small tensor, then whole rows (contiguous copies).
+        key = ("columns", id(sel))  # the same for every chunk of query rows
+        if key not in self.shared:
+            self.shared[key] = sel.index_select(3, ki.reshape(-1))  # [B, H, nq, Lkv]
+        cols = self.shared[key]
+        rows = cols.index_select(2, qi.reshape(-1))  # [B, H, chunk tokens, Lkv]
+        return rows.view(sel.shape[0], sel.shape[1], *q_shape, *k_shape)
 
 
 def eval_expr(expr: Expr, env: Mapping[str, object], *, layout=None, inputs=None,
@@ -507,7 +523,8 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
                  (tuple(range(2, 2 + nd)), (r1 - r0,) + tuple(q_shape[1:])),
                  (tuple(range(2 + nd, rank)), tuple(k_shape)))
         ev = Evaluator(env, layout=layout, inputs=inputs, device=device, shared=shared,
-                       q_varying=q_varying, q_offset=r0 * row, space=space)
+                       q_varying=q_varying, q_offset=r0 * row, space=space,
+                       canonical=True)
         value = ev.evaluate(mask)
         value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
         out[:, :, r0 * row:r1 * row].view(batch, heads, r1 - r0, *q_shape[1:], *k_shape) \
