@@ -310,3 +310,29 @@ def test_kernel_source_cache_and_module_reuse(tmp_path, monkeypatch):
     other = attncc.compile(kern.pattern, block_m=16, block_n=16)
     other(q, k, v)
     assert len(rc._MODULES) == n  # same IR, options and structure: one module per process
+
+
+# ---- other backends and the benchmark harness -------------------------------------------------
+
+def test_flex_backend_matches_reference():
+    from attncc.runtime.verify import verify
+    p = attncc.load(os.path.join(SPECS, "sliding_window.attn"), window=20)
+    r = verify(p, backend="flex", q_len=70, heads=2, kv_heads=1, device="cpu")
+    assert r.ok and r.backend == "flex", f"\n{r}"
+
+
+def test_bench_forward_counts_kept_pairs():
+    from attncc.runtime.bench import bench_forward
+    p = attncc.load(os.path.join(SPECS, "sliding_window.attn"), window=16)
+    res = bench_forward(p, batch=2, heads=2, q_len=100, head_dim=8, backend="reference",
+                        baselines=("sdpa", "sdpa+mask"), warmup=0, reps=1)
+    # independent count: query i keeps min(i + 1, 16) keys
+    kept = 2 * 2 * sum(min(i + 1, 16) for i in range(100))
+    assert res.kept_pairs == kept and res.density == kept / (2 * 2 * 100 * 100)
+    assert [t.name for t in res.timings] == ["attncc", "sdpa", "sdpa+mask"]
+    t = res.timing("sdpa")
+    assert t.tflops == pytest.approx(2 * (8 + 8) * kept / (t.ms * 1e-3) / 1e12)
+    assert res.ratio("attncc") == 1.0
+    text = str(res)
+    assert text.startswith("sliding_window: B=2 H=2 Lq=100 Lkv=100 D=8 float32 on cpu")
+    assert "| sdpa+mask |" in text

@@ -60,8 +60,8 @@ def test_reference_backend_passes_and_report_format():
 def test_wrong_kernel_fails(monkeypatch):
     real = rc.RUNNERS["reference"]
 
-    def wrong(kern, q, k, v, inputs, scale):      # output 5% too large
-        out, lse = real(kern, q, k, v, inputs, scale)
+    def wrong(*args):                             # output 5% too large
+        out, lse = real(*args)
         return out * 1.05, lse
 
     monkeypatch.setitem(rc.RUNNERS, "reference", wrong)

@@ -157,11 +157,12 @@ class _Attention(torch.autograd.Function):
     float64) recomputed from the saved q, k, v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kern, backend, scale, inputs):
-        out, lse = kern._forward(backend, q, k, v, inputs, scale)
+    def forward(ctx, q, k, v, kern, backend, scale, inputs, need_lse):
+        out, lse = kern._forward(backend, q, k, v, inputs, scale, need_lse)
         ctx.save_for_backward(q, k, v)
         ctx.kern, ctx.scale, ctx.inputs = kern, scale, inputs
-        ctx.mark_non_differentiable(lse)
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
@@ -175,7 +176,7 @@ class _Attention(torch.autograd.Function):
             need = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(out, need, dout.to(torch.float64)))
         result = [next(grads).to(t.dtype) if w else None for t, w in zip((q, k, v), wanted)]
-        return (*result, None, None, None, None)
+        return (*result, None, None, None, None, None)
 
 
 class Kernel:
@@ -293,9 +294,9 @@ class Kernel:
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
             return (out, lse) if return_lse else out
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            out, lse = _Attention.apply(q, k, v, self, backend, scale, inputs)
+            out, lse = _Attention.apply(q, k, v, self, backend, scale, inputs, return_lse)
         else:
-            out, lse = self._forward(backend, q, k, v, inputs, scale)
+            out, lse = self._forward(backend, q, k, v, inputs, scale, return_lse)
         return (out, lse) if return_lse else out
 
     def _check_lengths(self, Lq: int, Lkv: int) -> None:
@@ -319,11 +320,11 @@ class Kernel:
             raise InputError(f"scale must be a positive finite number, got {scale!r}")
         return float(scale)
 
-    def _forward(self, backend: str, q, k, v, inputs: dict, scale: float):
-        """(out in q.dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq]) by `backend`; arguments
-        already validated."""
-        out, lse = RUNNERS[backend](self, q, k, v, inputs, scale)
-        return out.to(q.dtype), lse.to(torch.float32)
+    def _forward(self, backend: str, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
+        """(out in q.dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq] or None when not
+        `need_lse` and the backend skips it) by `backend`; arguments already validated."""
+        out, lse = RUNNERS[backend](self, q, k, v, inputs, scale, need_lse)
+        return out.to(q.dtype), (None if lse is None else lse.to(torch.float32))
 
 
 # ---- backends ------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def has_runtime_selector(pattern: Pattern) -> bool:
     return any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask))
 
 
-def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
+def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from .prepass import kernel_forward, needs_prepass
     if needs_prepass(kern.pattern):
         # Route / blocks / document ids / output scale: per-(batch, head) lists from the
@@ -350,17 +351,21 @@ def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float):
     return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
 
 
-def _run_flex(kern: Kernel, q, k, v, inputs: dict, scale: float):
+def _run_flex(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from .backends.flex import flex_forward
-    return flex_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs, return_lse=True)
+    # On CPU, asking FlexAttention for the lse selects its eager path: only when needed.
+    if need_lse:
+        return flex_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs, return_lse=True)
+    return flex_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs), None
 
 
-def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float):
+def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from ..reference import reference
     return reference(kern.pattern, q, k, v, scale=scale, return_lse=True, **inputs)
 
 
-# backend name -> runner(kernel, q, k, v, inputs, scale) -> (out, lse); "interpret" runs the
+# backend name -> runner(kernel, q, k, v, inputs, scale, need_lse) -> (out, lse or None when
+# not need_lse); "interpret" runs the
 # same generated kernels as "triton" (Triton's interpreter is chosen when they are loaded).
 RUNNERS = {"triton": _run_triton, "interpret": _run_triton, "flex": _run_flex,
            "reference": _run_reference}
