@@ -34,7 +34,6 @@ import torch
 
 from ..frontend.errors import suggest
 from ..ir.inputs import InputError, InputTypeError, check_inputs, check_qkv
-from ..ir.nodes import Blocks, Route, walk
 from ..ir.pattern import Pattern
 from . import cache
 from .options import BACKENDS, CompileOptions
@@ -328,11 +327,6 @@ class Kernel:
 
 
 # ---- backends ------------------------------------------------------------------------------
-
-def has_runtime_selector(pattern: Pattern) -> bool:
-    """True when the mask uses `route(...)` or `blocks(...)` (decided per call from data)."""
-    return any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask))
-
 
 def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from .prepass import kernel_forward, needs_prepass
