@@ -261,3 +261,11 @@ def test_kernel_document_matches_reference(lengths, seed):
     doc = document_ids(lengths, L)
     q, k, v, _ = qkv(seed, len(lengths), 2, 1, L, L, D=16)
     _kernel_check(p, q, k, v, {"doc": doc})
+
+
+def test_kernel_biformer_region_aligned_tiles():
+    # 8x8 map, 4x4 regions → 4x4 tiles (one region each): kept tiles are FULL, topk per row.
+    p = attncc.load("specs/biformer.attn", height=8, width=8, region=4, topk=2)
+    q, k, v, _ = qkv(3, 1, 2, 1, 64, 64, D=16)
+    stats = _kernel_check(p, q, k, v, {})
+    assert stats["partial_tiles"] == 0 and stats["full_tiles"] == 2 * 4 * 2

@@ -261,3 +261,33 @@ def test_check_document_ids():
         check_document_ids(torch.tensor([[0, 0, -1]]), batch=2, length=3)
     with pytest.raises(HelperError, match="^doc must be an integer tensor, got float32$"):
         check_document_ids(torch.zeros(1, 3), batch=1, length=3)
+
+
+# ---- lowering selectors for kernels ------------------------------------------------------
+
+@pytest.mark.parametrize("spec, params, L", [
+    ("biformer", dict(height=6, width=10, region=4, topk=2), 60),
+    ("biformer", dict(height=5, width=3, region=2, topk=3), 15),
+    ("seer_gate", dict(block=8, keep=0.3), 37),
+])
+def test_lowered_selectors_evaluate_to_the_dense_selection(spec, params, L):
+    """The selection loads that kernels evaluate per element (`lower_selectors`) give exactly
+    the dense mask of the original selector (region / block index arithmetic in the IR)."""
+    from attncc.runtime.prepass import lower_selectors, pattern_classes
+    p = attncc.load(f"specs/{spec}.attn", **params)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 2, L, 4, generator=g), torch.randn(2, 1, L, 4, generator=g)
+    inputs = {}
+    if spec == "seer_gate":
+        nb = -(-L // params["block"])
+        inputs["gate"] = torch.randn(2, 2, nb, nb, generator=g)
+    grid = TileGrid((L,), (16,))
+    _, selections = pattern_classes(p, q, k, inputs, grid, grid)
+    lowered, tensors = lower_selectors(p, selections)
+    assert list(tensors) == ["attncc_sel0"] and lowered.inputs[-1].name == "attncc_sel0"
+    extra = dict(query=q, key=k) if spec == "biformer" else {}
+    want = p.dense_mask(q_len=L, kv_len=L, heads=2, batch=2, inputs=dict(inputs, **extra))
+    assert all(t.dtype == torch.int8 for t in tensors.values())
+    got = lowered.dense_mask(q_len=L, kv_len=L, heads=2, batch=2,
+                             inputs={n: t.bool() for n, t in tensors.items()})
+    assert torch.equal(got, want)

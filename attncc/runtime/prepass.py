@@ -47,7 +47,7 @@ from ..schedule.schedule import TileClass, TileGrid
 __all__ = ["TileLists", "route_select", "block_select", "route_lists", "block_lists",
            "document_classes", "group_classes", "lists_from_classes", "static_classes",
            "pattern_classes", "head_weights", "PrepassStats", "PrepassError", "needs_prepass",
-           "lower_selectors", "program_lists", "kernel_forward"]
+           "lower_selectors", "program_lists", "kernel_forward", "region_aligned_options"]
 
 EMPTY, PARTIAL, FULL = int(TileClass.EMPTY), int(TileClass.PARTIAL), int(TileClass.FULL)
 # Elements of one gathered score slab [B, H, tile rows, keys] in the CPU path.
@@ -531,7 +531,9 @@ def lower_selectors(pattern, selections: Mapping):
     """`pattern` with every route / blocks node replaced by a load of its selection,
     `attncc_selN[b, h, group(q), group(k)]`, for kernels that evaluate the mask per element.
 
-    Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}).
+    Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}); the
+    lowered pattern declares the selections (as bool inputs) and drops inputs that only the
+    selectors read.
     """
     names, tensors = {}, {}
     taken = {d.name for d in pattern.inputs}
@@ -550,10 +552,14 @@ def lower_selectors(pattern, selections: Mapping):
                                    _group_expr("k", n, pattern.layout)), BOOL)
         return None
 
-    decls = tuple(InputDecl(nm, "bool", ("b", "h", "q_blocks", "k_blocks")) for nm in tensors)
-    lowered = dataclasses.replace(pattern, inputs=pattern.inputs + decls,
-                                  mask=transform(pattern.mask, rewrite))
-    return lowered, tensors
+    mask = transform(pattern.mask, rewrite)
+    # Inputs read only by the replaced selectors (block scores) are no longer inputs.
+    used = {n.input for r in (mask, pattern.score, pattern.output_scale) if r is not None
+            for n in walk(r) if isinstance(n, Load)}
+    decls = tuple(d for d in pattern.inputs if d.name in used) + tuple(
+        InputDecl(nm, "bool", ("b", "h", int(t.shape[2]), int(t.shape[3])))
+        for nm, t in tensors.items())
+    return dataclasses.replace(pattern, inputs=decls, mask=mask), tensors
 
 
 def program_lists(classes: torch.Tensor) -> dict:
@@ -588,6 +594,7 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from .launch import load_kernel, run_forward
     B, Hq, Lq, _ = q.shape
     Lkv = k.shape[2]
+    options = region_aligned_options(pattern, options)
     static_terms = [t for t in _conjuncts(pattern.mask) if _is_static(t)]
     static_pattern = dataclasses.replace(pattern, inputs=(), mask=_static_expr(static_terms) or TRUE,
                                          score=None, output_scale=None)
@@ -617,6 +624,22 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, lse = run_forward(module, ksched, q, k, v, inputs={**inputs, **sel_inputs}, scale=scale,
                            options=options, lists=lists)
     return out, lse, stats
+
+
+def region_aligned_options(pattern, options):
+    """`options` with query and key tiles equal to the region of the pattern's single
+    `route` on a grid layout, when the options leave tile shapes open and the region is a
+    box of power-of-two sides with 16..256 tokens: every tile is then one region, so kept
+    tiles are FULL (no per-element mask) and exactly topk key tiles are visited."""
+    routes = [n for n in walk(pattern.mask) if isinstance(n, Route)]
+    layout = pattern.layout
+    if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
+            or options.kv_tile is not None:
+        return options
+    region = _region_tuple(routes[0].region, len(layout.axes))
+    if all(r & (r - 1) == 0 for r in region) and 16 <= math.prod(region) <= 256:
+        return options.replace(q_tile=region, kv_tile=region)
+    return options
 
 
 def _is_static(term: Expr) -> bool:
