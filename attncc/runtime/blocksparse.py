@@ -18,8 +18,8 @@ import torch
 from ..ir.dense import Evaluator
 from ..ir.inputs import InputError, check_inputs, check_qkv
 from ..schedule.schedule import TileGrid
-from .prepass import (PrepassStats, _as_grid, _env, head_weights, lists_from_classes,
-                      pattern_classes)
+from .prepass import (PrepassStats, _active_tiles, _as_grid, _env, head_weights,
+                      lists_from_classes, pattern_classes)
 
 __all__ = ["blocksparse_attention"]
 
@@ -77,12 +77,8 @@ def blocksparse_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     qs, ks = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
     nqt, sq = qs.shape
     sk = ks.shape[1]
-    if weights is not None:
-        w_tiles = weights[:, :, qs.clamp(min=0)] * (qs >= 0)          # [B, H, nQT, Sq]
-        active = (w_tiles != 0).any(-1)                                # [B, H, nQT]
-        cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
-    else:
-        active = torch.ones(B, Hq, nqt, dtype=torch.bool, device=dev)
+    active = _active_tiles(weights, q_grid, (B, Hq), dev)             # [B, H, nQT]
+    cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
     lists = lists_from_classes(cls)
     stats = PrepassStats(head_tiles=B * Hq * nqt, skipped_head_tiles=int((~active).sum()),
                          full_tiles=int(lists.full_counts.sum()),
