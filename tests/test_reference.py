@@ -172,3 +172,23 @@ def test_spec_text_softcap_and_moh():
     with pytest.raises(ValueError) as e:
         attncc.reference(p, q, k, v)
     assert str(e.value) == "missing input 'weight': expected float[b, q, h] = [1, 5, 2]"
+
+
+TABLE = Pattern("table", (), None, (InputDecl("allow", "bool", ("b", "h", "q", "k")),),
+                Load("allow", (b_, h_, q_, k_), "bool"))
+
+
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 6),
+       st.integers(1, 6), st.floats(0.0, 1.0), st.integers(0, 10_000))
+def test_arbitrary_masks_match_loop(B, heads, Lq, Lkv, density, seed):
+    """Any mask (a random bool table, empty rows included) against the loop softmax."""
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    allow = torch.rand(B, Hq, Lq, Lkv, generator=g) < density
+    q, k, v = rand(B, Hq, Lq, 3, seed=seed), rand(B, Hkv, Lkv, 3, seed=seed + 1), \
+        rand(B, Hkv, Lkv, 2, seed=seed + 2)
+    out, lse = attncc.reference(TABLE, q, k, v, allow=allow, return_lse=True)
+    want, want_lse = loop_attention(q, k, v, lambda b, h, i, j: bool(allow[b, h, i, j]),
+                                    1 / math.sqrt(3))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
