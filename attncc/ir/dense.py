@@ -439,6 +439,23 @@ def _q_dependent(root: Expr) -> set[int]:
     return out
 
 
+def _check_route_inputs(pattern, inputs, names, batch, heads, q_len, kv_len) -> None:
+    """`query` [batch, heads, q_len, D] and `key` [batch, Hkv, kv_len, D] for `route`."""
+    for name in names:
+        if name not in inputs:
+            raise ValueError(f"pattern '{pattern.name}' uses route(...): pass inputs['{name}'] "
+                             f"[batch, heads, {'q_len' if name == 'query' else 'kv_len'}, D]")
+        t = inputs[name]
+        want_len = q_len if name == "query" else kv_len
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch \
+                or t.shape[2] != want_len:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"inputs['{name}'] must be [batch={batch}, heads, {want_len}, D], "
+                             f"got {got}")
+        if name == "query" and t.shape[1] != heads:
+            raise ValueError(f"inputs['query'] has {t.shape[1]} heads but heads={heads}")
+
+
 def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = None,
                heads: int = 1, batch: int = 1, inputs: Optional[Mapping] = None,
                device=None) -> torch.Tensor:
@@ -470,19 +487,7 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     device = torch.device(device)
     check_inputs(pattern, inputs, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                  device=device, allow=extra)
-    for name in extra:
-        if name not in inputs:
-            raise ValueError(f"pattern '{pattern.name}' uses route(...): pass inputs['{name}'] "
-                             f"[batch, heads, {'q_len' if name == 'query' else 'kv_len'}, D]")
-        t = inputs[name]
-        want_len = q_len if name == "query" else kv_len
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch \
-                or t.shape[2] != want_len:
-            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"inputs['{name}'] must be [batch={batch}, heads, {want_len}, D], "
-                             f"got {got}")
-        if name == "query" and t.shape[1] != heads:
-            raise ValueError(f"inputs['query'] has {t.shape[1]} heads but heads={heads}")
+    _check_route_inputs(pattern, inputs, extra, batch, heads, q_len, kv_len)
 
     fv = free_vars(mask)
     wide = "b" in fv or "h" in fv or any(isinstance(n, (Route, Blocks, Load)) for n in walk(mask))

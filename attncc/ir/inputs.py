@@ -8,7 +8,7 @@ with a message naming the offending argument and what was expected.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
