@@ -1,6 +1,8 @@
 """Float64 reference attention vs a naive loop softmax and vs torch SDPA."""
+import importlib
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import attncc
 from attncc.ir.nodes import TRUE, Binary, Const, FCall, Load, Route, Var
 from attncc.ir.pattern import Axis, InputDecl, Layout, Pattern
 
+reference_module = importlib.import_module("attncc.reference")
 q_, k_, h_, b_ = Var("q"), Var("k"), Var("h"), Var("b")
 CAUSAL = Pattern("causal", (), None, (), Binary("le", k_, q_))
 DENSE = Pattern("dense", (), None, (), TRUE)
@@ -71,6 +74,9 @@ def test_matches_loop_with_gqa_scale_and_lse():
     want, want_lse = loop_attention(q, k, v, lambda b, h, i, j: j <= i, 0.7)
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+    with mock.patch.object(reference_module, "_SCORE_ELEMS", 1):  # one head per chunk
+        out1, lse1 = attncc.reference(CAUSAL, q, k, v, scale=0.7, return_lse=True)
+    assert torch.equal(out1, out) and torch.equal(lse1, lse)
 
 
 def test_fully_masked_rows_give_zero_and_neg_inf_lse():
