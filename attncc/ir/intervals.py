@@ -7,8 +7,8 @@ whole row-band of tiles (e.g. q bounds `[R, 1]`, k bounds `[1, C]` give results 
 
 Results
     int / float node  →  (lo, hi) with lo ≤ value ≤ hi for every point of the box
-    bool node         →  (lo, hi) in {0, 1}: lo = 1 means *always true* on the box,
-                         hi = 0 *always false*, otherwise unknown
+    bool node         →  (always, possible) bool tensors: `always` = true at every point
+                         of the box, `~possible` = false at every point, else unknown
 
 Soundness is the only hard requirement (the tile classifier relies on it); precision comes
 from three devices:
@@ -145,19 +145,36 @@ class IntervalEval:
     def decide(self, root: Expr) -> tuple[torch.Tensor, torch.Tensor]:
         """For a bool root: (always_true, always_false) as bool tensors."""
         lo, hi = self.interval(root)
-        return lo > 0.5, hi < 0.5
+        return lo, ~hi
 
     # -- helpers ------------------------------------------------------------------------
     def _form_interval(self, form) -> Interval:
         coeffs, const = form
-        lo = _t(float(const))
-        hi = _t(float(const))
+        terms = []
+        bound = abs(float(const))
+        exact = True
         for atom, c in coeffs.items():
             alo, ahi = self.memo[id(atom)] if id(atom) in self.memo else self.interval(atom)
-            if c > 0:
-                lo, hi = lo + _mul(alo, _t(float(c))), hi + _mul(ahi, _t(float(c)))
+            terms.append((c, alo, ahi))
+            if exact:
+                m = max(alo.abs().max().item(), ahi.abs().max().item()) if alo.numel() else 0.0
+                bound += abs(c) * m
+                exact = math.isfinite(bound) and bound < _BIG
+        lo = hi = None
+        for c, alo, ahi in terms:
+            a, b = (alo, ahi) if c > 0 else (ahi, alo)
+            if exact:
+                ta, tb = (a, b) if c == 1 else (a * float(c), b * float(c))
             else:
-                lo, hi = lo + _mul(ahi, _t(float(c))), hi + _mul(alo, _t(float(c)))
+                ta, tb = _mul(a, _t(float(c))), _mul(b, _t(float(c)))
+            lo = ta if lo is None else lo + ta
+            hi = tb if hi is None else hi + tb
+        if lo is None:
+            return _t(float(const)), _t(float(const))
+        if const:
+            lo, hi = lo + float(const), hi + float(const)
+        if exact:
+            return lo, hi
         lo = torch.where(torch.isnan(lo), torch.full_like(lo, -INF), lo)
         hi = torch.where(torch.isnan(hi), torch.full_like(hi, INF), hi)
         return _widen(lo, hi)
@@ -199,16 +216,18 @@ class IntervalEval:
     # -- nodes --------------------------------------------------------------------------
     def _eval(self, n: Expr) -> Interval:
         if isinstance(n, Const):
+            if n.dtype == BOOL:
+                return torch.tensor(n.value), torch.tensor(n.value)
             v = float(n.value)
             return _t(v), _t(v)
         if isinstance(n, Var):
             return self._var(n.name)
         if isinstance(n, Coord):
             return self._coord(n)
-        if isinstance(n, (Route, Blocks)):
-            return _t(0.0), _t(1.0)
+        if isinstance(n, (Route, Blocks)) or (isinstance(n, Load) and n.dtype == BOOL):
+            return torch.tensor(False), torch.tensor(True)
         if isinstance(n, Load):
-            return (_t(0.0), _t(1.0)) if n.dtype == BOOL else (_t(-INF), _t(INF))
+            return _t(-INF), _t(INF)
         if isinstance(n, FCall):
             return _t(-INF), _t(INF)
         if n.dtype == "int" and (
@@ -221,8 +240,11 @@ class IntervalEval:
             return self._unary(n)
         if isinstance(n, Select):
             (clo, chi), (alo, ahi), (blo, bhi) = (self.memo[id(c)] for c in n.children())
-            lo = torch.where(clo > 0.5, alo, torch.where(chi < 0.5, blo, torch.minimum(alo, blo)))
-            hi = torch.where(clo > 0.5, ahi, torch.where(chi < 0.5, bhi, torch.maximum(ahi, bhi)))
+            if n.dtype == BOOL:
+                return (torch.where(clo, alo, torch.where(~chi, blo, alo & blo)),
+                        torch.where(clo, ahi, torch.where(~chi, bhi, ahi | bhi)))
+            lo = torch.where(clo, alo, torch.where(~chi, blo, torch.minimum(alo, blo)))
+            hi = torch.where(clo, ahi, torch.where(~chi, bhi, torch.maximum(ahi, bhi)))
             return lo, hi
         if isinstance(n, Binary):
             return self._binary(n)
@@ -233,7 +255,7 @@ class IntervalEval:
         if n.op == "neg":
             return -hi, -lo
         if n.op == "not":
-            return 1.0 - hi, 1.0 - lo
+            return ~hi, ~lo
         if n.op == "abs":
             alo = torch.where(lo > 0, lo, torch.where(hi < 0, -hi, torch.zeros_like(lo)))
             return alo, torch.maximum(lo.abs(), hi.abs())
@@ -243,9 +265,9 @@ class IntervalEval:
         op = n.op
         (alo, ahi), (blo, bhi) = self.memo[id(n.a)], self.memo[id(n.b)]
         if op == "and":
-            return torch.minimum(alo, blo), torch.minimum(ahi, bhi)
+            return alo & blo, ahi & bhi
         if op == "or":
-            return torch.maximum(alo, blo), torch.maximum(ahi, bhi)
+            return alo | blo, ahi | bhi
         if op in ("lt", "le", "gt", "ge", "eq", "ne"):
             return self._compare(n, alo, ahi, blo, bhi)
         if op == "min":
@@ -292,6 +314,11 @@ class IntervalEval:
 
     def _compare(self, n: Binary, alo, ahi, blo, bhi) -> Interval:
         op = n.op
+        if n.a.dtype == BOOL:
+            known = (alo == ahi) & (blo == bhi)
+            same = known & (alo == blo)
+            diff = known & (alo != blo)
+            return (same, ~diff) if op == "eq" else (diff, ~same)
         if n.a.dtype == "int":
             fa, fb = linear_form(n.a, self.lin), linear_form(n.b, self.lin)
             coeffs = dict(fa[0])
@@ -312,16 +339,11 @@ class IntervalEval:
             t, f = dlo > 0, dhi <= 0
         elif op == "ge":
             t, f = dlo >= 0, dhi < 0
-        elif n.a.dtype == BOOL:
-            known = ((alo == ahi) & (blo == bhi))
-            same = known & (alo == blo)
-            diff = known & (alo != blo)
-            t, f = (same, diff) if op == "eq" else (diff, same)
         else:
             zero = (dlo == 0) & (dhi == 0)
             nonzero = (dlo > 0) | (dhi < 0)
             t, f = (zero, nonzero) if op == "eq" else (nonzero, zero)
-        return t.to(torch.float64), (~f).to(torch.float64)
+        return t, ~f
 
 
 def analyze(expr: Expr, box: Box) -> Interval:

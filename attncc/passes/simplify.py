@@ -229,6 +229,21 @@ def _size(e: Expr) -> int:
     return sum(1 for _ in walk(e))
 
 
+def divide_affine(n: Expr) -> Optional[Expr]:
+    """`(c·X + k) // c` → `X + k // c` and `(c·X + k) % c` → `k % c` for a constant c ≠ 0
+    and an affine X (floor semantics make both exact)."""
+    if not (isinstance(n, Binary) and n.op in ("floordiv", "mod") and isinstance(n.b, Const)
+            and n.b.value != 0 and n.dtype == INT):
+        return None
+    c = n.b.value
+    coeffs, const = linear_form(n.a)
+    if not coeffs or any(v % c for v in coeffs.values()):
+        return None
+    if n.op == "mod":
+        return Const(const % c) if _total(n.a) else None
+    return build_linear({a: v // c for a, v in coeffs.items()}, const // c)
+
+
 def compare_affine(n: Expr) -> Optional[Expr]:
     """A comparison of two int expressions whose difference is a constant folds:
     `q + 1 > q` → true, `k - k < 3` → true."""
@@ -256,6 +271,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("boolean_equality", boolean_equality),
     ("arithmetic_identities", arithmetic_identities),
     ("affine_normalize", affine_normalize),
+    ("divide_affine", divide_affine),
     ("compare_affine", compare_affine),
     ("constant_left", constant_left),
 )

@@ -138,12 +138,11 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
         always, never = IntervalEval(box).decide(mask)
         always = always.expand(r1 - r0, nk)
         never = never.expand(r1 - r0, nk)
-        band = torch.full((r1 - r0, nk), int(TileClass.PARTIAL), dtype=torch.int8)
-        band[never] = int(TileClass.EMPTY)
-        band[always & ~never] = int(TileClass.FULL)
+        full = always & ~never
+        band = torch.where(full, int(TileClass.FULL),
+                           torch.where(never, int(TileClass.EMPTY), int(TileClass.PARTIAL))).to(torch.int8)
         out[r0:r1] = band
-        full = band == int(TileClass.FULL)
-        kept += int((full * q_count[r0:r1, None] * k_count[None, :]).sum())
+        kept += int(q_count[r0:r1].to(torch.float64) @ (full.to(torch.float64) @ k_count.to(torch.float64)))
         qi, ki = (band == int(TileClass.PARTIAL)).nonzero(as_tuple=True)
         undecided_q.append(qi + r0)
         undecided_k.append(ki)

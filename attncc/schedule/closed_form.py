@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from ..ir.dense import eval_expr
+from ..ir.dense import Evaluator, eval_expr
 from ..ir.intervals import linear_form
 from ..ir.nodes import Binary, Const, Coord, Expr, Select, Unary, Var, transform, walk
 from ..passes.simplify import build_linear, simplify
@@ -302,7 +302,7 @@ def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
             ax = _Axis(Var("qt"), Var("q"), q_grid.tile[0], kv_grid.tile[0],
                        q_grid.shape[0], kv_grid.shape[0])
             ranges = _ranges_1d(mask, ax)
-            axes = (tuple(_simplify_range(r) for r in ranges),)
+            axes = (tuple(_simplify_range(r, "qt", q_grid.counts[0]) for r in ranges),)
             names = ("qt",)
         else:
             nd = len(q_grid.shape)
@@ -323,15 +323,43 @@ def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
                 ax = _Axis(Var(names[a]), i, q_grid.tile[a], kv_grid.tile[a],
                            q_grid.shape[a], kv_grid.shape[a])
                 band = _band(per_axis[a], i, j, kv_grid.shape[a])
-                axes_l.append(tuple(_simplify_range(r) for r in _band_ranges(ax, band)))
+                axes_l.append(tuple(_simplify_range(r, names[a], q_grid.counts[a])
+                                   for r in _band_ranges(ax, band)))
             axes = tuple(axes_l)
     except _Unsupported:
         return None
     return Bounds(names, axes, q_grid.counts, kv_grid.counts)
 
 
-def _simplify_range(r: Range) -> Range:
-    return Range(simplify(r.lo), simplify(r.hi), r.cls)
+def _simplify_range(r: Range, var: str, n: int) -> Range:
+    return Range(tidy(r.lo, var, n), tidy(r.hi, var, n), r.cls)
+
+
+def tidy(expr: Expr, var: str, n: int) -> Expr:
+    """Simplify a bound expression knowing that `var` only takes the values 0..n-1: every
+    subexpression that is constant over that range becomes the constant, `min`/`max` whose
+    operands are ordered over the range keep the smaller/larger operand, and `?:` with a
+    constant condition keeps its branch. Exact (checked on every value of `var`), O(n) per
+    node."""
+    ev = Evaluator({var: torch.arange(max(n, 1), dtype=torch.int64)})
+
+    def fn(node: Expr):
+        if isinstance(node, (Const, Var)):
+            return None
+        value = ev.evaluate(node)
+        if value.numel() == 1 or bool((value == value.flatten()[0]).all()):
+            v = value.flatten()[0].item()
+            return Const(bool(v)) if node.dtype == "bool" else Const(int(v))
+        if isinstance(node, Binary) and node.op in ("min", "max"):
+            a, b = ev.evaluate(node.a), ev.evaluate(node.b)
+            if bool((a <= b).all()):
+                return node.a if node.op == "min" else node.b
+            if bool((b <= a).all()):
+                return node.b if node.op == "min" else node.a
+        return None
+
+    out = simplify(transform(simplify(expr), fn))
+    return simplify(transform(out, fn))
 
 
 # ---- evaluation / validation ------------------------------------------------------------
@@ -339,7 +367,7 @@ def _simplify_range(r: Range) -> Range:
 def _axis_matrix(var: str, ranges, nq: int, nk: int) -> Optional[torch.Tensor]:
     t = torch.arange(nq, dtype=torch.int64)
     kt = torch.arange(nk, dtype=torch.int64)[None, :]
-    cover = torch.zeros(nq, nk, dtype=torch.int64)
+    cover = torch.zeros(nq, nk, dtype=torch.int16)
     out = torch.zeros(nq, nk, dtype=torch.int8)
     prev = torch.full((nq,), -(1 << 62), dtype=torch.int64)
     for r in ranges:
