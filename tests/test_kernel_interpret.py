@@ -126,6 +126,9 @@ CASES = {
     "moa_head_classes": ("pattern moa\nmask causal & (k < 2 | q - k < (h < 2 ? 5 : 20))", {},
                          1, 4, 2, 40, 40, 16, 16, F32),
     "alibi": ("pattern al\nmask causal\nscore alibi", {}, 1, 4, 4, 30, 30, 16, 16, F32),
+    # Floor `//` and `%` on negative operands (the kernel's integer ops truncate).
+    "floor_semantics": ("pattern fl\nmask (q - k) % 5 < 3 & (k - q) // 4 >= -3 "
+                        "& (k - q) // 4 < 5", {}, 1, 2, 2, 45, 45, 16, 16, F32),
 }
 
 
@@ -235,6 +238,8 @@ def band_specs(draw):
     parts = [f"q - k >= {lo}", f"q - k < {lo + width}"]
     if draw(st.booleans()):
         parts.append(f"k // {draw(st.integers(1, 24))} != {draw(st.integers(0, 3))}")
+    if draw(st.booleans()):
+        parts.append(f"(q - k) % {draw(st.integers(2, 7))} <= {draw(st.integers(0, 3))}")
     text = " & ".join(parts)
     if draw(st.booleans()):
         text = f"({text}) | k < {draw(st.integers(0, 6))}"
