@@ -251,6 +251,8 @@ def test_select_blocks_top_with_ties(B, H, nq, nk, top, seed):
 
 def test_blocks_keep_count_is_exact():
     assert dense.blocks_keep(0.7, 10) == 7  # not ceil(7.000000000000001) == 8
+    assert dense.blocks_keep(0.1, 10) == 1  # the binary float 0.1 is a hair above 1/10
+    assert dense.blocks_keep(0.4, 5) == 2 and dense.blocks_keep(0.3, 10) == 3
     assert dense.blocks_keep(0.01, 10) == 1 and dense.blocks_keep(2.0, 10) == 10
 
 

@@ -127,11 +127,12 @@ def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
 
 
 def blocks_keep(top: float, k_blocks: int) -> int:
-    """n_keep = max(1, ceil(top · k_blocks)), at most k_blocks. The product is exact (the
-    float `top` as a rational), so 0.7 · 10 keeps 7 blocks, not 8."""
+    """n_keep = max(1, ceil(top · k_blocks)), at most k_blocks. The product is exact, with
+    `top` read as the decimal it prints as (`repr`), so 0.1 · 10 keeps 1 block and 0.7 · 10
+    keeps 7 (a binary-float product would give 2 and 8)."""
     if not top > 0:
         raise MaskEvalError(f"blocks: top must be a positive fraction, got {top!r}")
-    return min(k_blocks, max(1, math.ceil(Fraction(top) * k_blocks)))
+    return min(k_blocks, max(1, math.ceil(Fraction(repr(float(top))) * k_blocks)))
 
 
 def select_blocks(scores: torch.Tensor, top: Optional[float] = None,
