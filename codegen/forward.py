@@ -18,11 +18,13 @@ Kernel contract (what `attncc.runtime.launch.run_forward` passes):
     HEAD_CLASS        int32 [Hq]: head class of each query head; ROWS_PER_BATCH (see below)
     per input j       pointer `in{j}`, strides `in{j}_s{i}`, sizes `in{j}_n{i}` (in the order
                       of `META["inputs"]`)
-    ROWS_PER_BATCH, Q_LEN, KV_LEN, HEADS (= Hq), GROUP (= Hq // Hkv), N_Q_TILES, HEAD_DIM, HEAD_DIM_V,
-    sm_scale, and constexprs BLOCK_M, BLOCK_N (tile slots), BLOCK_D, BLOCK_DV (powers of two
-    >= 16 covering the head dims).
+    ROWS_PER_BATCH, Q_LEN, KV_LEN, HEADS (= Hq), GROUP (= Hq // Hkv), N_Q_TILES, HEAD_DIM,
+    HEAD_DIM_V, sm_scale; constexprs BLOCK_M, BLOCK_N (tile slots), BLOCK_D, BLOCK_DV (powers
+    of two >= 16 covering the head dims) and DOT_FP32 (matrix products in float32: set for
+    bfloat16 under the CPU interpreter, whose tl.dot lacks bfloat16).
 
-Row hook: the CSR row of a program is `ROW_ID` = (HEAD_CLASS[h] + b·ROWS_PER_BATCH)·N_Q_TILES + m.
+Row hook: the CSR row of a program is
+`ROW_ID` = (HEAD_CLASS[h] + b·ROWS_PER_BATCH)·N_Q_TILES + m.
 Static schedules pass the head-class table and ROWS_PER_BATCH = 0 (rows per head class); a
 runtime pre-pass (route / blocks / document ids) can pass lists with one row per (batch,
 head, query tile) by giving HEAD_CLASS = arange(Hq) and ROWS_PER_BATCH = Hq, with the same
@@ -41,12 +43,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from contextlib import ExitStack
 from functools import lru_cache
 from typing import Optional
 
 from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, Load, free_vars, walk
 
-from .emitter import fill
+from .emitter import Emitter, fill
 from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
 
 __all__ = ["generate_forward", "kernel_name", "usable_bounds", "CodegenError", "ROW_ID"]
@@ -118,10 +121,10 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
 
     1-D tiles: consecutive token rows. Multi-D tiles: per-axis coordinates
     origin + (slot // inner) % extent, flat row = Σ coordinate · layout stride."""
-    tile_var, block, length = ("m", "BLOCK_M", "Q_LEN") if side == "q" else ("n", "BLOCK_N", "KV_LEN")
+    tile_var, block = ("m", "BLOCK_M") if side == "q" else ("n", "BLOCK_N")
     if len(grid.tile) == 1:
         if side == "q":
-            return [], [f"q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
+            return [], ["q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
         return (["offs_n = tl.arange(0, BLOCK_N)"],
                 ["k_idx = n * BLOCK_N + offs_n", "k_ok = k_idx < KV_LEN"])
     if layout is None or tuple(grid.shape) != tuple(layout.shape):
@@ -149,8 +152,7 @@ def _coord_lines(side: str, grid, layout, axes: set[int]) -> list[str]:
     out = []
     for a in sorted(axes):
         if len(grid.tile) > 1:
-            c = "qc" if side == "q" else "kc"
-            out.append(f"{side}_c{a} = {c}{a}[:, None]" if side == "q" else f"k_c{a} = kc{a}[None, :]")
+            out.append(f"q_c{a} = qc{a}[:, None]" if side == "q" else f"k_c{a} = kc{a}[None, :]")
         else:
             stride, size = layout.strides[a], layout.shape[a]
             text = side if stride == 1 else f"({side} // {stride})"
@@ -239,16 +241,17 @@ def _closed_form(bounds: list, qg, kg, kv_step):
             lo_n, hi_n = names[0][combo[0]]
             loops[kind] += kv_step(kind, f"for n in range({lo_n}, {hi_n}):", [])
             continue
-        outer = []
-        for a, i in enumerate(combo[:-1]):
-            lo_n, hi_n = names[a][i]
-            outer.append("    " * a + f"for kt{a} in range({lo_n}, {hi_n}):")
-        a = nd - 1
-        lo_n, hi_n = names[a][combo[-1]]
-        flat = " + ".join(f"kt{x} * {math.prod(counts[x + 1:])}" if x < nd - 1 else f"kt{x}"
-                          for x in range(nd))
-        body = kv_step(kind, f"for kt{a} in range({lo_n}, {hi_n}):", [f"n = {flat}"])
-        loops[kind] += outer + ["    " * (nd - 1) + ln if ln else "" for ln in body]
+        em = Emitter()
+        with ExitStack() as nest:
+            for a, i in enumerate(combo[:-1]):
+                lo_n, hi_n = names[a][i]
+                nest.enter_context(em.block(f"for kt{a} in range({lo_n}, {hi_n}):"))
+            a = nd - 1
+            lo_n, hi_n = names[a][combo[-1]]
+            flat = " + ".join(f"kt{x} * {math.prod(counts[x + 1:])}" if x < nd - 1 else f"kt{x}"
+                              for x in range(nd))
+            em.extend(kv_step(kind, f"for kt{a} in range({lo_n}, {hi_n}):", [f"n = {flat}"]))
+        loops[kind] += em.lines
     return pro, loops, rendered.helpers
 
 
@@ -334,7 +337,7 @@ def generate_forward(pattern, schedule, options) -> str:
         epilogue = ["# Output modifier: scale each head's output rows."] + r_out.hoisted \
             + [f"out = out * {r_out.text(oscale)}"]
 
-    q_hoist, q_tile = _tile_lines("q", qg, layout)
+    _, q_tile = _tile_lines("q", qg, layout)
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
 
     def kv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
@@ -357,7 +360,7 @@ def generate_forward(pattern, schedule, options) -> str:
 
     bounds = usable_bounds(schedule)
     if bounds is None:
-        row_id = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
+        loop_setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
                   f"row = {ROW_ID}"]
         loops = {}
         for kind in ("FULL", "PARTIAL"):
@@ -367,13 +370,14 @@ def generate_forward(pattern, schedule, options) -> str:
                 kind, f"for it in range({lo}, {hi}):", [f"n = tl.load({kind}_INDICES + it)"])
         list_kind = "key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL."
     else:
-        row_id, loops, helpers_cf = _closed_form(bounds, qg, kg, kv_step)
+        loop_setup, loops, helpers_cf = _closed_form(bounds, qg, kg, kv_step)
         helpers |= helpers_cf
         list_kind = "key-tile loops: closed-form bounds (no index arrays)."
 
     header = [
         "# attncc forward attention kernel (generated source; edit the pattern, not this file).",
-        f"# pattern: {safe_identifier(pattern.name, 'pattern name')}   IR hash: {pattern.ir_hash()}",
+        f"# pattern: {safe_identifier(pattern.name, 'pattern name')}   "
+        f"IR hash: {pattern.ir_hash()}",
         f"# options: {_options_text(options)}",
         f"# query tiles: {'x'.join(map(str, qg.tile))}"
         + (f" over grid {'x'.join(map(str, qg.shape))}" if len(qg.tile) > 1 else " tokens"),
@@ -403,7 +407,7 @@ def generate_forward(pattern, schedule, options) -> str:
         "q_coords": _coord_lines("q", qg, layout, coords["q"]),
         "kv_slots": kv_hoist,
         "hoisted": hoisted,
-        "row_id": row_id,
+        "loop_setup": loop_setup,
         "full_loop": loops["FULL"],
         "partial_loop": loops["PARTIAL"],
         "output_scale": epilogue,

@@ -268,7 +268,8 @@ def test_tile_slots_must_be_a_power_of_two_of_at_least_16():
 # ---- emitter -------------------------------------------------------------------------------
 
 def test_fill_expands_block_and_inline_holes():
-    lines = fill("def {{name}}():\n    {{body}}\n    return 1", {"name": "f", "body": ["a = 1", "b = 2"]})
+    lines = fill("def {{name}}():\n    {{body}}\n    return 1",
+                 {"name": "f", "body": ["a = 1", "b = 2"]})
     assert lines == ["def f():", "    a = 1", "    b = 2", "    return 1"]
     assert fill("x\n  {{empty}}\ny", {"empty": []}) == ["x", "y"]
 

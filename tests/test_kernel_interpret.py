@@ -32,16 +32,17 @@ def _grids(p, lq, lkv, q_tile, kv_tile):
 
 
 def _tile_maps(mask, qg, kg):
-    """mask bool [B, H, Lq, Lkv] → (any, all) bool [H, n_q_tiles, n_kv_tiles] over real pairs."""
+    """mask bool [B, H, Lq, Lkv] → (visited, full) bool [H, n_q_tiles, n_kv_tiles]: some / every
+    real (q, k) pair of the tile kept (in some / every batch); padding slots are ignored."""
     qi, ki = qg.token_index(), kg.token_index()                  # [nq, tq], [nk, tk]
-    m = mask.any(0) if True else None
-    allb = mask.all(0)
-    qv, kv = qi >= 0, ki >= 0
-    g = lambda t: t[:, qi.clamp(min=0)][:, :, :, ki.clamp(min=0)]  # noqa: E731  [H, nq, tq, nk, tk]
-    valid = qv[:, :, None, None] & kv[None, None]
-    anyt = (g(m) & valid).flatten(3).any(-1).any(2) if False else (g(m) & valid).any(4).any(2)
-    allt = (g(allb) | ~valid).all(4).all(2)
-    return anyt, allt & anyt
+    valid = (qi >= 0)[:, :, None, None] & (ki >= 0)[None, None]  # [nq, tq, nk, tk]
+
+    def gather(m):                                               # [H, nq, tq, nk, tk]
+        return m[:, qi.clamp(min=0)][:, :, :, ki.clamp(min=0)]
+
+    visited = (gather(mask.any(0)) & valid).any(4).any(2)
+    full = (gather(mask.all(0)) | ~valid).all(4).all(2)
+    return visited, full & visited
 
 
 def exact_schedule(p, lq, lkv, heads, mask, q_tile=(16,), kv_tile=(16,), full=True):
@@ -57,7 +58,8 @@ def exact_schedule(p, lq, lkv, heads, mask, q_tile=(16,), kv_tile=(16,), full=Tr
             seen[key] = len(classes)
             f = CSR.from_dense(allt[h])
             pt = CSR.from_dense(anyt[h] & ~allt[h])
-            classes.append(HeadClass((h,), f, pt, f.transpose(kg.n_tiles), pt.transpose(kg.n_tiles)))
+            classes.append(HeadClass((h,), f, pt, f.transpose(kg.n_tiles),
+                                     pt.transpose(kg.n_tiles)))
         head_class.append(seen[key])
     return Schedule(p, lq, lkv, heads, qg, kg, tuple(classes), tuple(head_class))
 
@@ -119,7 +121,8 @@ CASES = {
     "causal_bf16_d64": ("pattern c\nmask causal", {}, 1, 2, 1, 33, 33, 64, 64, BF16),
     "sliding_window": ("pattern sw(w = 9)\nmask window(w)", {}, 1, 4, 2, 70, 70, 16, 16, F32),
     "chunked": ("pattern ch(c = 12)\nmask causal & chunked(c)", {}, 1, 2, 1, 50, 50, 16, 32, F32),
-    "dilated": ("pattern d(w = 10, dil = 3)\nmask dilated(w, dil)", {}, 1, 2, 2, 45, 45, 16, 16, F32),
+    "dilated": ("pattern d(w = 10, dil = 3)\nmask dilated(w, dil)", {},
+                1, 2, 2, 45, 45, 16, 16, F32),
     "prefix_lm": ("pattern pl(n = 5)\nmask prefix(n) | causal", {}, 1, 2, 2, 33, 47, 16, 16, F16),
     "sinks": ("pattern ss(n = 2, w = 8)\nmask causal & (sinks(n) | window(w))", {},
               1, 2, 2, 52, 52, 16, 16, F32),

@@ -28,7 +28,8 @@ class LaunchError(ValueError):
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("ATTNCC_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "attncc-kernels")
+    root = os.environ.get("ATTNCC_CACHE_DIR") \
+        or os.path.join(tempfile.gettempdir(), "attncc-kernels")
     os.makedirs(root, exist_ok=True)
     return root
 
@@ -199,7 +200,8 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         if not isinstance(t, torch.Tensor):
             raise LaunchError(f"missing input '{name}' (a tensor with {nd} dimensions)")
         if t.dim() != nd:
-            raise LaunchError(f"input '{name}' must have {nd} dimensions, got shape {list(t.shape)}")
+            raise LaunchError(f"input '{name}' must have {nd} dimensions, "
+                              f"got shape {list(t.shape)}")
         if t.device != q.device:
             raise LaunchError(f"input '{name}' is on {t.device}, q on {q.device}")
         in_args += [t, *t.stride(), *t.shape]
