@@ -291,3 +291,15 @@ def test_lowered_selectors_evaluate_to_the_dense_selection(spec, params, L):
     got = lowered.dense_mask(q_len=L, kv_len=L, heads=2, batch=2,
                              inputs={n: t.bool() for n, t in tensors.items()})
     assert torch.equal(got, want)
+
+
+def test_lists_scale_with_tiles_not_tokens():
+    """128K tokens: a [L, L] mask would need 16 GiB; the pre-pass only builds [nQT, nKT]."""
+    L = 1 << 17
+    scores = torch.randn(1, 1, L // 128, L // 128, generator=torch.Generator().manual_seed(0))
+    lists = block_lists(scores, 128, top=0.01, q_tile=128, kv_tile=128, q_len=L, kv_len=L)
+    assert lists.shape == (1, 1, 1024) and lists.partial.shape[-1] == 0
+    assert lists.full_counts.eq(11).all()                 # ceil(0.01 · 1024) = 11 blocks
+    q = torch.randn(1, 1, L, 4, generator=torch.Generator().manual_seed(1))
+    lists = route_lists(q, q, 512, 3, q_tile=128, kv_tile=128)
+    assert lists.full_counts.eq(12).all() and lists.partial_counts.eq(0).all()

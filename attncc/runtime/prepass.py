@@ -10,11 +10,11 @@ of the schedule at call time, on the tensors' device, with a fixed number of bat
    score tensor. Both give a bool selection `[B, H, n_q_groups, n_k_groups]` over token groups
    (regions or blocks) plus the group id of every query and key token.
 2. *Tile classes.* A query tile and a key tile each cover a set of groups (a tile may span
-   several regions; the union is taken). With the membership matrices Mq `[nQT, nGq]` and
-   Mk `[nKT, nGk]`, the tile pair is visited iff `Mq · sel · Mkᵀ > 0` and the selector keeps
-   every pair of it iff `Mq · ¬sel · Mkᵀ == 0`. Padding slots of border tiles belong to no
-   group. The result is an int8 `TileClass` tensor `[B, H, nQT, nKT]` (EMPTY 0, PARTIAL 1,
-   FULL 2), i.e. O(tiles) memory.
+   several regions; the union is taken). The tile pair is visited iff some pair of their
+   groups is kept, and the selector keeps every pair of it iff all pairs of their groups are
+   kept (reductions over each tile's short group list). Padding slots of border tiles belong
+   to no group. The result is an int8 `TileClass` tensor `[B, H, nQT, nKT]` (EMPTY 0,
+   PARTIAL 1, FULL 2), i.e. O(tiles) memory.
 3. *Intersection.* The mask is split into its top-level `&` conjuncts; each gets a class
    tensor and the pattern's class is their element-wise minimum: EMPTY if any conjunct is
    EMPTY, FULL only if every conjunct is FULL (in particular a tile is FULL only if the static
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Mapping, Optional, Sequence
@@ -131,13 +132,17 @@ def _as_grid(tile, shape: tuple[int, ...], label: str) -> TileGrid:
     return TileGrid(tuple(shape), tile)
 
 
-def _membership(grid: TileGrid, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """float32 [n_tiles, n_groups]: 1 where the tile holds a token of that group."""
+def _tile_groups(grid: TileGrid, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """int64 [n_tiles, m]: the distinct groups of each tile's tokens, ascending, padded with
+    `n_groups` (m = the largest number of groups in one tile)."""
     slots = grid.token_index().to(gid.device)
-    g = torch.where(slots >= 0, gid[slots.clamp(min=0)] + 1, torch.zeros_like(slots))
-    m = torch.zeros(grid.n_tiles, n_groups + 1, dtype=torch.float32, device=gid.device)
-    m.scatter_(1, g, 1.0)
-    return m[:, 1:]
+    g = torch.where(slots >= 0, gid[slots.clamp(min=0)], torch.full_like(slots, n_groups))
+    g = g.sort(-1).values
+    dup = torch.zeros_like(g, dtype=torch.bool)
+    dup[:, 1:] = g[:, 1:] == g[:, :-1]
+    g = torch.where(dup, torch.full_like(g, n_groups), g).sort(-1).values
+    m = int((g < n_groups).sum(-1).max()) if g.numel() else 0
+    return g[:, :max(m, 1)]
 
 
 def group_classes(sel: torch.Tensor, q_gid: torch.Tensor, k_gid: torch.Tensor,
@@ -146,17 +151,24 @@ def group_classes(sel: torch.Tensor, q_gid: torch.Tensor, k_gid: torch.Tensor,
 
     sel [B, H, nGq, nGk] bool (group pairs kept), q_gid int64 [Lq] / k_gid int64 [Lkv] (group
     of each token) → int8 [B, H, nQT, nKT]: EMPTY when no kept pair falls in the tile, FULL when
-    every real (non-padding) pair is kept, PARTIAL otherwise.
+    every real (non-padding) pair is kept, PARTIAL otherwise. With each tile's group list
+    (m groups at most) the work is O(B·H·(nQT·m·nGk + nQT·nKT·m)): linear in tile pairs.
     """
-    mq = _membership(q_grid, q_gid, sel.shape[-2])
-    mk = _membership(kv_grid, k_gid, sel.shape[-1])
-    keep = sel.to(torch.float32)
-    hits = mq @ keep @ mk.T
-    misses = mq @ (1.0 - keep) @ mk.T
-    out = torch.full(hits.shape, PARTIAL, dtype=torch.int8, device=sel.device)
-    out[hits == 0] = EMPTY
-    out[(misses == 0) & (hits > 0)] = FULL
-    return out
+    B, H, ngq, ngk = sel.shape
+    gq = _tile_groups(q_grid, q_gid, ngq)
+    gk = _tile_groups(kv_grid, k_gid, ngk)
+    out = []
+    for pad in (False, True):  # any-reduction (pads are False), all-reduction (pads are True)
+        rows = torch.cat([sel, torch.full((B, H, 1, ngk), pad, device=sel.device)], 2)
+        red = rows[:, :, gq]                                           # [B, H, nQT, mq, nGk]
+        red = red.all(-2) if pad else red.any(-2)
+        red = torch.cat([red, torch.full((B, H, red.shape[2], 1), pad, device=sel.device)], -1)
+        red = red[..., gk]                                             # [B, H, nQT, nKT, mk]
+        out.append(red.all(-1) if pad else red.any(-1))
+    hit, full = out
+    cls = torch.where(hit, PARTIAL, EMPTY).to(torch.int8)
+    cls[hit & full] = FULL
+    return cls
 
 
 # ---- selectors ------------------------------------------------------------------------------
@@ -258,15 +270,22 @@ def _block_gids(n: int, block: int, device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.int64) // block
 
 
+# Schedule -> {device: int8 [H, nQT, nKT]} static tile classes.
+_STATIC_CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _intersect(cls: torch.Tensor, static) -> torch.Tensor:
     if static is None:
         return cls
-    if not isinstance(static, torch.Tensor):  # a Schedule
-        stat = torch.stack([static.for_head(h).classes(static.n_kv_tiles)
-                            for h in range(static.heads)])
+    if not isinstance(static, torch.Tensor):  # a Schedule: its classes, once per device
+        per = _STATIC_CLASSES.setdefault(static, {})
+        stat = per.get(str(cls.device))
+        if stat is None:
+            stat = per[str(cls.device)] = torch.stack(
+                [static.for_head(h).classes(static.n_kv_tiles) for h in range(static.heads)]
+            ).to(cls.device, torch.int8)
     else:
-        stat = static
-    stat = stat.to(cls.device, torch.int8)
+        stat = static.to(cls.device, torch.int8)
     if stat.shape[-2:] != cls.shape[-2:]:
         raise PrepassError(f"static tile classes {list(stat.shape)} do not match the tiling "
                            f"{list(cls.shape[-2:])}")
