@@ -263,8 +263,11 @@ def test_flex_natten2d_grid():
 
 
 def test_flex_document():
-    doc = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 100, 7, 90, 19]))[None]
-    _check(spec("document"), *_qkv(1, 2, 1, 256, 256), {"doc": doc})
+    # Two batch entries with different documents: the mask_mod must read doc[b] per entry
+    # while the BlockMask (batch dimension 1) is shared.
+    doc = torch.stack([torch.repeat_interleave(torch.arange(5), torch.tensor([40, 100, 7, 90, 19])),
+                       torch.repeat_interleave(torch.arange(3), torch.tensor([200, 1, 55]))])
+    _check(spec("document"), *_qkv(2, 2, 1, 256, 256), {"doc": doc})
 
 
 SWEEP_INPUTS = {"moh": lambda Bn, Hn, L: {"weight": torch.rand(Bn, L, Hn)},
