@@ -119,6 +119,29 @@ def test_interpreter_off_is_a_clear_error(monkeypatch):
     assert attncc.compile(kern.pattern, backend="reference")(q, k, v).shape == q.shape
 
 
+def test_interpreter_switched_on_after_triton_import_is_detected(tmp_path):
+    """Triton binds its own @jit helpers to a mode at import; TRITON_INTERPRET=1 set later
+    cannot take effect, and the call says so instead of failing inside the interpreter."""
+    import subprocess
+    import sys
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import os, torch, triton.language, attncc\n"
+        "from attncc.runtime import compile as rc\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        f"kern = attncc.compile({os.path.join(SPECS, 'causal.attn')!r})\n"
+        "q = torch.randn(1, 1, 8, 4)\n"
+        "try:\n"
+        "    kern(q, q, q)\n"
+        "except rc.BackendError as e:\n"
+        "    print(str(e) == rc.INTERPRETER_LATE)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(SPECS), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.stdout.strip() == "True", res.stderr[-2000:]
+
+
 # ---- argument validation (exact messages) --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -145,6 +168,8 @@ def _doc(B=2, L=40):
     (lambda q, k, v: (q.long(), k.long(), v.long()), InputTypeError,
      "q has dtype int64; supported: float16, bfloat16, float32, float64"),
     (lambda q, k, v: (q, k, "v"), InputTypeError, "v must be a torch.Tensor, got str"),
+    (lambda q, k, v: (q, k.to("meta"), v), InputError,
+     "k is on meta, expected cpu (the device of q)"),
 ])
 def test_qkv_validation_messages(doc_kernel, make, exc, message):
     q, k, v = qkv()
@@ -163,6 +188,8 @@ def test_qkv_validation_messages(doc_kernel, make, exc, message):
      "unknown input 'docs' for pattern 'document' (declared: 'doc'); did you mean 'doc'?"),
     ({"doc": [0, 1]}, InputTypeError,
      "input 'doc' must be a torch.Tensor, got list; expected int[b, k] = [2, 40]"),
+    ({"doc": _doc().to("meta")}, InputError,
+     "input 'doc' is on meta, expected cpu (the device of q)"),
 ])
 def test_runtime_input_validation_messages(doc_kernel, inputs, exc, message):
     q, k, v = qkv()

@@ -12,7 +12,7 @@ inputs, grid lengths) before any work, then runs one backend:
                TRITON_INTERPRET=1 in the environment before triton is imported)
                (patterns with runtime data in the schedule, `route`/`blocks`, document ids
                `doc[b, q] == doc[b, k]` or an `output scale`, run these kernels with
-               per-(batch, head, query tile) lists from `runtime.prepass.kernel_forward`;
+               per-(batch, head, query tile) lists from `runtime.prepass_kernel.kernel_forward`;
                `Kernel.last_stats` then reports visited and skipped tiles)
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
     reference  `attncc.reference` (dense float64), cast to the dtype of q
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -47,6 +48,12 @@ INTERPRETER_OFF = (
     "triton (e.g. `TRITON_INTERPRET=1 python train.py`), or use backend='flex' or "
     "backend='reference' for CPU tensors")
 
+INTERPRETER_LATE = (
+    "backend 'interpret' needs Triton's interpreter, but TRITON_INTERPRET=1 was set after "
+    "triton had been imported, which is too late for this process: set it in the environment "
+    "before the program starts (e.g. `TRITON_INTERPRET=1 python train.py`), or use "
+    "backend='flex' or backend='reference' for CPU tensors")
+
 # Process-wide loaded kernel modules: (cache key, interpreted) -> module.
 _MODULES: dict[tuple[str, bool], object] = {}
 # Kernels behind `Pattern.__call__`, one per pattern.
@@ -57,14 +64,29 @@ class BackendError(RuntimeError):
     """The chosen backend cannot run the given tensors in this process."""
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton's interpreter is on (TRITON_INTERPRET=1): jitted functions defined
-    from now on run on CPU tensors."""
+def _interpreter_env() -> bool:
     try:
         from triton import knobs
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):  # older Triton: the environment variable itself
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _interpreter_at_import() -> Optional[bool]:
+    """Whether Triton's interpreter was on when triton.language was imported (its own
+    @jit helpers are then interpreted functions), or None if it is not imported yet."""
+    std = sys.modules.get("triton.language.standard")
+    helper = getattr(std, "cdiv", None)
+    if helper is None:
+        return None
+    return type(helper).__name__ == "InterpretedFunction"
+
+
+def interpreter_enabled() -> bool:
+    """True when generated kernels loaded now run in Triton's interpreter (CPU): the switch
+    TRITON_INTERPRET=1 is on, and was already on when triton was first imported (Triton's
+    own @jit helpers are bound to a mode at import; switching later leaves them compiled)."""
+    return _interpreter_env() and _interpreter_at_import() is not False
 
 
 def resolve_backend(requested: Optional[str], device: torch.device) -> str:
@@ -79,7 +101,7 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
                            "backend='interpret' (Triton's interpreter), 'flex' or 'reference' "
                            "for CPU tensors")
     if backend == "interpret" and not interpreter_enabled():
-        raise BackendError(INTERPRETER_OFF)
+        raise BackendError(INTERPRETER_LATE if _interpreter_env() else INTERPRETER_OFF)
     return backend
 
 
@@ -329,7 +351,7 @@ class Kernel:
 # ---- backends ------------------------------------------------------------------------------
 
 def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
-    from .prepass import kernel_forward, needs_prepass
+    from .prepass_kernel import kernel_forward, needs_prepass
     if needs_prepass(kern.pattern):
         # Route / blocks / document ids / output scale: per-(batch, head) lists from the
         # runtime pre-pass, read by the same generated kernel.
