@@ -129,6 +129,8 @@ CASES = {
     "moa_head_classes": ("pattern moa\nmask causal & (k < 2 | q - k < (h < 2 ? 5 : 20))", {},
                          1, 4, 2, 40, 40, 16, 16, F32),
     "alibi": ("pattern al\nmask causal\nscore alibi", {}, 1, 4, 4, 30, 30, 16, 16, F32),
+    "dense_d128_dv80": ("pattern d\nmask true", {}, 1, 2, 1, 37, 41, 128, 80, F32),
+    "constant_score": ("pattern z\nmask causal\nscore 1.5", {}, 1, 2, 2, 30, 30, 16, 16, F16),
     # Floor `//` and `%` on negative operands (the kernel's integer ops truncate).
     "floor_semantics": ("pattern fl\nmask (q - k) % 5 < 3 & (k - q) // 4 >= -3 "
                         "& (k - q) // 4 < 5", {}, 1, 2, 2, 45, 45, 16, 16, F32),
