@@ -273,7 +273,8 @@ def test_check_document_ids():
 def test_lowered_selectors_evaluate_to_the_dense_selection(spec, params, L):
     """The selection loads that kernels evaluate per element (`lower_selectors`) give exactly
     the dense mask of the original selector (region / block index arithmetic in the IR)."""
-    from attncc.runtime.prepass import lower_selectors, pattern_classes
+    from attncc.runtime.prepass import pattern_classes
+    from attncc.runtime.prepass_kernel import lower_selectors
     p = attncc.load(f"specs/{spec}.attn", **params)
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 2, L, 4, generator=g), torch.randn(2, 1, L, 4, generator=g)

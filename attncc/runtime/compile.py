@@ -175,13 +175,16 @@ def kernel_for(pattern: Pattern) -> "Kernel":
 
 class _Attention(torch.autograd.Function):
     """Forward by the chosen backend; backward by differentiating `attncc.reference` (dense
-    float64) recomputed from the saved q, k, v."""
+    float64) recomputed from the saved q, k, v and runtime inputs. Floating-point runtime
+    inputs (head weights, score tables) are arguments too, so they receive gradients where
+    the pattern's value depends on them smoothly; integer and bool inputs receive none."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kern, backend, scale, inputs, need_lse):
+    def forward(ctx, kern, backend, scale, need_lse, names, q, k, v, *values):
+        inputs = dict(zip(names, values))
         out, lse = kern._forward(backend, q, k, v, inputs, scale, need_lse)
-        ctx.save_for_backward(q, k, v)
-        ctx.kern, ctx.scale, ctx.inputs = kern, scale, inputs
+        ctx.save_for_backward(q, k, v, *values)
+        ctx.kern, ctx.scale, ctx.names = kern, scale, names
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -189,15 +192,21 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         from ..reference import reference
-        q, k, v = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[:3]
+        saved = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[5:]
         with torch.enable_grad():
-            leaves = [t.detach().to(torch.float64).requires_grad_(w) for t, w in zip((q, k, v), wanted)]
-            out = reference(ctx.kern.pattern, *leaves, scale=ctx.scale, **ctx.inputs)
-            need = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, need, dout.to(torch.float64)))
-        result = [next(grads).to(t.dtype) if w else None for t, w in zip((q, k, v), wanted)]
-        return (*result, None, None, None, None, None)
+            leaves = [t.detach().to(torch.float64).requires_grad_(w) if t.is_floating_point()
+                      else t for t, w in zip(saved, wanted)]
+            q, k, v, *values = leaves
+            out = reference(ctx.kern.pattern, q, k, v, scale=ctx.scale,
+                            **dict(zip(ctx.names, values)))
+            need = [t for t, w in zip(leaves, wanted) if w]
+            grads = iter(torch.autograd.grad(out, need, dout.to(torch.float64), allow_unused=True))
+        result = []
+        for t, w in zip(saved, wanted):
+            g = next(grads) if w else None
+            result.append(None if g is None else g.to(t.dtype))
+        return (None, None, None, None, None, *result)
 
 
 class Kernel:
@@ -209,9 +218,10 @@ class Kernel:
     q's dtype, and with `return_lse=True` also the log-sum-exp float32 [B, Hq, Lq] (natural
     log; -inf for a query that sees no key, whose output row is 0).
 
-    Autograd: forward kernels only in this release. When q, k or v require grad, the backward
-    pass recomputes attention densely with `attncc.reference` (float64) and differentiates it:
-    correct, but O(B·Hq·Lq·Lkv) memory and time. Runtime inputs receive no gradient.
+    Autograd: forward kernels only in this release. When q, k, v or a floating-point runtime
+    input require grad, the backward pass recomputes attention densely with `attncc.reference`
+    (float64) and differentiates it: correct, but O(B·Hq·Lq·Lkv) memory and time. Selections
+    (`route`, `blocks` top-k) are piecewise constant: no gradient flows through them.
 
     Attributes: `pattern`, `options`, `backend` (the requested backend; None = by device),
     `source` (generated source for the default shape), `schedule(q_len, kv_len, heads)`.
@@ -314,8 +324,10 @@ class Kernel:
             out = q.new_zeros(B, Hq, Lq, Dv)
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
             return (out, lse) if return_lse else out
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            out, lse = _Attention.apply(q, k, v, self, backend, scale, inputs, return_lse)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values())):
+            names = tuple(inputs)
+            out, lse = _Attention.apply(self, backend, scale, return_lse, names, q, k, v,
+                                        *inputs.values())
         else:
             out, lse = self._forward(backend, q, k, v, inputs, scale, return_lse)
         return (out, lse) if return_lse else out

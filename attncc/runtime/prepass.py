@@ -24,12 +24,12 @@ of the schedule at call time, on the tensors' device, with a fixed number of bat
    tensors `[B, H, nQT, max_count]` plus int32 counts `[B, H, nQT]`, separately for FULL and
    PARTIAL tiles (entries past a row's count are 0).
 
-`attncc.runtime.blocksparse` runs these lists in torch (the CPU path); `kernel_forward` below
-feeds them to the generated Triton kernels (one CSR row per (batch, head, query tile)).
+`attncc.runtime.blocksparse` runs these lists in torch (the CPU path);
+`attncc.runtime.prepass_kernel` feeds them to the generated Triton kernels (one CSR row per
+(batch, head, query tile)).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -40,15 +40,12 @@ import torch
 
 from ..ir.dense import Evaluator
 from ..ir.inputs import InputError
-from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var, free_vars,
-                        transform, walk)
-from ..ir.pattern import InputDecl
+from ..ir.nodes import Binary, Blocks, Expr, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import TileClass, TileGrid
 
 __all__ = ["TileLists", "route_select", "block_select", "route_lists", "block_lists",
            "document_classes", "group_classes", "lists_from_classes", "static_classes",
-           "pattern_classes", "head_weights", "PrepassStats", "PrepassError", "needs_prepass",
-           "lower_selectors", "program_lists", "kernel_forward", "region_aligned_options"]
+           "pattern_classes", "head_weights", "PrepassStats", "PrepassError"]
 
 EMPTY, PARTIAL, FULL = int(TileClass.EMPTY), int(TileClass.PARTIAL), int(TileClass.FULL)
 # Elements of one gathered score slab [B, H, tile rows, keys] in the CPU path.
@@ -516,149 +513,6 @@ class PrepassStats:
     def as_dict(self) -> dict:
         return {"head_tiles": self.head_tiles, "skipped_head_tiles": self.skipped_head_tiles,
                 "full_tiles": self.full_tiles, "partial_tiles": self.partial_tiles, **self.extra}
-
-
-# ---- generated kernels ----------------------------------------------------------------------
-
-_SOURCES: dict = {}
-
-
-def needs_prepass(pattern) -> bool:
-    """True when a call of `pattern` needs per-(batch, head, query tile) lists: the mask uses
-    `route` / `blocks` or a document equality, or there is an `output scale` (skipping)."""
-    return pattern.output_scale is not None \
-        or any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask)) \
-        or any(_document_input(t) is not None for t in _conjuncts(pattern.mask))
-
-
-def _group_expr(side: str, node, layout) -> Expr:
-    """IR of the group (region / block) index of token `side`, matching `route_select` /
-    `_block_gids`: regions row-major over the region grid of the layout."""
-    if isinstance(node, Blocks):
-        return Binary("floordiv", Var(side), Const(node.block))
-    if layout is None:
-        return Binary("floordiv", Var(side), Const(node.region[0]))
-    region = _region_tuple(node.region, len(layout.axes))
-    out: Expr = Const(0)
-    for a, (axis, r) in enumerate(zip(layout.axes, region)):
-        out = Binary("add", Binary("mul", out, Const(-(-axis.size // r))),
-                     Binary("floordiv", Coord(side, a, axis.name), Const(r)))
-    return out
-
-
-def lower_selectors(pattern, selections: Mapping):
-    """`pattern` with every route / blocks node replaced by a load of its selection,
-    `attncc_selN[b, h, group(q), group(k)]`, for kernels that evaluate the mask per element.
-
-    Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}); the
-    lowered pattern declares the selections (as bool inputs) and drops inputs that only the
-    selectors read.
-    """
-    names, tensors = {}, {}
-    taken = {d.name for d in pattern.inputs}
-    for node in walk(pattern.mask):
-        if isinstance(node, (Route, Blocks)) and node not in names:
-            i = len(names)
-            while f"attncc_sel{i}" in taken:
-                i += 1
-            names[node] = f"attncc_sel{i}"
-            taken.add(names[node])
-            tensors[names[node]] = selections[node][0].to(torch.int8).contiguous()
-
-    def rewrite(n):
-        if n in names:
-            return Load(names[n], (Var("b"), Var("h"), _group_expr("q", n, pattern.layout),
-                                   _group_expr("k", n, pattern.layout)), BOOL)
-        return None
-
-    mask = transform(pattern.mask, rewrite)
-    # Inputs read only by the replaced selectors (block scores) are no longer inputs.
-    used = {n.input for r in (mask, pattern.score, pattern.output_scale) if r is not None
-            for n in walk(r) if isinstance(n, Load)}
-    decls = tuple(d for d in pattern.inputs if d.name in used) + tuple(
-        InputDecl(nm, "bool", ("b", "h", int(t.shape[2]), int(t.shape[3])))
-        for nm, t in tensors.items())
-    return dataclasses.replace(pattern, inputs=decls, mask=mask), tensors
-
-
-def program_lists(classes: torch.Tensor) -> dict:
-    """int32 CSR launch tensors with one row per (b, h, query tile), row (b·H + h)·nQT + m,
-    from classes int8 [B, H, nQT, nKT] (`attncc.runtime.launch.run_forward(lists=...)`)."""
-    out = {}
-    for kind, val in (("full", FULL), ("partial", PARTIAL)):
-        m = (classes == val).flatten(0, 2)
-        offsets = torch.zeros(m.shape[0] + 1, dtype=torch.int64, device=classes.device)
-        offsets[1:] = torch.cumsum(m.sum(-1), 0)
-        idx = m.nonzero()[:, 1]
-        if idx.numel() == 0:
-            idx = torch.zeros(1, dtype=torch.int64, device=classes.device)
-        out[f"{kind}_offsets"] = offsets.to(torch.int32)
-        out[f"{kind}_indices"] = idx.to(torch.int32)
-    return out
-
-
-def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   inputs: Mapping[str, torch.Tensor], *, scale: float, options):
-    """Data-dependent forward through the generated Triton kernel (CUDA, or the interpreter).
-
-    q [B, Hq, Lq, D], k / v [B, Hkv, Lkv, D(v)], validated `inputs`. The static conjuncts of
-    the mask are scheduled by `build_schedule` (tile shapes and their classes); the pre-pass
-    intersects them with the selectors' and documents' classes per (b, h), drops
-    (b, h, query tile) triples whose output-scale weights are all zero, and launches one
-    program per (query tile, b·h) reading its own CSR row. Returns (out, lse, PrepassStats).
-    """
-    from ..schedule.build import build_schedule
-    from ..codegen.forward import generate_forward
-    from .compile import interpreter_enabled, structure_key
-    from .launch import load_kernel, run_forward
-    B, Hq, Lq, _ = q.shape
-    Lkv = k.shape[2]
-    options = region_aligned_options(pattern, options)
-    static_terms = [t for t in _conjuncts(pattern.mask) if _is_static(t)]
-    static_pattern = dataclasses.replace(pattern, inputs=(), mask=_static_expr(static_terms) or TRUE,
-                                         score=None, output_scale=None)
-    sched = build_schedule(static_pattern, Lq, Lkv, Hq, options=options)
-    cls, selections = pattern_classes(pattern, q, k, inputs, sched.q_grid, sched.kv_grid,
-                                      static=sched)
-    weights = head_weights(pattern, inputs, B, Hq, Lq, Lkv, q.device)
-    active = _active_tiles(weights, sched.q_grid, (B, Hq), q.device)
-    cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
-    lowered, sel_inputs = lower_selectors(pattern, selections)
-    kinds = tuple(dict.fromkeys(
-        "route" if isinstance(n, Route) else "blocks" for n in selections)) or ("lists",)
-    # Per-program lists replace the static ones, so the kernel must loop over lists, not over
-    # closed-form bounds of the static part.
-    ksched = dataclasses.replace(sched, pattern=lowered, runtime=kinds, classes=tuple(
-        dataclasses.replace(c, bounds=None) for c in sched.classes))
-    key = (lowered.ir_hash(), options.key(), structure_key(ksched))
-    if key not in _SOURCES:
-        _SOURCES[key] = generate_forward(lowered, ksched, options)
-    module = load_kernel(_SOURCES[key])
-    lists = program_lists(cls)
-    full = int(lists["full_offsets"][-1])
-    partial = int(lists["partial_offsets"][-1])
-    stats = PrepassStats(head_tiles=int(active.numel()), skipped_head_tiles=int((~active).sum()),
-                         full_tiles=full, partial_tiles=partial,
-                         extra={"interpreted": interpreter_enabled()})
-    out, lse = run_forward(module, ksched, q, k, v, inputs={**inputs, **sel_inputs}, scale=scale,
-                           options=options, lists=lists)
-    return out, lse, stats
-
-
-def region_aligned_options(pattern, options):
-    """`options` with query and key tiles equal to the region of the pattern's single
-    `route` on a grid layout, when the options leave tile shapes open and the region is a
-    box of power-of-two sides with 16..256 tokens: every tile is then one region, so kept
-    tiles are FULL (no per-element mask) and exactly topk key tiles are visited."""
-    routes = [n for n in walk(pattern.mask) if isinstance(n, Route)]
-    layout = pattern.layout
-    if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
-            or options.kv_tile is not None:
-        return options
-    region = _region_tuple(routes[0].region, len(layout.axes))
-    if all(r & (r - 1) == 0 for r in region) and 16 <= math.prod(region) <= 256:
-        return options.replace(q_tile=region, kv_tile=region)
-    return options
 
 
 def _is_static(term: Expr) -> bool:
