@@ -363,3 +363,17 @@ def test_bench_forward_counts_kept_pairs():
     text = str(res)
     assert text.startswith("sliding_window: B=2 H=2 Lq=100 Lkv=100 D=8 float32 on cpu")
     assert "| sdpa+mask |" in text
+
+
+def test_autograd_reaches_float_runtime_inputs():
+    """MoH head weights: out = attn(causal) · w[b, q, h], so d(sum(out · g))/dw[b, q, h] =
+    Σ_d g · attn — independent of attncc's reference."""
+    kern = attncc.compile(os.path.join(SPECS, "moh.attn"), backend="reference")
+    q, k, v = qkv(B=2, Hq=2, Hkv=1, Lq=12, Lkv=12, D=4, seed=2)
+    w = torch.rand(2, 12, 2, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    g = torch.randn(2, 2, 12, 4, generator=torch.Generator().manual_seed(5))
+    (kern(q, k, v, weight=w) * g).sum().backward()
+    i = torch.arange(12)
+    attn, _ = dense_attention((i[None, :] <= i[:, None]).expand(2, 2, 12, 12), q, k, v)
+    expected = (attn * g.double()).sum(-1).transpose(1, 2)        # [B, Lq, H]
+    torch.testing.assert_close(w.grad.double(), expected, atol=1e-5, rtol=1e-5)
