@@ -269,3 +269,17 @@ def test_kernel_biformer_region_aligned_tiles():
     q, k, v, _ = qkv(3, 1, 2, 1, 64, 64, D=16)
     stats = _kernel_check(p, q, k, v, {})
     assert stats["partial_tiles"] == 0 and stats["full_tiles"] == 2 * 4 * 2
+
+
+def test_kernel_bad_runtime_inputs():
+    kern = attncc.compile("specs/seer_gate.attn", params={"block": 16, "keep": 0.5},
+                          backend="interpret")
+    q, k, v, _ = qkv(0, 1, 2, 1, 48, 48, D=16)
+    gate = torch.zeros(1, 2, 3, 3)
+    gate[0, 1, 2, 0] = math.nan
+    with pytest.raises(PrepassError, match="^input 'gate' contains NaN$"):
+        kern(q, k, v, gate=gate)
+    with pytest.raises(InputError, match=r"^input 'gate' has shape \[1, 2, 3\], expected "):
+        kern(q, k, v, gate=torch.zeros(1, 2, 3))
+    with pytest.raises(InputError, match=r"^missing input 'gate': expected "):
+        kern(q, k, v)
