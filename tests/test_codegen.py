@@ -101,7 +101,22 @@ def _golden_patterns():
             "document_softcap": (document, grid_schedule(document)),
             "natten2d_boxes": (natten, grid_schedule(natten, (4, 4), (4, 8))),
             "moh_dilated": (moh, grid_schedule(moh)),
-            "causal_closed_form": (causal, grid_schedule(causal, bounds=_causal_bounds(8)))}
+            "causal_closed_form": (causal, grid_schedule(causal, bounds=_causal_bounds(8))),
+            "natten2d_closed_form": (natten, grid_schedule(natten, (4, 4), (4, 4),
+                                                           bounds=_box_bounds((2, 3))))}
+
+
+def _box_bounds(counts) -> Bounds:
+    """Per axis a: key tiles [qt_a - 1, qt_a) PARTIAL, [qt_a, qt_a + 1) FULL,
+    [qt_a + 1, qt_a + 2) PARTIAL (a neighborhood one tile wide)."""
+    axes = []
+    for a in range(len(counts)):
+        t = Var(f"qt{a}")
+        at = lambda d: Binary("add", t, Const(d))  # noqa: E731
+        axes.append((Range(at(-1), t, TileClass.PARTIAL), Range(t, at(1), TileClass.FULL),
+                     Range(at(1), at(2), TileClass.PARTIAL)))
+    return Bounds(tuple(f"qt{a}" for a in range(len(counts))), tuple(axes), tuple(counts),
+                  tuple(counts))
 
 
 def _causal_bounds(n: int) -> Bounds:
@@ -128,6 +143,16 @@ def test_closed_form_reads_no_lists():
     assert "'closed_form': True" in source
     csr = generate_forward(p, grid_schedule(p), OPTS)
     assert "tl.load(FULL_INDICES + it)" in csr and "'closed_form': False" in csr
+
+
+def test_multidim_closed_form_is_one_loop_nest_per_range_combination():
+    p, sched = _golden_patterns()["natten2d_closed_form"]
+    source = generate_forward(p, sched, OPTS)
+    # 3 ranges per axis → 9 nests, 1 of them FULL (both axes FULL).
+    assert source.count("for kt0 in range(") == 9 and source.count("for kt1 in range(") == 9
+    full = source[source.index("# FULL key tiles"):source.index("# PARTIAL key tiles")]
+    assert full.count("for kt0 in range(kt0_lo1, kt0_hi1):") == 1
+    assert "n = kt0 * 3 + kt1" in full
 
 
 def test_full_loop_has_no_mask_code():
