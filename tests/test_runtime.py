@@ -377,3 +377,14 @@ def test_autograd_reaches_float_runtime_inputs():
     attn, _ = dense_attention((i[None, :] <= i[:, None]).expand(2, 2, 12, 12), q, k, v)
     expected = (attn * g.double()).sum(-1).transpose(1, 2)        # [B, Lq, H]
     torch.testing.assert_close(w.grad.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_kernel_object_serves_several_lengths():
+    kern = attncc.compile(os.path.join(SPECS, "sliding_window.attn"), params={"window": 21},
+                          block_m=16, block_n=16)
+    for L in (40, 72, 40):
+        q, k, v = qkv(Lq=L, Lkv=L, seed=L)
+        mask = kern.pattern.dense_mask(L, L, heads=2, batch=2)
+        ref, _ = dense_attention(mask, q, k, v)
+        torch.testing.assert_close(kern(q, k, v).double(), ref, atol=2e-4, rtol=2e-4)
+    assert set(kern._schedules) == {(40, 40, 2), (72, 72, 2)}

@@ -281,9 +281,11 @@ class Kernel:
     @property
     def source(self) -> str:
         """Generated Triton forward source for `default_shape()`. On grid layouts this is the
-        kernel every call uses; on 1-D patterns it is the kernel of a representative
-        DEFAULT_1D_LEN-token schedule, which other lengths share when their tile structure
-        (`structure_key`) is the same."""
+        kernel every call uses. On 1-D patterns it is the kernel of a representative
+        DEFAULT_1D_LEN-token schedule: other lengths get their own kernel whenever their tile
+        structure (`structure_key`, which includes the closed-form loop bounds, where lengths
+        may appear as constants) differs; `source_for(kern.schedule(q_len, kv_len, heads))`
+        gives the source a particular shape runs."""
         return self.source_for(self.schedule(*self.default_shape()))
 
     def _entry(self, schedule) -> tuple[str, str]:
