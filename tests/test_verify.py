@@ -141,3 +141,17 @@ def test_runtime_selector_specs_pass_verify(name):
     """route/blocks patterns: pre-pass tile lists + block-sparse path against the reference."""
     assert _has_selector(_load(name))
     _sweep(name)
+
+
+def test_cli_verify_prints_pass_and_fail(capsys, monkeypatch):
+    from attncc.cli import main
+    spec = os.path.join(SPECS, "causal.attn")
+    argv = ["verify", spec, "--q-len", "24", "--block-m", "16", "--block-n", "16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "PASS" and "backend        interpret" in out
+    real = rc.RUNNERS["interpret"]
+    monkeypatch.setitem(rc.RUNNERS, "interpret",
+                        lambda *a: (real(*a)[0].roll(1, dims=2), real(*a)[1]))  # rows swapped
+    assert main(argv) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "FAIL"
