@@ -285,7 +285,10 @@ class Kernel:
         DEFAULT_1D_LEN-token schedule: other lengths get their own kernel whenever their tile
         structure (`structure_key`, which includes the closed-form loop bounds, where lengths
         may appear as constants) differs; `source_for(kern.schedule(q_len, kv_len, heads))`
-        gives the source a particular shape runs."""
+        gives the source a particular shape runs. Patterns that need the runtime pre-pass
+        (`prepass_kernel.needs_prepass`: route, blocks, document ids, output scale) run a
+        variant of this kernel generated per call structure (selections lowered to loads,
+        per-(batch, head) tile rows), which is not written to the on-disk cache."""
         return self.source_for(self.schedule(*self.default_shape()))
 
     def _entry(self, schedule) -> tuple[str, str]:
