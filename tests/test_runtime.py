@@ -388,3 +388,17 @@ def test_one_kernel_object_serves_several_lengths():
         ref, _ = dense_attention(mask, q, k, v)
         torch.testing.assert_close(kern(q, k, v).double(), ref, atol=2e-4, rtol=2e-4)
     assert set(kern._schedules) == {(40, 40, 2), (72, 72, 2)}
+
+
+def test_interpreted_kernel_noncontiguous_inputs():
+    kern = attncc.compile(os.path.join(SPECS, "document.attn"), block_m=16, block_n=16)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2)       # [2, 4, 40, 16], strided
+    k = torch.randn(2, 2, 16, 40, generator=g).transpose(2, 3)       # [2, 2, 40, 16], strided
+    v = torch.randn(2, 2, 40, 32, generator=g)[..., ::2]             # [2, 2, 40, 16], strided
+    doc = torch.sort(torch.randint(0, 3, (2, 80), generator=g), -1).values[:, ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or doc.is_contiguous())
+    out = kern(q, k, v, doc=doc)
+    mask = kern.pattern.dense_mask(40, 40, heads=4, batch=2, inputs={"doc": doc})
+    ref, _ = dense_attention(mask, q, k, v)
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
