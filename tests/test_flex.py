@@ -268,6 +268,8 @@ def test_flex_document():
     doc = torch.stack([torch.repeat_interleave(torch.arange(5), torch.tensor([40, 100, 7, 90, 19])),
                        torch.repeat_interleave(torch.arange(3), torch.tensor([200, 1, 55]))])
     _check(spec("document"), *_qkv(2, 2, 1, 256, 256), {"doc": doc})
+    # Same shape, new document ids: the cached block structure gets the new mask_mod.
+    _check(spec("document"), *_qkv(2, 2, 1, 256, 256, seed=1), {"doc": doc.flip(-1).neg()})
 
 
 SWEEP_INPUTS = {"moh": lambda Bn, Hn, L: {"weight": torch.rand(Bn, L, Hn)},

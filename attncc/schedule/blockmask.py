@@ -103,3 +103,19 @@ def to_block_mask(schedule: Schedule, *, batch: Optional[int] = None,
         gather(parts, 0), gather(parts, 1), gather(fulls, 0), gather(fulls, 1),
         BLOCK_SIZE=(block_size, block_size), mask_mod=mask_mod,
         seq_lengths=(schedule.q_len, schedule.kv_len))
+
+
+_BLOCK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def with_mask_mod(block_mask, mask_mod: Callable):
+    """A BlockMask sharing `block_mask`'s block tensors, with `mask_mod` attached instead
+    (O(1): lets a cached block structure serve calls whose mask_mod captures new inputs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    extra = {name: getattr(block_mask, name) for name in
+             ("dq_write_order", "dq_write_order_full", "dq_kv_order", "dq_kv_order_spt")
+             if hasattr(block_mask, name)}
+    return BlockMask(block_mask.seq_lengths,
+                     *(getattr(block_mask, name) for name in _BLOCK_TENSORS),
+                     BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=mask_mod, **extra)

@@ -4,7 +4,9 @@ The pattern's mask and score modifier are lowered to `mask_mod` / `score_mod`
 (`attncc.ir.lower_torch`), the block structure comes from attncc's analytic schedule
 (`attncc.schedule.blockmask.to_block_mask`: no O(Lq·Lkv) `create_block_mask`), and the
 `output scale` multiplies each head's output rows afterwards. FlexAttention is compiled once
-per process (`torch.compile(flex_attention)`); on CPU this is its fast C++ path.
+per process (`torch.compile(flex_attention)`); on CPU this is its fast C++ path. The block
+structure is cached per (pattern, shape, heads, device); each call attaches its own mask_mod
+(whose captured inputs may change between calls) without recompiling.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch.nn.attention.flex_attention import AuxRequest
 from ...ir.dense import resolve_lengths
 from ...ir.inputs import InputError, check_inputs, check_qkv
 from ...ir.lower_torch import check_flex_supported, output_scale, to_mask_mod, to_score_mod
-from ...schedule.blockmask import DEFAULT_BLOCK, to_block_mask
+from ...schedule.blockmask import DEFAULT_BLOCK, to_block_mask, with_mask_mod
 from ..options import CompileOptions
 
 _COMPILED = None
@@ -47,11 +49,16 @@ def _pick_flex(q, k, v, return_lse: bool):
     return compiled_flex_attention()
 
 
-@functools.lru_cache(maxsize=64)
-def _schedule(pattern, q_len: int, kv_len: int, heads: int, block: int):
+@functools.lru_cache(maxsize=32)
+def _block_structure(pattern, q_len: int, kv_len: int, heads: int, block: int, device: str):
+    """The analytic BlockMask of one call shape (block tensors on `device`), cached; its
+    placeholder mask_mod is swapped for the call's own (`with_mask_mod`)."""
+    from torch.nn.attention.flex_attention import noop_mask
+
     from ...schedule.build import build_schedule
     opts = CompileOptions(block_m=block, block_n=block, tile_1d=True)
-    return build_schedule(pattern, q_len, kv_len, heads=heads, options=opts)
+    sched = build_schedule(pattern, q_len, kv_len, heads=heads, options=opts)
+    return to_block_mask(sched, block_size=block, mask_mod=noop_mask, device=device)
 
 
 def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -80,8 +87,8 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lower = dict(q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=fdtype)
     mask_mod = to_mask_mod(pattern, inputs, **lower)
     score_mod = to_score_mod(pattern, inputs, **lower)
-    sched = _schedule(pattern, Lq, Lkv, Hq, block_size)
-    block_mask = to_block_mask(sched, block_size=block_size, mask_mod=mask_mod, device=q.device)
+    block_mask = with_mask_mod(_block_structure(pattern, Lq, Lkv, Hq, block_size, str(q.device)),
+                               mask_mod)
 
     if Lq == 0 or Lkv == 0:
         out = q.new_zeros(B, Hq, Lq, Dv)
