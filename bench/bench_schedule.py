@@ -268,7 +268,7 @@ def _fmt_mem(r: dict) -> str:
 
 
 def table(all_res: dict, sizes: list[int], patterns: list[str]) -> str:
-    head = ("| pattern | tokens | attncc build | +BlockMask export | attncc peak ΔRSS | "
+    head = ("| pattern | tokens | attncc tiles | attncc build | +BlockMask export | attncc peak ΔRSS | "
             "create_block_mask eager | eager peak ΔRSS | compiled (warm) | compiled 1st call | "
             "compiled peak ΔRSS | speedup vs compiled | blocks agree |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
@@ -288,7 +288,8 @@ def table(all_res: dict, sizes: list[int], patterns: list[str]) -> str:
                     agree = "superset" if sum(a["blocks"]) >= sum(ref["blocks"]) else "NO"
                 else:
                     agree = "yes" if a["blocks"] == ref["blocks"] else f"NO {a['blocks']} vs {ref['blocks']}"
-            rows.append(f"| {pat} | {n} | {_fmt_time(a)} | "
+            tiles = a.get("tiles_visited", "—")
+            rows.append(f"| {pat} | {n} | {tiles} | {_fmt_time(a)} | "
                         f"{_fmt_time(a, 'export_s') if 'skipped' not in a else '—'} | {_fmt_mem(a)} | "
                         f"{_fmt_time(e)} | {_fmt_mem(e)} | {_fmt_time(c)} | "
                         f"{_fmt_time(c, 'first_call_s') if 'skipped' not in c else '—'} | "
@@ -304,6 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=60.0,
                     help="skip larger sizes after a call slower than this (seconds)")
     ap.add_argument("--json", help="also write raw results to this file")
+    ap.add_argument("--table-from", metavar="JSON", help="print the table of a saved --json run")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATTERN", "SIZES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -312,6 +314,12 @@ def main(argv=None) -> int:
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     patterns = [p for p in args.patterns.split(",") if p]
+    if args.table_from:
+        with open(args.table_from) as f:
+            raw = json.load(f)
+        all_res = {tuple(key.split("/")): {int(s): r for s, r in v.items()} for key, v in raw.items()}
+        print(table(all_res, sizes, patterns))
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     for p in patterns:
         if p not in PATTERNS and not (p.startswith("sliding") and p[7:].isdigit()):
