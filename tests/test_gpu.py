@@ -75,3 +75,12 @@ def test_triton_noncontiguous_and_autograd():
     qd = q.detach().double().requires_grad_()
     attncc.reference(kern.pattern, qd, k.double(), v.double()).sum().backward()
     torch.testing.assert_close(q.grad.double(), qd.grad, atol=2e-2, rtol=2e-2)
+
+
+def test_triton_autotune_keeps_a_valid_config():
+    p = attncc.load(os.path.join(SPECS, "natten2d.attn"), height=32, width=32, kernel=7)
+    kern = attncc.compile(p, autotune=True)
+    r = verify(kern, dtype=torch.bfloat16, device="cuda", head_dim=64)
+    assert r.ok, f"\n{r}"
+    (tuned,) = kern._tuned.values()
+    assert (tuned.num_warps, tuned.num_stages) in attncc.runtime.compile.AUTOTUNE_CONFIGS

@@ -402,3 +402,20 @@ def test_interpreted_kernel_noncontiguous_inputs():
     mask = kern.pattern.dense_mask(40, 40, heads=4, batch=2, inputs={"doc": doc})
     ref, _ = dense_attention(mask, q, k, v)
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_pick_fastest_skips_failing_configs():
+    times = {"a": 3.0, "b": 1.0, "c": 1.0, "boom": 0.0}
+
+    def run(c):
+        if c == "boom":
+            raise RuntimeError("out of shared memory")
+        return c
+
+    timer = lambda fn: times[fn()]  # noqa: E731
+    assert rc.pick_fastest(["a", "boom", "b", "c"], run, timer) == "b"
+    with pytest.raises(RuntimeError, match="out of shared memory"):
+        rc.pick_fastest(["boom"], run, timer)
+    assert all(isinstance(w, int) and isinstance(s, int) for w, s in rc.AUTOTUNE_CONFIGS)
+    for w, s in rc.AUTOTUNE_CONFIGS:
+        CompileOptions(num_warps=w, num_stages=s)   # every config is a valid option set

@@ -234,6 +234,7 @@ class Kernel:
         self.options = options
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._sources: dict[str, tuple[str, str]] = {}  # structure -> (cache key, source)
+        self._tuned: dict[tuple, CompileOptions] = {}  # call shape -> autotuned options
         # Work counts of the last call that ran a runtime pre-pass (`prepass.PrepassStats`).
         self.last_stats: Optional[dict] = None
 
@@ -380,8 +381,45 @@ def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: boo
     sched = kern.schedule(Lq, k.shape[2], Hq)
     from .launch import run_forward
     module = kern._module(sched)
-    # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
-    return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
+
+    def run(options):
+        # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
+        return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=options)
+
+    options = kern.options
+    if options.autotune and q.device.type == "cuda":
+        key = (tuple(q.shape), tuple(k.shape), v.shape[3], q.dtype)
+        options = kern._tuned.get(key)
+        if options is None:
+            from .bench import time_fn
+            candidates = [kern.options.replace(num_warps=w, num_stages=s)
+                          for w, s in AUTOTUNE_CONFIGS]
+            options = kern._tuned[key] = pick_fastest(
+                candidates, run, lambda fn: time_fn(fn, q.device, warmup=1, reps=3))
+    return run(options)
+
+
+# (num_warps, num_stages) that `CompileOptions(autotune=True)` tries on CUDA, once per call
+# shape and dtype; the fastest is kept (`Kernel._tuned`).
+AUTOTUNE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3), (4, 4))
+
+
+def pick_fastest(candidates, run, timer):
+    """The candidate `c` with the smallest `timer(lambda: run(c))` (the first on ties).
+    Candidates whose launch fails (e.g. too many stages for shared memory) are passed over;
+    if every one fails, the last error is raised."""
+    best, best_t, error = None, math.inf, None
+    for c in candidates:
+        try:
+            t = timer(lambda: run(c))
+        except Exception as e:  # noqa: BLE001 - a failing config is just not a candidate
+            error = e
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    if best is None:
+        raise error
+    return best
 
 
 def _run_flex(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
