@@ -8,6 +8,9 @@ kept pairs.
 
 Two stages, both vectorized over a row-band of query tiles × all key tiles:
 
+0. Box tiles of a mask that is a conjunction of per-axis conditions (NATTEN, blocked) are
+   classified axis by axis and combined (a box is FULL iff FULL on every axis, EMPTY iff
+   EMPTY on some axis): exact, and O(per-axis tiles) instead of O(tile pairs).
 1. Interval analysis (`attncc.ir.intervals`) over each tile's index box decides most tiles.
    1-D tiles give `q ∈ [q0, q1]`, `k ∈ [k0, k1]` (coordinates of a grid layout are derived
    from the flat range); multi-dimensional tiles give every coordinate its own interval.
@@ -62,8 +65,10 @@ def runtime_kinds(mask: Expr) -> tuple[str, ...]:
 
 
 def is_static(mask: Expr) -> bool:
-    """True when `mask` reads no runtime data (no input loads, no selectors)."""
-    return not any(isinstance(n, (Load, Route, Blocks)) for n in walk(mask))
+    """True when `mask` reads no runtime data (no input loads, no selectors) and does not
+    depend on the batch index (schedules are shared by every batch element)."""
+    return "b" not in free_vars(mask) and \
+        not any(isinstance(n, (Load, Route, Blocks)) for n in walk(mask))
 
 
 def _tile_coords(grid: TileGrid) -> torch.Tensor:
@@ -88,7 +93,7 @@ def tile_boxes(grid: TileGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return lo, hi, (hi - lo + 1).prod(-1)
 
 
-def _side_box(grid: TileGrid, side: str, layout, sel: torch.Tensor, shape) -> tuple[dict, dict]:
+def _side_box(grid: TileGrid, side: str, sel: torch.Tensor, shape) -> tuple[dict, dict]:
     """Box entries for tiles `sel` of `grid`, reshaped to `shape` for broadcasting."""
     lo, hi, _ = tile_boxes(grid)
     lo, hi = lo[sel].to(torch.float64), hi[sel].to(torch.float64)
@@ -100,6 +105,53 @@ def _side_box(grid: TileGrid, side: str, layout, sel: torch.Tensor, shape) -> tu
     coords = {(side, a): (lo[:, a].view(shape), hi[:, a].view(shape))
               for a in range(len(grid.shape))}
     return {side: flat}, coords
+
+
+def separable_axes(mask: Expr, ndim: int) -> Optional[list[Expr]]:
+    """When `mask` is a conjunction of atoms that each use the coordinates of one layout axis
+    only (NATTEN neighborhoods, blocked attention), the per-axis masks with `q.a`, `k.a`
+    renamed to `q`, `k`; else None."""
+    from ..ir.nodes import TRUE, Binary, Coord, Var, transform
+
+    def conj(e):
+        if isinstance(e, Binary) and e.op == "and":
+            return conj(e.a) + conj(e.b)
+        return [e]
+
+    parts: list[list[Expr]] = [[] for _ in range(ndim)]
+    for atom in conj(mask):
+        if atom is TRUE:
+            continue
+        fv = free_vars(atom)
+        axes = {n.axis for n in walk(atom) if isinstance(n, Coord)}
+        if len(axes) != 1 or fv & {"q", "k"} != {n.side for n in walk(atom)
+                                                   if isinstance(n, Coord)} or \
+                any(isinstance(n, Var) and n.name in ("q", "k") for n in walk(atom)):
+            return None
+        a = axes.pop()
+        if a >= ndim:
+            return None
+        parts[a].append(transform(atom, lambda n: Var(n.side) if isinstance(n, Coord) else None))
+    out = []
+    for items in parts:
+        m = TRUE
+        for x in items:
+            m = x if m is TRUE else Binary("and", m, x)
+        out.append(m)
+    return out
+
+
+def _combine_axes(mats: list[torch.Tensor]) -> torch.Tensor:
+    """Product-box classes: the minimum over axes of per-axis classes, tiles row-major."""
+    nd = len(mats)
+    out = None
+    for a, m in enumerate(mats):
+        shape = [1] * (2 * nd)
+        shape[a], shape[nd + a] = m.shape
+        v = m.view(shape)
+        out = v if out is None else torch.minimum(out, v)
+    nq = math.prod(m.shape[0] for m in mats)
+    return out.reshape(nq, -1)
 
 
 def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=None,
@@ -120,6 +172,17 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
         raise ValueError("the mask uses h: classify one head class at a time (pass head=)")
     nq, nk = q_grid.n_tiles, kv_grid.n_tiles
     static = is_static(mask)
+    if len(q_grid.shape) > 1 and static:
+        parts = separable_axes(mask, len(q_grid.shape))
+        if parts is not None:
+            # Box tiles of a per-axis conjunction: classify each axis on its own (exact).
+            res = [classify_tiles(m, TileGrid((qs,), (qt,)), TileGrid((ks,), (kt,)),
+                                  lengths=lengths, head=head, heads=heads, exact=exact)
+                   for m, qs, qt, ks, kt in zip(parts, q_grid.shape, q_grid.tile,
+                                                kv_grid.shape, kv_grid.tile)]
+            kept = None if any(r.kept is None for r in res) else math.prod(r.kept for r in res)
+            return TileClassification(_combine_axes([r.matrix for r in res]), kept,
+                                      sum(r.fallback_tiles for r in res))
     out = torch.zeros(nq, nk, dtype=torch.int8)
     _, _, q_count = tile_boxes(q_grid)
     _, _, k_count = tile_boxes(kv_grid)
@@ -127,12 +190,12 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
     base_vars = {n: (float(v), float(v)) for n, v in lengths.items()}
     base_vars["h"] = (float(head), float(head)) if head is not None else (0.0, float(heads - 1))
     k_all = torch.arange(nk)
-    k_vars, k_coords = _side_box(kv_grid, "k", layout, k_all, (1, nk))
+    k_vars, k_coords = _side_box(kv_grid, "k", k_all, (1, nk))
     rows = max(1, _BAND_ELEMS // max(nk, 1))
     undecided_q, undecided_k = [], []
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        q_vars, q_coords = _side_box(q_grid, "q", layout, torch.arange(r0, r1), (r1 - r0, 1))
+        q_vars, q_coords = _side_box(q_grid, "q", torch.arange(r0, r1), (r1 - r0, 1))
         box = Box(vars={**base_vars, **q_vars, **k_vars}, coords={**q_coords, **k_coords},
                   layout=layout)
         always, never = IntervalEval(box).decide(mask)
@@ -170,13 +233,18 @@ def _exact(mask, q_grid, kv_grid, layout, lengths, head, qi, ki, out) -> int:
         a, b = qi[c0:c0 + per], ki[c0:c0 + per]
         q = q_tok[a][:, :, None]      # [n, TQ, 1]
         k = k_tok[b][:, None, :]      # [n, 1, TK]
-        valid = (q >= 0) & (k >= 0)
-        env = dict(env_base, q=q.clamp(min=0), k=k.clamp(min=0))
+        padded = bool((q < 0).any()) or bool((k < 0).any())
+        env = dict(env_base, q=q.clamp(min=0) if padded else q, k=k.clamp(min=0) if padded else k)
         value = Evaluator(env, layout=layout).evaluate(mask)
-        value = value.expand(valid.shape)
-        hit = value & valid
+        value = value.expand(q.shape[0], q.shape[1], k.shape[2])
+        if padded:
+            valid = (q >= 0) & (k >= 0)
+            hit = value & valid
+            all_true = (value | ~valid).flatten(1).all(1)
+        else:
+            hit = value
+            all_true = value.flatten(1).all(1)
         any_true = hit.flatten(1).any(1)
-        all_true = (value | ~valid).flatten(1).all(1)
         cls = torch.where(all_true, int(TileClass.FULL),
                           torch.where(any_true, int(TileClass.PARTIAL), int(TileClass.EMPTY)))
         out[a, b] = cls.to(torch.int8)

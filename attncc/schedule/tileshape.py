@@ -42,6 +42,19 @@ def box_candidates(shape: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
     return out
 
 
+def _kv_boxes(a: tuple[int, ...], ratio: float) -> list[tuple[int, ...]]:
+    """Key boxes paired with query box `a`: `a` itself when the tile sizes match, else `a`
+    stretched or shrunk by `ratio` along one axis."""
+    if ratio == 1:
+        return [a]
+    out = []
+    for i, e in enumerate(a):
+        v = e * ratio
+        if v >= 1 and v == int(v):
+            out.append(a[:i] + (int(v),) + a[i + 1:])
+    return out
+
+
 def grids_1d(q_len: int, kv_len: int, options) -> tuple[TileGrid, TileGrid]:
     return TileGrid((q_len,), (options.block_m,)), TileGrid((kv_len,), (options.block_n,))
 
@@ -70,9 +83,11 @@ def choose_grids(masks: list[Expr], layout, q_len: int, kv_len: int, options,
     heads = heads or [None] * len(masks)
     cands: list[tuple[TileGrid, TileGrid]] = [grids_1d(q_len, kv_len, options)]
     if len(shape) > 1:
-        qb, kb = box_candidates(shape, options.block_m), box_candidates(shape, options.block_n)
-        for a, b in zip(qb, kb) if options.block_m == options.block_n else itertools.product(qb, kb):
-            cands.append((TileGrid(shape, a), TileGrid(shape, b)))
+        kb = set(box_candidates(shape, options.block_n))
+        for a in box_candidates(shape, options.block_m):
+            for b in _kv_boxes(a, options.block_n / options.block_m):
+                if b in kb:
+                    cands.append((TileGrid(shape, a), TileGrid(shape, b)))
     scored = []
     for idx, (qg, kg) in enumerate(cands):
         cost = sum(computed_pairs(m, qg, kg, layout, h) for m, h in zip(masks, heads))
