@@ -386,8 +386,8 @@ def generate_forward(pattern, schedule, options) -> str:
         f"# {list_kind}",
     ]
     helper_lines: list[str] = []
-    for h in sorted(helpers):
-        helper_lines += list(HELPERS[h]) + ["", ""]
+    for h in sorted(helpers):  # two blank lines around each top-level function
+        helper_lines += [""] + list(HELPERS[h]) + [""]
     meta = {"kernel": name, "block_m": block_m, "block_n": block_n,
             "q_tile": tuple(int(t) for t in qg.tile), "kv_tile": tuple(int(t) for t in kg.tile),
             "q_grid": tuple(int(s) for s in qg.shape) if len(qg.tile) > 1 else None,

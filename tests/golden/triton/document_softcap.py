@@ -7,13 +7,13 @@
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _tanh(x):
     # tanh from exp, stable for large |x| (tl.math has no tanh on every Triton version).
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
-
 
 
 @triton.jit(do_not_specialize=["ROWS_PER_BATCH", "Q_LEN", "KV_LEN", "HEADS", "GROUP", "N_Q_TILES"])
