@@ -351,3 +351,53 @@ def test_random_bands_built_schedule(spec, lq, lkv):
     ref, ref_lse = attncc.reference(p, q, k, v, scale=0.25, return_lse=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+# ---- launcher ------------------------------------------------------------------------------
+
+def test_load_kernel_writes_the_source_and_reuses_the_module(tmp_path):
+    from attncc.runtime.launch import LaunchError
+    p = attncc.parse("pattern c\nmask causal")
+    source = generate_forward(p, all_partial_schedule(p, 32, 32, 1), CompileOptions())
+    path = tmp_path / "k.py"
+    m1 = load_kernel(source, str(path))
+    assert path.read_text() == source and m1.META["block_m"] == 16
+    assert load_kernel(source, str(path)) is m1
+    assert [f.name for f in tmp_path.iterdir()] == ["k.py"]   # no temp files left behind
+    with pytest.raises(LaunchError, match="not an attncc forward kernel"):
+        load_kernel("X = 1\n", str(tmp_path / "other.py"))
+
+
+def test_schedule_tensors_concatenate_classes_and_are_cached():
+    from attncc.runtime.launch import schedule_tensors
+    p = attncc.parse("pattern moa\nmask causal & (h < 1 ? q - k < 16 : q - k < 40)")
+    mask = p.dense_mask(q_len=48, kv_len=48, heads=2)
+    sched = exact_schedule(p, 48, 48, 2, mask)
+    assert len(sched.classes) == 2
+    t = schedule_tensors(sched, "cpu")
+    assert schedule_tensors(sched, "cpu") is t
+    n_q = sched.n_q_tiles
+    for kind in ("full", "partial"):
+        off, idx = t[f"{kind}_offsets"], t[f"{kind}_indices"]
+        assert off.dtype == torch.int32 and off.numel() == 2 * n_q + 1
+        for c, cls in enumerate(sched.classes):
+            for m in range(n_q):
+                row = c * n_q + m
+                assert idx[off[row]:off[row + 1]].tolist() == getattr(cls, kind).row(m)
+    assert t["head_class"].tolist() == list(sched.head_class)
+
+
+def test_run_forward_rejects_mismatched_arguments():
+    from attncc.runtime.launch import LaunchError
+    p = attncc.parse("pattern doc\ninput doc: int[b, k]\nmask causal & doc[b, q] == doc[b, k]")
+    sched = all_partial_schedule(p, 32, 32, 2)
+    module = load_kernel(generate_forward(p, sched, CompileOptions()))
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    with pytest.raises(LaunchError, match="missing input 'doc'"):
+        run_forward(module, sched, q, k, v, inputs={}, scale=0.25)
+    with pytest.raises(LaunchError, match="schedule is for q_len=32"):
+        run_forward(module, sched, q[:, :, :31], k, v, inputs={"doc": torch.zeros(1, 32)},
+                    scale=0.25)
+    with pytest.raises(LaunchError, match="out must be"):
+        run_forward(module, sched, q, k, v, inputs={"doc": torch.zeros(1, 32, dtype=torch.int64)},
+                    scale=0.25, out=torch.empty(1, 2, 32, 8))
