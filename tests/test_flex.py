@@ -55,7 +55,10 @@ def _int_ext(children):
     return st.one_of(
         st.builds(Binary, st.sampled_from(["add", "sub", "mul", "min", "max"]), children, children),
         st.builds(Binary, st.sampled_from(["floordiv", "mod"]), children, nonzero),
-        st.builds(Binary, st.sampled_from(["floordiv", "mod"]), children, nonzero),
+        # a divisor that depends on indices but is never zero: ±(|e| + 1)
+        st.builds(lambda op, a, e, sign: Binary(op, a, sign(Binary("add", Unary("abs", e), Const(1)))),
+                  st.sampled_from(["floordiv", "mod"]), children, children,
+                  st.sampled_from([lambda x: x, lambda x: Unary("neg", x)])),
         st.builds(Unary, st.sampled_from(["neg", "abs"]), children),
     )
 
