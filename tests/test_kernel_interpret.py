@@ -134,7 +134,8 @@ CASES = {
     "logic_select_minmax": ("pattern ops\nmask !(k > q) & (h < 1 ? q - k < 5 : q - k < 9) "
                             "& max(q, k) - min(q, k) != 3", {}, 1, 2, 2, 40, 40, 16, 16, F32),
     "float_functions": ("pattern ff\nmask causal\nscore s + log(k + 1) * 0.3 - sqrt(q + 1) * 0.2"
-                        " + exp(s * 0.1) - exp2(s * 0.2) + tanh(s)", {}, 1, 2, 2, 33, 33, 16, 16, F32),
+                        " + exp(s * 0.1) - exp2(s * 0.2) + tanh(s)", {},
+                        1, 2, 2, 33, 33, 16, 16, F32),
     # Floor `//` and `%` on negative operands (the kernel's integer ops truncate).
     "floor_semantics": ("pattern fl\nmask (q - k) % 5 < 3 & (k - q) // 4 >= -3 "
                         "& (k - q) // 4 < 5", {}, 1, 2, 2, 45, 45, 16, 16, F32),
