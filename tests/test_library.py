@@ -144,11 +144,11 @@ def test_bigbird():
 
 
 def test_document():
-    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 3, 3]])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1, -1], [0, 1, 1, 1, 1, 1, 2, 3, 3]])
     got = spec("document").dense_mask(9, 9, batch=2, inputs={"doc": doc})
     for b in range(2):
         i, j = ij(9, 9)
-        want = (j <= i) & (doc[b][:, None] == doc[b][None, :])
+        want = (j <= i) & (doc[b][:, None] == doc[b][None, :]) & (doc[b][None, :] >= 0)
         assert torch.equal(got[b, 0], want)
 
 
