@@ -287,3 +287,16 @@ def test_flex_library_sweep(name):
     L = p.layout.numel if p.layout is not None else 256
     inputs = SWEEP_INPUTS.get(name, lambda *a: {})(1, 2, L)
     _check(p, *_qkv(1, 2, 2, L, L), inputs)
+
+
+def test_cpu_gradients_are_refused_clearly():
+    from attncc.runtime.backends.flex import FLEX_CPU_GRAD_ERROR
+    q = torch.randn(1, 1, 16, 8, requires_grad=True)
+    with pytest.raises(ValueError) as e:
+        flex_forward(spec("causal"), q, q, q)
+    assert str(e.value) == FLEX_CPU_GRAD_ERROR
+    assert "backend 'flex' cannot compute gradients on CPU" in FLEX_CPU_GRAD_ERROR
+    with torch.no_grad():  # inference on the same tensors is fine
+        ref = attncc.reference(spec("causal"), q.detach(), q.detach(), q.detach())
+        torch.testing.assert_close(flex_forward(spec("causal"), q, q, q, return_lse=True)[0].double(),
+                                   ref, **TOL)

@@ -36,14 +36,20 @@ def compiled_flex_attention():
     return _COMPILED
 
 
+FLEX_CPU_GRAD_ERROR = ("backend 'flex' cannot compute gradients on CPU (FlexAttention has no CPU "
+                       "backward pass); use backend='interpret' or 'reference', or call under "
+                       "torch.no_grad()")
+
+
 def _pick_flex(q, k, v, return_lse: bool):
-    """Compiled FlexAttention, except where its CPU path cannot serve the call: it is
-    inference-only and has no log-sum-exp output, so CPU calls that need the lse or
-    gradients run FlexAttention eagerly (correct, but it materializes the scores)."""
+    """Compiled FlexAttention, except where its CPU path cannot serve the call: it has no
+    log-sum-exp output, so CPU calls that need the lse run FlexAttention eagerly (correct,
+    but it materializes the scores). FlexAttention has no CPU backward at all."""
     if q.device.type != "cpu":
         return compiled_flex_attention()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if return_lse or needs_grad:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(FLEX_CPU_GRAD_ERROR)
+    if return_lse:
         from torch.nn.attention.flex_attention import flex_attention
         return flex_attention
     return compiled_flex_attention()
@@ -72,10 +78,12 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Returns out [B, Hq, Lq, Dv] (q's dtype), or (out, lse float32 [B, Hq, Lq], natural log)
     with `return_lse=True`. The output scale, if any, multiplies `out` (not the lse).
-    Raises ValueError for patterns with runtime selectors (route/blocks).
+    Raises ValueError for patterns with runtime selectors (route/blocks), and for CPU
+    tensors that require gradients (FlexAttention has no CPU backward pass).
     """
     check_flex_supported(pattern)
     B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+    fn = _pick_flex(q, k, v, return_lse)
     resolve_lengths(pattern, Lq, Lkv)
     if getattr(pattern, "checks", ()):
         from ...passes.elaborate import check_lengths
@@ -94,7 +102,8 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out = q.new_zeros(B, Hq, Lq, Dv)
         lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
     else:
-        fn = _pick_flex(q, k, v, return_lse)
+        if q.device.type == "cpu":  # no grad needed here (checked above); Flex rejects the flag
+            q, k, v = q.detach(), k.detach(), v.detach()
         aux = AuxRequest(lse=True) if return_lse else None
         with warnings.catch_warnings():
             # The eager fallback is chosen deliberately (see _pick_flex).
