@@ -113,7 +113,8 @@ def _tile_origin(var: str, a: int, ci: int, c: int, t: int) -> str:
 
 def _slot(var: str, si: int, t: int) -> str:
     text = var if si == 1 else f"({var} // {si})"
-    return f"{text} % {t}" if t > 1 else "0"
+    # An axis of extent 1 still needs a per-slot vector (0 in every slot), not a scalar.
+    return f"{text} % {t}" if t > 1 else f"{var} * 0"
 
 
 def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@ same result. Tolerances are on the relative max error max|out - ref| / max|ref|:
 fp32 2e-5, fp16 1e-2, bf16 4e-2 (P is rounded to the input dtype before P·V, as on GPU);
 lse (computed from fp32 scores) within 1e-4 (fp32) / 2e-3 (fp16, bf16) absolute.
 """
+import os
 import math
 
 import pytest
@@ -19,6 +20,8 @@ from attncc.codegen.forward import generate_forward
 from attncc.runtime.launch import load_kernel, run_forward
 from attncc.runtime.options import CompileOptions
 from attncc.schedule.schedule import CSR, HeadClass, Schedule, TileGrid
+
+SPECS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs")
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 LSE_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-3}
@@ -388,3 +391,16 @@ def test_run_forward_rejects_mismatched_arguments():
     with pytest.raises(LaunchError, match="out must be"):
         run_forward(module, sched, q, k, v, inputs={"doc": torch.zeros(1, 32, dtype=torch.int64)},
                     scale=0.25, out=torch.empty(1, 2, 32, 8))
+
+
+@pytest.mark.parametrize("tile", [(4, 4, 1), (1, 4, 4), (2, 8, 1)])
+def test_tiles_with_an_axis_of_extent_one(tile):
+    """A multi-D tile may be 1 token wide along an axis (the cost model picks such shapes
+    for thin grids); every slot still gets its own coordinate."""
+    p = attncc.load(os.path.join(SPECS, "natten3d.attn"), depth=3, height=4, width=5, kernel=3,
+                    kernel_t=3)
+    kern = attncc.compile(p, backend="interpret", q_tile=tile, kv_tile=tile)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(kern(q, k, v).double(), attncc.reference(p, q, k, v),
+                               atol=2e-5, rtol=0)
