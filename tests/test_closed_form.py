@@ -2,7 +2,6 @@
 `bounds_matrix`) across random parameters, lengths and tile sizes."""
 import random
 
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 

@@ -92,6 +92,22 @@ def test_intervals_unknowns():
 
 @given(st.integers(0, 2 ** 32 - 1))
 def test_interval_stage_is_sound_on_random_1d_masks(seed):
+    _random_1d(seed)
+
+
+@given(st.integers(0, 2 ** 32 - 1))
+def test_coarse_key_groups_are_sound(seed):
+    """The coarse pass (groups of key tiles decided together) on small shapes."""
+    from attncc.passes import tiles
+    old = tiles._GROUP
+    tiles._GROUP = 2
+    try:
+        _random_1d(seed)
+    finally:
+        tiles._GROUP = old
+
+
+def _random_1d(seed):
     rng = random.Random(seed)
     leaves = (q, k, q, k, B("sub", Var("KV_LEN"), Var("Q_LEN")))
     mask = random_bool_expr(rng, 3, leaves)

@@ -39,7 +39,8 @@ from ..ir.intervals import Box, IntervalEval
 from ..ir.nodes import Blocks, Expr, Load, Route, free_vars, walk
 from ..schedule.schedule import TileClass, TileGrid
 
-_BAND_ELEMS = 1 << 18      # tile pairs per row-band in the interval stage
+_BAND_ELEMS = 1 << 18      # box pairs per row-band in the interval stage
+_GROUP = 32                # key tiles per group in the coarse interval pass
 _EXACT_ELEMS = 1 << 21     # token pairs per chunk in the exact stage
 
 
@@ -93,18 +94,50 @@ def tile_boxes(grid: TileGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return lo, hi, (hi - lo + 1).prod(-1)
 
 
-def _side_box(grid: TileGrid, side: str, sel: torch.Tensor, shape) -> tuple[dict, dict]:
-    """Box entries for tiles `sel` of `grid`, reshaped to `shape` for broadcasting."""
+def _all_boxes(grid: TileGrid, side: str) -> dict:
+    """Box entries of every tile of `grid`: key → (lo, hi) float64 [n_tiles], keys `side`
+    (flat token index) and, on multi-dimensional grids, (side, axis) coordinates."""
     lo, hi, _ = tile_boxes(grid)
-    lo, hi = lo[sel].to(torch.float64), hi[sel].to(torch.float64)
+    lo, hi = lo.to(torch.float64), hi.to(torch.float64)
     if len(grid.shape) == 1:
-        return {side: (lo[:, 0].view(shape), hi[:, 0].view(shape))}, {}
+        return {side: (lo[:, 0], hi[:, 0])}
     strides = torch.tensor([math.prod(grid.shape[i + 1:]) for i in range(len(grid.shape))],
                            dtype=torch.float64)
-    flat = ((lo * strides).sum(-1).view(shape), (hi * strides).sum(-1).view(shape))
-    coords = {(side, a): (lo[:, a].view(shape), hi[:, a].view(shape))
-              for a in range(len(grid.shape))}
-    return {side: flat}, coords
+    out = {side: ((lo * strides).sum(-1), (hi * strides).sum(-1))}
+    for a in range(len(grid.shape)):
+        out[(side, a)] = (lo[:, a], hi[:, a])
+    return out
+
+
+def _group_boxes(boxes: dict, n: int, g: int) -> dict:
+    """Boxes of consecutive groups of `g` tiles (the last group may be shorter): per key the
+    min of lo and max of hi over the group — a box containing every tile of the group."""
+    pad = -n % g
+    out = {}
+    for key, (lo, hi) in boxes.items():
+        lo = torch.nn.functional.pad(lo, (0, pad), value=math.inf).view(-1, g).amin(1)
+        hi = torch.nn.functional.pad(hi, (0, pad), value=-math.inf).view(-1, g).amax(1)
+        out[key] = (lo, hi)
+    return out
+
+
+def _decide(mask, base_vars, layout, qbox: dict, qsel, kbox: dict, ksel, shape_q, shape_k):
+    """(always, never) of `mask` over box pairs: q boxes `qsel` viewed as `shape_q` against
+    k boxes `ksel` viewed as `shape_k` (broadcast together)."""
+    vars_, coords = dict(base_vars), {}
+    for boxes, sel, shape in ((qbox, qsel, shape_q), (kbox, ksel, shape_k)):
+        for key, (lo, hi) in boxes.items():
+            entry = (lo[sel].view(shape), hi[sel].view(shape))
+            if isinstance(key, tuple):
+                coords[key] = entry
+            else:
+                vars_[key] = entry
+    return IntervalEval(Box(vars=vars_, coords=coords, layout=layout)).decide(mask)
+
+
+def _classes(always: torch.Tensor, never: torch.Tensor) -> torch.Tensor:
+    return torch.where(always & ~never, int(TileClass.FULL),
+                       torch.where(never, int(TileClass.EMPTY), int(TileClass.PARTIAL))).to(torch.int8)
 
 
 def separable_axes(mask: Expr, ndim: int) -> Optional[list[Expr]]:
@@ -189,23 +222,35 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
     kept = 0
     base_vars = {n: (float(v), float(v)) for n, v in lengths.items()}
     base_vars["h"] = (float(head), float(head)) if head is not None else (0.0, float(heads - 1))
-    k_all = torch.arange(nk)
-    k_vars, k_coords = _side_box(kv_grid, "k", k_all, (1, nk))
-    rows = max(1, _BAND_ELEMS // max(nk, 1))
+    qbox, kbox = _all_boxes(q_grid, "q"), _all_boxes(kv_grid, "k")
+    # Coarse-to-fine: decide groups of `g` key tiles first; only undecided groups are
+    # refined tile by tile (band patterns leave O(1) undecided groups per query tile).
+    g = _GROUP if nk >= 4 * _GROUP else 1
+    ng = -(-nk // g)
+    gbox = _group_boxes(kbox, nk, g) if g > 1 else kbox
+    rows = max(1, _BAND_ELEMS // max(ng, 1))
     undecided_q, undecided_k = [], []
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        q_vars, q_coords = _side_box(q_grid, "q", torch.arange(r0, r1), (r1 - r0, 1))
-        box = Box(vars={**base_vars, **q_vars, **k_vars}, coords={**q_coords, **k_coords},
-                  layout=layout)
-        always, never = IntervalEval(box).decide(mask)
-        always = always.expand(r1 - r0, nk)
-        never = never.expand(r1 - r0, nk)
-        full = always & ~never
-        band = torch.where(full, int(TileClass.FULL),
-                           torch.where(never, int(TileClass.EMPTY), int(TileClass.PARTIAL))).to(torch.int8)
+        R = r1 - r0
+        rsel = torch.arange(r0, r1)
+        always, never = _decide(mask, base_vars, layout, qbox, rsel, gbox, torch.arange(ng),
+                                (R, 1), (1, ng))
+        coarse = _classes(always.expand(R, ng), never.expand(R, ng))
+        band = coarse if g == 1 else coarse.repeat_interleave(g, dim=1)[:, :nk].contiguous()
+        if g > 1:
+            ri, gi = (coarse == int(TileClass.PARTIAL)).nonzero(as_tuple=True)
+            if ri.numel():
+                kt = gi[:, None] * g + torch.arange(g)[None, :]
+                ok = kt < nk
+                ri2 = ri[:, None].expand_as(kt)[ok]
+                kt = kt[ok]
+                always, never = _decide(mask, base_vars, layout, qbox, ri2 + r0, kbox, kt,
+                                        (-1,), (-1,))
+                band[ri2, kt] = _classes(always.expand(kt.shape), never.expand(kt.shape))
         out[r0:r1] = band
-        kept += int(q_count[r0:r1].to(torch.float64) @ (full.to(torch.float64) @ k_count.to(torch.float64)))
+        fq, fk = (band == int(TileClass.FULL)).nonzero(as_tuple=True)
+        kept += int((q_count[fq + r0] * k_count[fk]).sum())
         qi, ki = (band == int(TileClass.PARTIAL)).nonzero(as_tuple=True)
         undecided_q.append(qi + r0)
         undecided_k.append(ki)

@@ -23,12 +23,10 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-import torch
-
 from ..ir.dense import resolve_lengths
 from ..passes.heads import head_classes
 from ..passes.tiles import classify_tiles, runtime_kinds
-from .closed_form import bounds_matrix, derive_bounds
+from .closed_form import bounds_agree, derive_bounds
 from .schedule import CSR, HeadClass, Schedule, TileClass
 from .tileshape import choose_grids, grids_1d
 
@@ -70,8 +68,7 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
         full_csr, partial_csr = CSR.from_dense(full), CSR.from_dense(partial)
         bounds = derive_bounds(g.mask, q_grid, kv_grid, layout)
         if bounds is not None:
-            bm = bounds_matrix(bounds)
-            if bm is None or not torch.equal(bm, m):
+            if not bounds_agree(bounds, full_csr, partial_csr):
                 bounds = None
                 stats["bounds_dropped"] += 1
             else:

@@ -385,6 +385,45 @@ def _axis_matrix(var: str, ranges, nq: int, nk: int) -> Optional[torch.Tensor]:
     return out
 
 
+def bounds_agree(bounds: Bounds, full, partial) -> bool:
+    """Whether `bounds` describe exactly the tiles of the CSR lists `full` and `partial`
+    (`attncc.schedule.schedule.CSR`, by query tile). O(n_q_tiles + nnz) for 1-D bounds;
+    multi-D bounds are compared through `bounds_matrix`."""
+    if len(bounds.vars) != 1:
+        m = bounds_matrix(bounds)
+        if m is None:
+            return False
+        n = m.shape[1]
+        want = torch.zeros_like(m)
+        want[partial.to_dense(n)] = int(TileClass.PARTIAL)
+        want[full.to_dense(n)] = int(TileClass.FULL)
+        return torch.equal(m, want)
+    var, ranges, nq, nk = bounds.vars[0], bounds.axes[0], bounds.q_counts[0], bounds.kv_counts[0]
+    t = torch.arange(nq, dtype=torch.int64)
+    prev = torch.zeros(nq, dtype=torch.int64)
+    spans = {TileClass.FULL: [], TileClass.PARTIAL: []}
+    for r in ranges:
+        lo = eval_expr(r.lo, {var: t}).expand(nq).to(torch.int64)
+        hi = eval_expr(r.hi, {var: t}).expand(nq).to(torch.int64)
+        nonempty = hi > lo
+        if bool((nonempty & ((lo < prev) | (lo < 0) | (hi > nk))).any()):
+            return False  # out of order, overlapping or outside the key tiles
+        prev = torch.where(nonempty, hi, prev)
+        spans[r.cls].append((torch.where(nonempty, lo, 0), torch.where(nonempty, hi, 0)))
+    for cls, csr in ((TileClass.FULL, full), (TileClass.PARTIAL, partial)):
+        count = sum((hi - lo for lo, hi in spans[cls]), torch.zeros(nq, dtype=torch.int64))
+        if not torch.equal(count, csr.counts.to(torch.int64)):
+            return False
+        rows = torch.repeat_interleave(t, csr.counts.to(torch.int64))
+        col = csr.indices.to(torch.int64)
+        inside = torch.zeros(col.shape, dtype=torch.bool)
+        for lo, hi in spans[cls]:
+            inside |= (col >= lo[rows]) & (col < hi[rows])
+        if not bool(inside.all()):
+            return False
+    return True
+
+
 def bounds_matrix(bounds: Bounds) -> Optional[torch.Tensor]:
     """int8 [n_q_tiles, n_kv_tiles] of TileClass values described by `bounds` (row-major tile
     numbering on both sides), or None if its ranges overlap or are out of order."""
