@@ -298,3 +298,17 @@ def test_long_sliding_window_is_linear_in_tiles():
     assert has_bounds == "True"
     assert float(dt) < 30
     assert int(peak) < 256 * 2 ** 20                      # far below 1 GiB
+
+
+def test_flat_tiles_that_are_grid_boxes():
+    from attncc.passes.tiles import as_box
+    assert as_box(TileGrid((12 * 16,), (16,)), (12, 16)).tile == (1, 16)
+    assert as_box(TileGrid((12 * 16,), (32,)), (12, 16)).tile == (2, 16)
+    assert as_box(TileGrid((12 * 16,), (8,)), (12, 16)).tile == (1, 8)
+    assert as_box(TileGrid((12 * 16,), (64,)), (12, 16)) is None      # 4 rows of 12
+    assert as_box(TileGrid((12 * 12,), (16,)), (12, 12)) is None
+    for block in (16, 32):
+        p = attncc.load("specs/natten2d.attn", height=12, width=16, kernel=5)
+        s = build_schedule(p, options=CompileOptions(block_m=block, block_n=16, tile_1d=True))
+        assert s.q_grid.tile == (block,)
+        assert torch.equal(s.tile_matrix(0), exact_classes(p.dense_mask()[0, 0], s.q_grid, s.kv_grid))

@@ -174,6 +174,25 @@ def separable_axes(mask: Expr, ndim: int) -> Optional[list[Expr]]:
     return out
 
 
+def as_box(grid: TileGrid, shape: tuple[int, ...]) -> Optional[TileGrid]:
+    """The box tiling of the row-major grid `shape` whose tiles are exactly the 1-D tiles of
+    `grid` (same tokens, same numbering), or None: a 1-D tile of T tokens is a box when T
+    divides the last axis, or is a multiple of it by a divisor of the axis before, etc."""
+    if len(grid.shape) != 1 or grid.shape[0] != math.prod(shape):
+        return None
+    t, box = grid.tile[0], [1] * len(shape)
+    for a in reversed(range(len(shape))):
+        if t <= shape[a]:
+            if shape[a] % t:
+                return None
+            box[a], t = t, 1
+            break
+        if t % shape[a]:
+            return None
+        box[a], t = shape[a], t // shape[a]
+    return TileGrid(tuple(shape), tuple(box)) if t == 1 else None
+
+
 def _combine_axes(mats: list[torch.Tensor]) -> torch.Tensor:
     """Product-box classes: the minimum over axes of per-axis classes, tiles row-major."""
     nd = len(mats)
@@ -205,6 +224,13 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
         raise ValueError("the mask uses h: classify one head class at a time (pass head=)")
     nq, nk = q_grid.n_tiles, kv_grid.n_tiles
     static = is_static(mask)
+    if static and layout is not None and len(layout.axes) > 1 and len(q_grid.shape) == 1:
+        qb, kb = as_box(q_grid, layout.shape), as_box(kv_grid, layout.shape)
+        if qb is not None and kb is not None and separable_axes(mask, len(layout.axes)):
+            # 1-D tiles that are boxes of the grid (e.g. 64 tokens of a 256-wide row):
+            # same tiles, same row-major numbering, so the per-axis path applies.
+            return classify_tiles(mask, qb, kb, layout=layout, lengths=lengths, head=head,
+                                  heads=heads, exact=exact)
     if len(q_grid.shape) > 1 and static:
         parts = separable_axes(mask, len(q_grid.shape))
         if parts is not None:

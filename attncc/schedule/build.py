@@ -6,12 +6,14 @@ Pipeline (each step its own module):
     tiles.classify_tiles    EMPTY / FULL / PARTIAL per tile pair (intervals + exact fallback)
     closed_form             loop bounds for band-like masks, validated against the CSR
 
-Time and memory are O(number of tile pairs) for band patterns (no [Lq, Lkv] tensor), so a
-128K-token sliding window with 64-token tiles (2048 × 2048 tiles) builds in about a second.
+Time and memory are O(number of tile pairs) for band patterns (no [Lq, Lkv] tensor): a
+128K-token sliding window with 64-token tiles (2048 × 2048 tiles) builds in about a second
+on one CPU core (bench/bench_tiles.py).
 Results are memoized per (pattern, q_len, kv_len, heads, options).
 
 `Schedule.stats` keys: tiles (tile pairs analysed, summed over head classes), fallback_tiles
-(decided by exact evaluation), kept_pairs (exact kept (q, k) pairs over all heads, None for
+(tiles decided by exact evaluation; for box tiles of a per-axis mask, the per-axis tile pairs
+so decided — see `attncc.passes.tiles`), kept_pairs (exact kept (q, k) pairs over all heads, None for
 data-dependent masks), computed_pairs (pairs in visited tiles over all heads), efficiency
 (kept / computed), efficiency_1d (the same with plain 1-D tiles, on grid layouts), q_tile /
 kv_tile (tile shapes), bounds (head classes with closed-form bounds), bounds_dropped (head
