@@ -305,7 +305,8 @@ def test_flat_tiles_that_are_grid_boxes():
     assert as_box(TileGrid((12 * 16,), (16,)), (12, 16)).tile == (1, 16)
     assert as_box(TileGrid((12 * 16,), (32,)), (12, 16)).tile == (2, 16)
     assert as_box(TileGrid((12 * 16,), (8,)), (12, 16)).tile == (1, 8)
-    assert as_box(TileGrid((12 * 16,), (64,)), (12, 16)) is None      # 4 rows of 12
+    assert as_box(TileGrid((12 * 16,), (64,)), (12, 16)).tile == (4, 16)
+    assert as_box(TileGrid((10 * 16,), (64,)), (10, 16)) is None      # 4 rows do not divide 10
     assert as_box(TileGrid((12 * 12,), (16,)), (12, 12)) is None
     for block in (16, 32):
         p = attncc.load("specs/natten2d.attn", height=12, width=16, kernel=5)
