@@ -219,6 +219,8 @@ class IntervalEval:
             if n.dtype == BOOL:
                 return torch.tensor(n.value), torch.tensor(n.value)
             v = float(n.value)
+            if abs(v) > _BIG:   # not exactly representable: unbounded on that side
+                return (_t(-INF), _t(INF))
             return _t(v), _t(v)
         if isinstance(n, Var):
             return self._var(n.name)

@@ -7,7 +7,8 @@ axis (each at most the axis length rounded up to a power of two) whose token cou
 tile — plus the 1-D flattening. The cost of a candidate is the number of token pairs the
 kernel computes: visited tiles × query-tile size × key-tile size, with visited tiles
 counted by the interval stage alone (cheap, an upper bound). The cheapest wins; ties go to
-the 1-D tiles, then to the squarer box. `options.q_tile` / `kv_tile` fix the shapes and
+a box whose tiles *are* the 1-D tiles (e.g. 1×64 on a 64-wide map: same work, but per-axis
+closed-form bounds apply), then to the 1-D tiles, then to the squarer box. `options.q_tile` / `kv_tile` fix the shapes and
 `options.tile_1d` forces 1-D tiles.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 from typing import Optional
 
 from ..ir.nodes import Expr
-from ..passes.tiles import classify_tiles
+from ..passes.tiles import as_box, classify_tiles
 from .schedule import TileClass, TileGrid
 
 
@@ -88,11 +89,13 @@ def choose_grids(masks: list[Expr], layout, q_len: int, kv_len: int, options,
             for b in _kv_boxes(a, options.block_n / options.block_m):
                 if b in kb:
                     cands.append((TileGrid(shape, a), TileGrid(shape, b)))
+    same = (as_box(cands[0][0], shape), as_box(cands[0][1], shape))
     scored = []
     for idx, (qg, kg) in enumerate(cands):
         cost = sum(computed_pairs(m, qg, kg, layout, h) for m, h in zip(masks, heads))
         squareness = max(qg.tile) / min(qg.tile)
-        scored.append((cost, idx > 0, squareness, idx))
+        rank = 1 if idx == 0 else 0 if (qg, kg) == same else 2
+        scored.append((cost, rank, squareness, idx))
     best = min(scored)
     qg, kg = cands[best[3]]
     info = {"candidates": {("×".join(map(str, q.tile)), "×".join(map(str, k.tile))): s[0]
