@@ -6,9 +6,10 @@ Pipeline (each step its own module):
     tiles.classify_tiles    EMPTY / FULL / PARTIAL per tile pair (intervals + exact fallback)
     closed_form             loop bounds for band-like masks, validated against the CSR
 
-Time and memory are O(number of tile pairs) for band patterns (no [Lq, Lkv] tensor): a
-128K-token sliding window with 64-token tiles (2048 × 2048 tiles) builds in about a second
-on one CPU core (bench/bench_tiles.py).
+Time and memory are O(number of tile pairs) for band patterns (no [Lq, Lkv] tensor; key
+tiles are first decided in groups, so mostly O(band tiles)): a 128K-token sliding window
+with 64-token tiles (2048 × 2048 tiles) builds in well under a second on CPU
+(bench/bench_tiles.py).
 Results are memoized per (pattern, q_len, kv_len, heads, options).
 
 `Schedule.stats` keys: tiles (tile pairs analysed, summed over head classes), fallback_tiles
