@@ -49,7 +49,7 @@ def test_compile_path_text_pattern_same_ir_hash():
     assert a.pattern.ir_hash() == b.pattern.ir_hash() == c.pattern.ir_hash()
     import pathlib
     assert attncc.compile(pathlib.Path(path)).pattern.ir_hash() == a.pattern.ir_hash()
-    plain = "pattern document\ninput doc: int[b, k]\nmask causal & doc[b, q] == doc[b, k]"
+    plain = "pattern document\ninput doc: int[b, k]\nmask causal & doc[b, q] == doc[b, k] & doc[b, k] >= 0"
     assert attncc.compile(plain).pattern.ir_hash() == a.pattern.ir_hash()
     assert attncc.compile(DOC_TEXT).pattern.ir_hash() != a.pattern.ir_hash()  # + score clause
 
