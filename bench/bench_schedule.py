@@ -235,24 +235,27 @@ def collect(method: str, pattern: str, sizes: list[int], limit: float) -> dict:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
                      daemon=True).start()
+    stop = None
     for i, size in enumerate(todo):
         # Each size runs repeats + 2 calls; the first size of a run also imports and compiles.
         wait = limit * (_repeats(tokens(pattern, size)) + 2) + (120 if i == 0 else 0)
         try:
             line = lines.get(timeout=wait)
         except queue.Empty:
-            line = None
+            stop = {"skipped": f"> {limit:.0f} s per call (stopped after {wait:.0f} s)"}
+            break
         if line is None:
+            stop = {"skipped": "worker failed (see stderr)"}
             break
         row = json.loads(line)
         results[size] = row
         if max(row["build_s"], row.get("first_call_s", 0.0)) > limit:
+            stop = {"skipped": f"> {limit:.0f} s (a smaller size took longer)"}
             break
     proc.kill()
     proc.wait()
     for size in todo:
-        results.setdefault(size, {"skipped": f"> {limit:.0f} s (after a slower size)"
-                                  if any(s < size for s in results) else "failed or timed out"})
+        results.setdefault(size, stop)
     return results
 
 

@@ -136,3 +136,21 @@ def test_long_sequence_cost_scales_with_tiles():
     assert int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum()) == \
         sum(c.full.nnz + c.partial.nnz for c in sched.classes)
     assert elapsed < 20, f"export took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("case", ["moa_heads", "natten2d"])
+def test_same_block_mask_as_from_kv_blocks(case):
+    # The exporter builds the by-key-block (backward) lists from the schedule's transposed
+    # CSR; FlexAttention's from_kv_blocks derives them by transposing the forward lists.
+    make, lq, lkv, heads, inputs = CASES[case]
+    bm = build_schedule(make(), lq, lkv, heads=heads).to_block_mask(inputs=inputs)
+    ref = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                                   bm.full_kv_indices, BLOCK_SIZE=bm.BLOCK_SIZE,
+                                   mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
+    for num, idx in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n_got, n_ref = getattr(bm, num), getattr(ref, num)
+        assert torch.equal(n_got, n_ref)
+        i_got, i_ref = getattr(bm, idx), getattr(ref, idx)
+        assert i_got.shape == i_ref.shape
+        valid = torch.arange(i_got.shape[-1]) < n_got.unsqueeze(-1)
+        assert torch.equal(i_got[valid], i_ref[valid])

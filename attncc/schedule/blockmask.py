@@ -87,22 +87,27 @@ def to_block_mask(schedule: Schedule, *, batch: Optional[int] = None,
         mask_mod = to_mask_mod(pattern, inputs or {}, q_len=schedule.q_len,
                                kv_len=schedule.kv_len, heads=schedule.heads)
     flat = flat_schedule(schedule, block_size)
-    n_kv = flat.n_kv_tiles
-    parts = [csr_to_padded(c.partial, n_kv) for c in flat.classes]
-    fulls = [csr_to_padded(c.full, n_kv) for c in flat.classes]
+    n_q, n_kv = flat.n_q_tiles, flat.n_kv_tiles
     which = torch.tensor(flat.head_class, dtype=torch.int64)          # [H]
 
-    def gather(items, k):
-        t = torch.stack([it[k] for it in items])[which].unsqueeze(0)  # [1, H, ...]
-        if batch is not None:
-            t = t.expand(batch, *t.shape[1:])
-        return t.contiguous().to(device) if device is not None else t.contiguous()
+    def lists(attr: str, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_blocks [B', H, rows], indices [B', H, rows, n_cols]) of one CSR kind."""
+        per_class = [csr_to_padded(getattr(c, attr), n_cols) for c in flat.classes]
+        out = []
+        for k in (0, 1):
+            t = torch.stack([pc[k] for pc in per_class])[which].unsqueeze(0)  # [1, H, ...]
+            if batch is not None:
+                t = t.expand(batch, *t.shape[1:])
+            out.append(t.contiguous().to(device) if device is not None else t.contiguous())
+        return out[0], out[1]
 
     from torch.nn.attention.flex_attention import BlockMask
-    return BlockMask.from_kv_blocks(
-        gather(parts, 0), gather(parts, 1), gather(fulls, 0), gather(fulls, 1),
-        BLOCK_SIZE=(block_size, block_size), mask_mod=mask_mod,
-        seq_lengths=(schedule.q_len, schedule.kv_len))
+    # The transposed (by key block) lists come from the schedule's own transposed CSR, so
+    # nothing here is O(nQ · nKV) beyond the padded index tensors FlexAttention expects.
+    return BlockMask((schedule.q_len, schedule.kv_len),
+                     *lists("partial", n_kv), *lists("full", n_kv),
+                     *lists("partial_t", n_q), *lists("full_t", n_q),
+                     BLOCK_SIZE=(block_size, block_size), mask_mod=mask_mod)
 
 
 _BLOCK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
