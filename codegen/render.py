@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 from attncc.ir.nodes import (BOOL, FLOAT, INT, Binary, Blocks, Const, Coord, Expr, FCall, Load,
                              Route, Select, Unary, Var, walk)
-from attncc.ir.printer import format_expr
+from attncc.ir.printer import format_expr, strip_parens
 
 
 class CodegenError(ValueError):
@@ -253,7 +253,7 @@ class Renderer:
             if local:
                 name = f"{self.prefix}{count}"
                 count += 1
-                line = f"{name} = {_strip(text)}  # {_comment(n)}"
+                line = f"{name} = {strip_parens(text)}  # {_comment(n)}"
                 if varies[id(n)]:
                     loop.append((n, line))
                 else:
@@ -276,14 +276,14 @@ class Renderer:
         if isinstance(n, Binary):
             return self._binary(n, kid[0], kid[1], helpers)
         if isinstance(n, Select):
-            return f"tl.where({_strip(kid[0])}, {_strip(kid[1])}, {_strip(kid[2])})"
+            return f"tl.where({strip_parens(kid[0])}, {strip_parens(kid[1])}, {strip_parens(kid[2])})"
         if isinstance(n, FCall):
             fn = _FUNCS.get(n.fn)
             if fn is None:
                 raise CodegenError(f"function '{n.fn}' has no kernel lowering")
             if fn.startswith("_"):
                 helpers.add(fn)
-            return f"{fn}({_strip(kid[0])})"
+            return f"{fn}({strip_parens(kid[0])})"
         if isinstance(n, Load):
             return self._load(n, kid)
         raise CodegenError(f"IR node {type(n).__name__} has no kernel lowering")
@@ -299,13 +299,13 @@ class Renderer:
         if n.op == "neg":
             return f"(-{x})"
         if n.op == "abs":
-            return f"tl.abs({_strip(x)})"
+            return f"tl.abs({strip_parens(x)})"
         if n.op == "not":
             return f"({x} == 0)"
         if n.op == "float":
             if isinstance(n.x, Const):
                 return render_number(float(n.x.value))
-            return f"tl.cast({_strip(x)}, tl.float32)"
+            return f"tl.cast({strip_parens(x)}, tl.float32)"
         raise CodegenError(f"unary op {n.op!r} has no kernel lowering")
 
     def _binary(self, n: Binary, a: str, b: str, helpers: set) -> str:
@@ -315,9 +315,9 @@ class Renderer:
                 return f"({a} {'//' if op == 'floordiv' else '%'} {b})"
             fn = "_floordiv" if op == "floordiv" else "_floormod"
             helpers.add(fn)
-            return f"{fn}({_strip(a)}, {_strip(b)})"
+            return f"{fn}({strip_parens(a)}, {strip_parens(b)})"
         if op in ("min", "max"):
-            return f"tl.{'minimum' if op == 'min' else 'maximum'}({_strip(a)}, {_strip(b)})"
+            return f"tl.{'minimum' if op == 'min' else 'maximum'}({strip_parens(a)}, {strip_parens(b)})"
         if op in _INFIX:
             return f"({a} {_INFIX[op]} {b})"
         raise CodegenError(f"binary op {op!r} has no kernel lowering")
@@ -343,19 +343,6 @@ class Renderer:
         if n.elem == BOOL:
             return f"({text} != 0)"
         return text
-
-
-def _strip(text: str) -> str:
-    """Drop one pair of redundant outer parentheses (for function arguments)."""
-    if text.startswith("(") and text.endswith(")"):
-        depth = 0
-        for i, ch in enumerate(text):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0 and i < len(text) - 1:
-                return text
-        return text[1:-1]
-    return text
 
 
 def _comment(n: Expr) -> str:

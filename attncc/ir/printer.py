@@ -37,17 +37,17 @@ def _render(node: Expr, name) -> str:
             return f"-{name(node.x)}"
         if node.op == "not":
             return f"!{name(node.x)}"
-        return f"{node.op}({_strip(name(node.x))})"
+        return f"{node.op}({strip_parens(name(node.x))})"
     if isinstance(node, Binary):
         if node.op in ("min", "max"):
-            return f"{node.op}({_strip(name(node.a))}, {_strip(name(node.b))})"
+            return f"{node.op}({strip_parens(name(node.a))}, {strip_parens(name(node.b))})"
         return f"({name(node.a)} {OP_SYMBOL[node.op]} {name(node.b)})"
     if isinstance(node, Select):
         return f"({name(node.cond)} ? {name(node.a)} : {name(node.b)})"
     if isinstance(node, FCall):
-        return f"{node.fn}({', '.join(_strip(name(a)) for a in node.args)})"
+        return f"{node.fn}({', '.join(strip_parens(name(a)) for a in node.args)})"
     if isinstance(node, Load):
-        return f"{node.input}[{', '.join(_strip(name(i)) for i in node.index)}]"
+        return f"{node.input}[{', '.join(strip_parens(name(i)) for i in node.index)}]"
     if isinstance(node, Route):
         region = node.region[0] if len(node.region) == 1 else "(" + ", ".join(map(str, node.region)) + ")"
         return f"route(region={region}, topk={node.topk})"
@@ -57,7 +57,7 @@ def _render(node: Expr, name) -> str:
     raise AssertionError(type(node).__name__)
 
 
-def _strip(text: str) -> str:
+def strip_parens(text: str) -> str:
     if text.startswith("(") and text.endswith(")"):
         depth = 0
         for i, ch in enumerate(text):
@@ -74,7 +74,7 @@ def format_expr(root: Expr) -> str:
     memo: dict[int, str] = {}
     for node in walk(root):
         memo[id(node)] = _render(node, lambda c: memo[id(c)])
-    return _strip(memo[id(root)])
+    return strip_parens(memo[id(root)])
 
 
 def format_dag(roots: dict[str, Expr]) -> str:
@@ -105,9 +105,9 @@ def format_dag(roots: dict[str, Expr]) -> str:
         if uses[id(node)] > 1 and node.children():
             local = f"%{len(names)}"
             names[id(node)] = local
-            lines.append(f"{local} = {_strip(body)}")
+            lines.append(f"{local} = {strip_parens(body)}")
     for label, root in roots.items():
         if root is None:
             continue
-        lines.append(f"{label} = {_strip(names.get(id(root)) or text[id(root)])}")
+        lines.append(f"{label} = {strip_parens(names.get(id(root)) or text[id(root)])}")
     return "\n".join(lines)

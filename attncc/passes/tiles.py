@@ -193,7 +193,7 @@ def as_box(grid: TileGrid, shape: tuple[int, ...]) -> Optional[TileGrid]:
     return TileGrid(tuple(shape), tuple(box)) if t == 1 else None
 
 
-def _combine_axes(mats: list[torch.Tensor]) -> torch.Tensor:
+def combine_axes(mats: list[torch.Tensor]) -> torch.Tensor:
     """Product-box classes: the minimum over axes of per-axis classes, tiles row-major."""
     nd = len(mats)
     out = None
@@ -240,7 +240,7 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
                    for m, qs, qt, ks, kt in zip(parts, q_grid.shape, q_grid.tile,
                                                 kv_grid.shape, kv_grid.tile)]
             kept = None if any(r.kept is None for r in res) else math.prod(r.kept for r in res)
-            return TileClassification(_combine_axes([r.matrix for r in res]), kept,
+            return TileClassification(combine_axes([r.matrix for r in res]), kept,
                                       sum(r.fallback_tiles for r in res))
     out = torch.zeros(nq, nk, dtype=torch.int8)
     _, _, q_count = tile_boxes(q_grid)

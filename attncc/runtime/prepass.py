@@ -33,12 +33,11 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..ir.dense import Evaluator
+from ..ir.dense import Evaluator, blocks_keep
 from ..ir.inputs import InputError
 from ..ir.nodes import Binary, Blocks, Expr, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import TileClass, TileGrid
@@ -231,8 +230,8 @@ def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
 
 
 def _n_keep(top: float, nk: int) -> int:
-    # Exact rational product: 0.7 · 10 keeps 7 blocks.
-    return min(nk, max(1, math.ceil(Fraction(top) * nk)))
+    # The count rule of DESIGN §4, shared with the dense reference (0.1 of 10 keeps 1).
+    return blocks_keep(top, nk)
 
 
 def block_select(scores: torch.Tensor, top: Optional[float] = None,

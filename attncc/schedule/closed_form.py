@@ -50,6 +50,7 @@ from ..ir.dense import Evaluator, eval_expr
 from ..ir.intervals import linear_form
 from ..ir.nodes import Binary, Const, Coord, Expr, Select, Unary, Var, transform, walk
 from ..passes.simplify import build_linear, simplify
+from ..passes.tiles import combine_axes
 from .schedule import TileClass, TileGrid
 
 _SWAP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
@@ -433,14 +434,4 @@ def bounds_matrix(bounds: Bounds) -> Optional[torch.Tensor]:
         if m is None:
             return None
         mats.append(m)
-    nd = len(mats)
-    out = None
-    for a, m in enumerate(mats):
-        shape = [1] * (2 * nd)
-        shape[a], shape[nd + a] = m.shape
-        v = m.view(shape)
-        out = v if out is None else torch.minimum(out, v)
-    nq = 1
-    for c in bounds.q_counts:
-        nq *= c
-    return out.reshape(nq, -1)
+    return combine_axes(mats)
