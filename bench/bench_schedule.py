@@ -113,7 +113,6 @@ def attncc_pattern(pattern: str, size: int):
 
 
 def flex_mask_mod(pattern: str, size: int):
-    import torch
     if pattern.startswith("sliding"):
         w = int(pattern[len("sliding"):])
         return lambda b, h, q, k: (q >= k) & (q - k < w)

@@ -95,8 +95,6 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lower = dict(q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=fdtype)
     mask_mod = to_mask_mod(pattern, inputs, **lower)
     score_mod = to_score_mod(pattern, inputs, **lower)
-    block_mask = with_mask_mod(_block_structure(pattern, Lq, Lkv, Hq, block_size, str(q.device)),
-                               mask_mod)
 
     if Lq == 0 or Lkv == 0:
         out = q.new_zeros(B, Hq, Lq, Dv)
@@ -104,6 +102,8 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         if q.device.type == "cpu":  # no grad needed here (checked above); Flex rejects the flag
             q, k, v = q.detach(), k.detach(), v.detach()
+        structure = _block_structure(pattern, Lq, Lkv, Hq, block_size, str(q.device))
+        block_mask = with_mask_mod(structure, mask_mod)
         aux = AuxRequest(lse=True) if return_lse else None
         with warnings.catch_warnings():
             # The eager fallback is chosen deliberately (see _pick_flex).
