@@ -313,3 +313,37 @@ def test_flat_tiles_that_are_grid_boxes():
         s = build_schedule(p, options=CompileOptions(block_m=block, block_n=16, tile_1d=True))
         assert s.q_grid.tile == (block,)
         assert torch.equal(s.tile_matrix(0), exact_classes(p.dense_mask()[0, 0], s.q_grid, s.kv_grid))
+
+
+@pytest.mark.parametrize("mask, expected", [
+    ("causal", True),
+    ("q - k < 7 & k <= q + 3", True),
+    ("abs(q - k) <= 5 & (q - k) % 3 == 0", True),
+    ("(q - k) * (q - k) < 9", True),
+    ("q // 8 == k // 8", False),
+    ("k < 4 | q - k < 16", False),
+    ("2 * q - k < 3", False),
+    ("q - k < 9 & q < 100", False),
+])
+def test_shift_invariance_is_recognized(mask, expected):
+    from attncc.passes.tiles import shift_invariant
+    assert shift_invariant(attncc.parse(f"pattern p\nmask {mask}").mask) is expected
+
+
+@pytest.mark.parametrize("lq, lkv, tile", [(1000, 1000, 64), (777, 900, 32), (300, 260, 16)])
+def test_offset_grouped_exact_stage_matches_dense(lq, lkv, tile):
+    """Shift-invariant masks decide one whole tile per offset q0 - k0 and reuse it: classes
+    and kept pairs must still equal the dense mask's, tails included."""
+    from attncc.runtime.options import CompileOptions
+    p = attncc.parse("pattern p\nmask causal & q + KV_LEN - Q_LEN - k < 45 & (q - k) % 3 != 1")
+    sched = build_schedule(p, lq, lkv, options=CompileOptions(block_m=tile, block_n=tile))
+    dense = p.dense_mask(lq, lkv)[0, 0]
+    nq, nk = sched.n_q_tiles, sched.n_kv_tiles
+    pad = torch.zeros(nq * tile, nk * tile, dtype=torch.int8)
+    pad[:lq, :lkv] = dense.to(torch.int8) * 2 - 1          # 1 kept, -1 masked, 0 padding
+    blocks = pad.view(nq, tile, nk, tile).transpose(1, 2).reshape(nq, nk, -1)
+    full = (blocks >= 0).all(-1)
+    empty = (blocks <= 0).all(-1)
+    want = torch.where(full, 2, torch.where(empty, 0, 1)).to(torch.int8)
+    assert torch.equal(sched.classes[0].classes(nk), want)
+    assert sched.stats["kept_pairs"] == int(dense.sum())

@@ -17,7 +17,9 @@ Two stages, both vectorized over a row-band of query tiles × all key tiles:
    Only in-range tokens count: a tail tile's box stops at the last token.
 2. Tiles left undecided are evaluated exactly, element by element but only for those tiles
    (`attncc.ir.dense.Evaluator` over the tiles' token indices). Their number is reported as
-   `fallback_tiles`; for band patterns it is O(number of diagonal tiles).
+   `fallback_tiles`; for band patterns it is O(number of diagonal tiles). Masks that see q
+   and k only through q - k (`shift_invariant`) evaluate one whole tile per distinct offset
+   q0 - k0 and reuse it, so a long window costs a handful of tile evaluations.
 
 Masks that read runtime data (`Load`, `route`, `blocks`) cannot be evaluated statically:
 their undecided tiles stay PARTIAL (a sound over-approximation) and the kept-pair count is
@@ -35,8 +37,9 @@ from typing import Optional
 import torch
 
 from ..ir.dense import Evaluator
-from ..ir.intervals import Box, IntervalEval
-from ..ir.nodes import Blocks, Expr, Load, Route, free_vars, walk
+from ..ir.intervals import Box, IntervalEval, linear_form
+from ..ir.nodes import (COMPARE_OPS, INT, Binary, Blocks, Coord, Expr, Load, Route, Unary, Var,
+                        free_vars, walk)
 from ..schedule.schedule import TileClass, TileGrid
 
 _BAND_ELEMS = 1 << 18      # box pairs per row-band in the interval stage
@@ -288,15 +291,81 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
     return TileClassification(out, kept, qi.numel())
 
 
+def shift_invariant(mask: Expr) -> bool:
+    """True when the mask depends on q and k only through q - k: every affine combination that
+    involves q or k has coefficients c·q − c·k (causal, windows, bands, dilation residues, and
+    any &, |, !, min, max, abs, //, % built on them). Then two whole 1-D tiles with the same
+    offset q0 − k0 have identical contents, and one of them decides all."""
+    deps: dict[int, bool] = {}
+    inv: dict[int, bool] = {}
+    lin: dict = {}
+
+    def affine_ok(form) -> bool:
+        coeffs = dict(form[0])
+        cq, ck = coeffs.pop(Var("q"), 0), coeffs.pop(Var("k"), 0)
+        return cq == -ck and all(inv[id(a)] for a, v in coeffs.items() if v)
+
+    for n in walk(mask):
+        dep = any(deps[id(c)] for c in n.children()) or isinstance(n, Coord) or \
+            (isinstance(n, Var) and n.name in ("q", "k"))
+        deps[id(n)] = dep
+        if not dep:
+            inv[id(n)] = True
+        elif isinstance(n, (Var, Coord, Load, Route, Blocks)):
+            inv[id(n)] = False
+        elif isinstance(n, Binary) and n.op in COMPARE_OPS and n.a.dtype == INT:
+            (ca, ka), (cb, kb) = linear_form(n.a, lin), linear_form(n.b, lin)
+            coeffs = dict(ca)
+            for atom, v in cb.items():
+                coeffs[atom] = coeffs.get(atom, 0) - v
+            inv[id(n)] = affine_ok((coeffs, ka - kb))
+        elif n.dtype == INT and ((isinstance(n, Binary) and n.op in ("add", "sub", "mul"))
+                                 or (isinstance(n, Unary) and n.op == "neg")):
+            form = linear_form(n, lin)
+            inv[id(n)] = affine_ok(form) if form[0].get(n) is None else \
+                all(inv[id(c)] for c in n.children())
+        else:
+            inv[id(n)] = all(inv[id(c)] for c in n.children())
+    return inv[id(mask)]
+
+
 def _exact(mask, q_grid, kv_grid, layout, lengths, head, qi, ki, out) -> int:
     """Decide tiles (qi[t], ki[t]) exactly, writing their class into `out`; returns the number
-    of kept pairs in them."""
+    of kept pairs in them. For shift-invariant masks on 1-D tiles, whole tiles are grouped by
+    their offset q0 − k0 and one tile per group is evaluated (a band's diagonal tiles are all
+    alike), so the work is O(distinct offsets · tile area) instead of O(tiles · tile area)."""
     if qi.numel() == 0:
         return 0
+    if len(q_grid.shape) == 1 and len(kv_grid.shape) == 1 and shift_invariant(mask):
+        tq, tk = q_grid.tile[0], kv_grid.tile[0]
+        whole = ((qi + 1) * tq <= q_grid.shape[0]) & ((ki + 1) * tk <= kv_grid.shape[0])
+        if bool(whole.any()):
+            wq, wk = qi[whole], ki[whole]
+            offsets, group = torch.unique(wq * tq - wk * tk, return_inverse=True)
+            first = torch.full((offsets.numel(),), wq.numel(), dtype=torch.int64)
+            first.scatter_reduce_(0, group, torch.arange(wq.numel()), reduce="amin")
+            cls, hits = _evaluate_tiles(mask, q_grid, kv_grid, layout, lengths, head,
+                                        wq[first], wk[first])
+            out[wq, wk] = cls[group]
+            rest = ~whole
+            cls, rest_hits = _evaluate_tiles(mask, q_grid, kv_grid, layout, lengths, head,
+                                             qi[rest], ki[rest])
+            out[qi[rest], ki[rest]] = cls
+            return int(hits[group].sum()) + int(rest_hits.sum())
+    cls, hits = _evaluate_tiles(mask, q_grid, kv_grid, layout, lengths, head, qi, ki)
+    out[qi, ki] = cls
+    return int(hits.sum())
+
+
+def _evaluate_tiles(mask, q_grid, kv_grid, layout, lengths, head, qi, ki):
+    """Exact classes (int8 [n]) and kept-pair counts (int64 [n]) of tiles (qi[t], ki[t])."""
+    classes = torch.zeros(qi.numel(), dtype=torch.int8)
+    hits_out = torch.zeros(qi.numel(), dtype=torch.int64)
+    if qi.numel() == 0:
+        return classes, hits_out
     q_tok = q_grid.token_index()
     k_tok = kv_grid.token_index()
     per = max(1, _EXACT_ELEMS // (q_grid.tile_size * kv_grid.tile_size))
-    kept = 0
     env_base = dict(lengths)
     env_base["b"] = 0
     env_base["h"] = 0 if head is None else head
@@ -318,6 +387,6 @@ def _exact(mask, q_grid, kv_grid, layout, lengths, head, qi, ki, out) -> int:
         any_true = hit.flatten(1).any(1)
         cls = torch.where(all_true, int(TileClass.FULL),
                           torch.where(any_true, int(TileClass.PARTIAL), int(TileClass.EMPTY)))
-        out[a, b] = cls.to(torch.int8)
-        kept += int(hit.sum())
-    return kept
+        classes[c0:c0 + per] = cls.to(torch.int8)
+        hits_out[c0:c0 + per] = hit.flatten(1).sum(1)
+    return classes, hits_out
