@@ -470,10 +470,8 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     """
     q_len, kv_len = resolve_lengths(pattern, q_len, kv_len)
     if getattr(pattern, "checks", ()):
-        # NOTE: length constraints recorded by elaboration (e.g. 1-D neighborhood K·d <= L)
-        # are checked by the pass that recorded them.
-        from ..passes.elaborate import check_lengths
-        check_lengths(pattern, q_len, kv_len)
+        # NOTE: length constraints recorded by elaboration (e.g. 1-D neighborhood K·d <= L).
+        pattern.check_lengths(q_len, kv_len)
     for label, n in (("heads", heads), ("batch", batch)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{label} must be a positive int, got {n!r}")

@@ -83,7 +83,7 @@ class Pattern:
     output_scale: Optional[Expr] = None
     source: Optional[str] = field(default=None, compare=False, repr=False)
     filename: Optional[str] = field(default=None, compare=False, repr=False)
-    # Call-time constraints recorded by elaboration (`attncc.passes.elaborate.check_lengths`).
+    # Call-time constraints recorded by elaboration (`Pattern.check_lengths`).
     checks: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
@@ -120,6 +120,17 @@ class Pattern:
 
     def __str__(self) -> str:
         return self.ir_text()
+
+    def check_lengths(self, q_len: int, kv_len: int) -> None:
+        """Check call-time constraints for `q_len` queries and `kv_len` keys: NATTEN's
+        kernel·dilation <= length for a `neighborhood` on a pattern without a layout.
+        Raises `SpecError` pointing at the `neighborhood` call."""
+        from ..frontend.errors import Diagnostic, SpecError
+        diags = [Diagnostic(c.loc, f"neighborhood kernel {c.kernel} x dilation {c.dilation} = "
+                                   f"{c.kernel * c.dilation} exceeds the sequence length {q_len}")
+                 for c in self.checks if c.kernel * c.dilation > q_len]
+        if diags:
+            raise SpecError(diags, self.source)
 
     # ---- evaluation -----------------------------------------------------------------------
     def dense_mask(self, q_len: Optional[int] = None, kv_len: Optional[int] = None,

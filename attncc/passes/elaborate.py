@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..frontend import ast
-from ..frontend.errors import Diagnostic, Diagnostics, SpecError, suggest
+from ..frontend.errors import Diagnostic, Diagnostics, suggest
 from ..ir.nodes import (BOOL, FLOAT, INT, INDEX_VARS, LENGTH_VARS, SCORE_VAR, TRUE, Const, Coord,
                         Expr, Load, Var)
 from ..ir.pattern import Axis, InputDecl, Layout, Pattern
@@ -436,11 +436,5 @@ def elaborate(spec: ast.Spec, params: Optional[dict] = None, *, source: Optional
 
 
 def check_lengths(pattern: Pattern, q_len: int, kv_len: int) -> None:
-    """Check call-time constraints of `pattern` for sequences of `q_len` queries and
-    `kv_len` keys: NATTEN's kernel·dilation <= length for a `neighborhood` on a pattern
-    without a layout. Raises `SpecError` pointing at the `neighborhood` call."""
-    diags = [Diagnostic(c.loc, f"neighborhood kernel {c.kernel} x dilation {c.dilation} = "
-                               f"{c.kernel * c.dilation} exceeds the sequence length {q_len}")
-             for c in getattr(pattern, "checks", ()) if c.kernel * c.dilation > q_len]
-    if diags:
-        raise SpecError(diags, pattern.source)
+    """`pattern.check_lengths(q_len, kv_len)` (kept here for callers of the elaborator)."""
+    pattern.check_lengths(q_len, kv_len)

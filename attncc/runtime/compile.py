@@ -347,8 +347,7 @@ class Kernel:
                         f"pattern '{self.pattern.name}' has layout {layout} ({layout.numel} "
                         f"tokens), but {name} has sequence length {n}")
         if getattr(self.pattern, "checks", ()):
-            from ..passes.elaborate import check_lengths
-            check_lengths(self.pattern, Lq, Lkv)
+            self.pattern.check_lengths(Lq, Lkv)
 
     def _scale(self, scale, D: int) -> float:
         scale = self.options.scale if scale is None else scale

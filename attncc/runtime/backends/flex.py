@@ -86,8 +86,7 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     fn = _pick_flex(q, k, v, return_lse)
     resolve_lengths(pattern, Lq, Lkv)
     if getattr(pattern, "checks", ()):
-        from ...passes.elaborate import check_lengths
-        check_lengths(pattern, Lq, Lkv)
+        pattern.check_lengths(Lq, Lkv)
     inputs = check_inputs(pattern, dict(inputs), batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                           device=q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
