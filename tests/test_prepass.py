@@ -4,6 +4,7 @@ The expected tile classes are computed test-side from the dense token-level mask
 `attncc.ir.dense.route_selection` / `select_blocks` (the independent reference selections),
 per tile by brute force over the tile's token slots.
 """
+import os
 import math
 
 import pytest
@@ -14,10 +15,12 @@ from hypothesis import strategies as st
 from attncc.helpers import HelperError, check_document_ids, document_ids, document_offsets, moh_weights
 from attncc.ir.dense import region_index, route_selection, select_blocks
 from attncc.runtime.prepass import (EMPTY, FULL, PARTIAL, PrepassError, block_lists, block_select,
-                                    document_classes, lists_from_classes, route_lists, route_select,
-                                    static_classes)
+                                    document_classes, lists_from_classes, pattern_classes,
+                                    route_lists, route_select, static_classes, token_range_classes)
 from attncc.schedule.schedule import TileGrid
 import attncc
+
+SPECS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs")
 
 
 def tile_classes(mask: torch.Tensor, q_grid: TileGrid, kv_grid: TileGrid) -> torch.Tensor:
@@ -182,6 +185,32 @@ def test_document_classes_match_dense(lengths, tq, tk):
     qg, kg = TileGrid((L,), (tq,)), TileGrid((L,), (tk,))
     dense = (doc[:, :, None] == doc[:, None, :])[:, None]
     assert torch.equal(document_classes(doc, qg, kg), tile_classes(dense, qg, kg))
+
+
+@given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=4), min_size=1, max_size=3),
+       st.integers(0, 5), st.sampled_from([4, 8]), st.sampled_from([4, 8, 16]))
+def test_document_spec_classes_are_tight_with_padding(lengths, pad, tq, tk):
+    """The library document spec (causal, same document, padding ids < 0 excluded): the
+    pre-pass classes equal the brute-force classes of the dense mask, so tiles inside one
+    document are FULL and padding tiles are EMPTY."""
+    L = max(sum(r) for r in lengths) + pad + 1
+    doc = document_ids(lengths, L)
+    p = attncc.load(os.path.join(SPECS, "document.attn"))
+    q = torch.zeros(doc.shape[0], 1, L, 4)
+    qg, kg = TileGrid((L,), (tq,)), TileGrid((L,), (tk,))
+    cls, _ = pattern_classes(p, q, q, {"doc": doc}, qg, kg)
+    dense = p.dense_mask(L, L, batch=doc.shape[0], inputs={"doc": doc})
+    assert torch.equal(cls, tile_classes(dense, qg, kg))
+
+
+@pytest.mark.parametrize("op, c, want", [
+    ("ge", 0, [FULL, PARTIAL, EMPTY]), ("lt", 0, [EMPTY, PARTIAL, FULL]),
+    ("eq", 1, [PARTIAL, PARTIAL, EMPTY])  # sound between the ends of a range, ("ne", -1, [FULL, PARTIAL, EMPTY]),
+])
+def test_token_range_classes(op, c, want):
+    values = torch.tensor([[0, 1, 2, 2, -1, 3, -1, -1, -1]])
+    got = token_range_classes(values, TileGrid((9,), (3,)), op, c)
+    assert got.tolist() == [want]
 
 
 def test_route_bad_arguments():
