@@ -193,18 +193,48 @@ def test_output_scale_layout():
 
 # ---- errors -----------------------------------------------------------------------------
 
-def test_runtime_selectors_are_rejected():
+def test_runtime_selectors_have_no_static_mask_mod():
     for mask in (Binary("and", Route((4,), 2), TRUE), Blocks("g", 4, top=0.5)):
         p = Pattern("r", (), None, (InputDecl("g", "float", ("b", "h", "q_blocks", "k_blocks")),), mask)
         with pytest.raises(ValueError) as e:
             to_mask_mod(p, q_len=8, kv_len=8)
         assert str(e.value) == RUNTIME_SELECTOR_ERROR
-        q = torch.randn(1, 1, 8, 4)
-        with pytest.raises(ValueError) as e:
-            flex_forward(p, q, q, q)
-        assert str(e.value) == RUNTIME_SELECTOR_ERROR
-    assert RUNTIME_SELECTOR_ERROR == ("backend 'flex' does not support runtime selectors "
-                                      "(route/blocks) yet; use backend='reference' or 'interpret'")
+    assert RUNTIME_SELECTOR_ERROR == (
+        "a pattern with runtime selectors (route/blocks) has no static mask_mod or BlockMask: "
+        "its blocks are chosen per call by the runtime pre-pass "
+        "(attncc.compile(p, backend='flex') runs it)")
+
+
+def test_flex_runs_data_dependent_patterns_through_the_prepass():
+    """route / blocks / document ids: a per-call BlockMask from the pre-pass classes; the output
+    matches the float64 reference; every block holding a kept pair is visited and, for route
+    and documents (one data-dependent conjunct, exact per-tile classes), no other block is.
+    seer_gate intersects two conjuncts per tile, a sound over-approximation."""
+    from attncc.helpers import document_ids
+    from attncc.runtime.backends.flex import _runtime_block_mask
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        (spec("seer_gate", block=32, keep=0.25), 300, {"gate": torch.randn(2, 2, 10, 10, generator=g)}),
+        (spec("biformer", height=16, width=16, region=4, topk=3), 256, {}),
+        (spec("document"), 300, {"doc": document_ids([[100, 120], [250]], 300)}),
+    ]
+    for p, L, inputs in cases:
+        q, k, v = (torch.randn(2, 2, L, 16, generator=g) for _ in range(3))
+        out = flex_forward(p, q, k, v, inputs=inputs)
+        torch.testing.assert_close(out.double(), attncc.reference(p, q, k, v, **inputs),
+                                   atol=2e-5, rtol=2e-5)
+        lower = dict(q_len=L, kv_len=L, heads=2, float_dtype=torch.float32)
+        bm, _ = _runtime_block_mask(p, q, k, inputs, 128, lower)
+        visited = bm.to_dense().bool()                                   # [B, H, nQ, nKV]
+        dense_inputs = dict(inputs, query=q, key=k) if p.name == "biformer" else inputs
+        dense = p.dense_mask(L, L, heads=2, batch=2, inputs=dense_inputs)
+        n = -(-L // 128)
+        pad = torch.zeros(2, 2, n * 128, n * 128, dtype=torch.bool)
+        pad[:, :, :L, :L] = dense
+        support = pad.view(2, 2, n, 128, n, 128).any(5).any(3)
+        assert not (support & ~visited).any(), p.name
+        if p.name != "seer_gate":
+            assert torch.equal(visited, support), p.name
 
 
 def test_flex_forward_checks_inputs():

@@ -31,8 +31,9 @@ from .coords import lower_coords
 from .nodes import (BOOL, FLOAT, Binary, Blocks, Const, Coord, Expr, FCall, Load, Route,
                     Select, Unary, Var, walk)
 
-RUNTIME_SELECTOR_ERROR = ("backend 'flex' does not support runtime selectors (route/blocks) "
-                          "yet; use backend='reference' or 'interpret'")
+RUNTIME_SELECTOR_ERROR = ("a pattern with runtime selectors (route/blocks) has no static mask_mod "
+                          "or BlockMask: its blocks are chosen per call by the runtime pre-pass "
+                          "(attncc.compile(p, backend='flex') runs it)")
 
 _TORCH_FUNCS = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log,
                 "sqrt": torch.sqrt}
@@ -43,10 +44,10 @@ _CMP = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.
 
 
 def check_flex_supported(pattern) -> None:
-    """Raise ValueError if `pattern` uses a runtime selector (not lowerable to a mask_mod)."""
-    for root in (pattern.mask, pattern.score, pattern.output_scale):
-        if root is not None and any(isinstance(n, (Route, Blocks)) for n in walk(root)):
-            raise ValueError(RUNTIME_SELECTOR_ERROR)
+    """Raise ValueError if the mask uses a runtime selector (not lowerable to a mask_mod
+    without its per-call selection; `attncc.runtime.prepass_kernel.lower_selectors` first)."""
+    if any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask)):
+        raise ValueError(RUNTIME_SELECTOR_ERROR)
 
 
 # ---- scalar-or-tensor operators --------------------------------------------------------
@@ -263,7 +264,6 @@ def to_score_mod(pattern, inputs: Optional[Mapping[str, torch.Tensor]] = None, *
     replaces it before masking and softmax. Float arithmetic runs in `float_dtype`
     (FlexAttention's working precision: float32, or float64 for float64 inputs).
     """
-    check_flex_supported(pattern)
     if pattern.score is None or (isinstance(pattern.score, Var) and pattern.score.name == "s"):
         return None
     prog = _Program(pattern.score, layout=pattern.layout, inputs=dict(inputs or {}),
@@ -287,7 +287,6 @@ def output_scale(pattern, inputs: Optional[Mapping[str, torch.Tensor]] = None, *
     expr = pattern.output_scale
     if expr is None:
         return None
-    check_flex_supported(pattern)
     for n in walk(expr):
         if (isinstance(n, Var) and n.name in ("k", "s")) or (isinstance(n, Coord) and n.side == "k"):
             raise ValueError("the output scale may depend on b, q and h only")

@@ -103,6 +103,25 @@ def program_lists(classes: torch.Tensor) -> dict:
     return out
 
 
+def runtime_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+                    *, options):
+    """Per-call tile classes of a data-dependent pattern.
+
+    The static conjuncts of the mask are scheduled by `build_schedule` with `options` (which
+    fix the tile shapes); the pre-pass intersects them with the selectors' and documents'
+    classes. Returns (static Schedule, classes int8 [B, Hq, nQT, nKT], selections).
+    """
+    from ..schedule.build import build_schedule
+    Hq, Lq, Lkv = q.shape[1], q.shape[2], k.shape[2]
+    static_terms = [t for t in _conjuncts(pattern.mask) if _is_static(t)]
+    static_pattern = dataclasses.replace(pattern, inputs=(), mask=_static_expr(static_terms) or TRUE,
+                                         score=None, output_scale=None)
+    sched = build_schedule(static_pattern, Lq, Lkv, Hq, options=options)
+    cls, selections = pattern_classes(pattern, q, k, inputs, sched.q_grid, sched.kv_grid,
+                                      static=sched)
+    return sched, cls, selections
+
+
 def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    inputs: Mapping[str, torch.Tensor], *, scale: float, options):
     """Data-dependent forward through the generated Triton kernel (CUDA, or the interpreter).
@@ -113,19 +132,13 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (b, h, query tile) triples whose output-scale weights are all zero, and launches one
     program per (query tile, b·h) reading its own CSR row. Returns (out, lse, PrepassStats).
     """
-    from ..schedule.build import build_schedule
     from ..codegen.forward import generate_forward
     from .compile import interpreter_enabled, structure_key
     from .launch import load_kernel, run_forward
     B, Hq, Lq, _ = q.shape
     Lkv = k.shape[2]
     options = region_aligned_options(pattern, options)
-    static_terms = [t for t in _conjuncts(pattern.mask) if _is_static(t)]
-    static_pattern = dataclasses.replace(pattern, inputs=(), mask=_static_expr(static_terms) or TRUE,
-                                         score=None, output_scale=None)
-    sched = build_schedule(static_pattern, Lq, Lkv, Hq, options=options)
-    cls, selections = pattern_classes(pattern, q, k, inputs, sched.q_grid, sched.kv_grid,
-                                      static=sched)
+    sched, cls, selections = runtime_classes(pattern, q, k, inputs, options=options)
     weights = head_weights(pattern, inputs, B, Hq, Lq, Lkv, q.device)
     active = _active_tiles(weights, sched.q_grid, (B, Hq), q.device)
     cls = torch.where(active[..., None], cls, torch.zeros_like(cls))

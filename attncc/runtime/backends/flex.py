@@ -7,6 +7,11 @@ The pattern's mask and score modifier are lowered to `mask_mod` / `score_mod`
 per process (`torch.compile(flex_attention)`); on CPU this is its fast C++ path. The block
 structure is cached per (pattern, shape, heads, device); each call attaches its own mask_mod
 (whose captured inputs may change between calls) without recompiling.
+
+Patterns whose mask reads runtime data (document ids, `route`, `blocks`) get a per-call
+BlockMask instead, built from the runtime pre-pass's tile classes per (batch, head): blocks
+across documents or outside the selected regions/blocks are never visited, and the selectors
+are lowered to loads of their selection tensors inside the mask_mod.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from torch.nn.attention.flex_attention import AuxRequest
 
 from ...ir.dense import resolve_lengths
 from ...ir.inputs import InputError, check_inputs, check_qkv
-from ...ir.lower_torch import check_flex_supported, output_scale, to_mask_mod, to_score_mod
+from ...ir.lower_torch import output_scale, to_mask_mod, to_score_mod
+from ...ir.nodes import Blocks, Load, Route, walk
 from ...schedule.blockmask import DEFAULT_BLOCK, to_block_mask, with_mask_mod
 from ..options import CompileOptions
 
@@ -67,6 +73,32 @@ def _block_structure(pattern, q_len: int, kv_len: int, heads: int, block: int, d
     return to_block_mask(sched, block_size=block, mask_mod=noop_mask, device=device)
 
 
+def _reads_runtime_data(pattern) -> bool:
+    return any(isinstance(n, (Load, Route, Blocks)) for n in walk(pattern.mask))
+
+
+def _runtime_block_mask(pattern, q, k, inputs, block: int, lower: dict):
+    """(BlockMask [B, Hq, nQ, nKV] from the pre-pass classes of this call, its mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ..prepass import FULL, PARTIAL
+    from ..prepass_kernel import lower_selectors, runtime_classes
+    opts = CompileOptions(block_m=block, block_n=block, tile_1d=True)
+    _, cls, selections = runtime_classes(pattern, q, k, inputs, options=opts)
+    lowered, sel_inputs = lower_selectors(pattern, selections)
+    mask_mod = to_mask_mod(lowered, {**inputs, **sel_inputs}, **lower)
+
+    def lists(kind: int):
+        hit = cls == kind
+        order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices
+        return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    (n_part, i_part), (n_full, i_full) = lists(PARTIAL), lists(FULL)
+    block_mask = BlockMask.from_kv_blocks(n_part, i_part, n_full, i_full, BLOCK_SIZE=block,
+                                          mask_mod=mask_mod, seq_lengths=(lower["q_len"], lower["kv_len"]))
+    return block_mask, mask_mod
+
+
 def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  scale: Optional[float] = None, inputs: Mapping[str, torch.Tensor] = {},
                  return_lse: bool = False, block_size: int = DEFAULT_BLOCK):
@@ -78,10 +110,10 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Returns out [B, Hq, Lq, Dv] (q's dtype), or (out, lse float32 [B, Hq, Lq], natural log)
     with `return_lse=True`. The output scale, if any, multiplies `out` (not the lse).
-    Raises ValueError for patterns with runtime selectors (route/blocks), and for CPU
-    tensors that require gradients (FlexAttention has no CPU backward pass).
+    Patterns reading runtime data get a per-call BlockMask from the runtime pre-pass (see the
+    module docstring). Raises ValueError for CPU tensors that require gradients (FlexAttention
+    has no CPU backward pass).
     """
-    check_flex_supported(pattern)
     B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
     fn = _pick_flex(q, k, v, return_lse)
     resolve_lengths(pattern, Lq, Lkv)
@@ -92,7 +124,6 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     fdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lower = dict(q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=fdtype)
-    mask_mod = to_mask_mod(pattern, inputs, **lower)
     score_mod = to_score_mod(pattern, inputs, **lower)
 
     if Lq == 0 or Lkv == 0:
@@ -101,8 +132,11 @@ def flex_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         if q.device.type == "cpu":  # no grad needed here (checked above); Flex rejects the flag
             q, k, v = q.detach(), k.detach(), v.detach()
-        structure = _block_structure(pattern, Lq, Lkv, Hq, block_size, str(q.device))
-        block_mask = with_mask_mod(structure, mask_mod)
+        if _reads_runtime_data(pattern):
+            block_mask, _ = _runtime_block_mask(pattern, q, k, inputs, block_size, lower)
+        else:
+            structure = _block_structure(pattern, Lq, Lkv, Hq, block_size, str(q.device))
+            block_mask = with_mask_mod(structure, to_mask_mod(pattern, inputs, **lower))
         aux = AuxRequest(lse=True) if return_lse else None
         with warnings.catch_warnings():
             # The eager fallback is chosen deliberately (see _pick_flex).
