@@ -100,6 +100,10 @@ def draw_png(schedule: Schedule, path: str, head: int = 0, max_dense: int = 1 <<
                  f"density {_fmt(s.density())}, efficiency {_fmt(s.efficiency())}")
     ax.set_xlabel("key tile")
     ax.set_ylabel("query tile")
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="#999999", label=name) for c, name in
+                       zip(cmap.colors, ("EMPTY (skipped)", "PARTIAL (masked)", "FULL (no mask code)"))],
+              loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
