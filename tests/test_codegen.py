@@ -5,6 +5,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 import attncc
 from attncc.codegen.emitter import Emitter, TemplateError, fill
@@ -315,3 +316,15 @@ def test_emitter_blocks_indent():
         em.comment("note")
     em.line("y = 1")
     assert em.text() == "for i in range(3):\n    x = i\n    # note\ny = 1\n"
+
+
+def test_tiles_below_16_tokens_are_refused():
+    """Compiled `tl.dot` needs at least 16 rows per operand: a 2×2 query tile is refused when
+    the kernel is generated (on every backend that runs generated kernels), naming the tile."""
+    p = attncc.parse("pattern p(n = 8)\nlayout grid(y = n, x = n)\nmask abs(q.y - k.y) <= 1")
+    kern = attncc.compile(p, backend="interpret", q_tile=(2, 2), kv_tile=(4, 4))
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(CodegenError) as e:
+        kern(q, q, q)
+    assert str(e.value) == ("query tile has 4 token slots; kernels need a power of two >= 16 "
+                            "(tl.dot)")
