@@ -133,7 +133,7 @@ def test_document_matches_reference_and_visits_no_cross_document_tile(lengths, p
     q, k, v, _ = qkv(seed, B, 2, 1, L, L)
     check(p, q, k, v, {"doc": doc}, q_tile=tile, kv_tile=tile)
     # No visited tile mixes only tokens of different documents.
-    from attncc.runtime.prepass import pattern_classes
+    from attncc.runtime.conjuncts import pattern_classes
     from attncc.schedule.schedule import TileGrid
     grid = TileGrid((L,), (tile,))
     cls, _ = pattern_classes(p, q, k, {"doc": doc}, grid, grid)

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from attncc.helpers import HelperError, check_document_ids, document_ids, document_offsets, moh_weights
 from attncc.ir.dense import region_index, route_selection, select_blocks
+from attncc.runtime.conjuncts import document_classes, pattern_classes, token_range_classes
 from attncc.runtime.prepass import (EMPTY, FULL, PARTIAL, PrepassError, block_lists, block_select,
-                                    document_classes, lists_from_classes, pattern_classes,
-                                    route_lists, route_select, static_classes, token_range_classes)
+                                    lists_from_classes, route_lists, route_select, static_classes)
 from attncc.schedule.schedule import TileGrid
 import attncc
 
@@ -302,7 +302,7 @@ def test_check_document_ids():
 def test_lowered_selectors_evaluate_to_the_dense_selection(spec, params, L):
     """The selection loads that kernels evaluate per element (`lower_selectors`) give exactly
     the dense mask of the original selector (region / block index arithmetic in the IR)."""
-    from attncc.runtime.prepass import pattern_classes
+    from attncc.runtime.conjuncts import pattern_classes
     from attncc.runtime.prepass_kernel import lower_selectors
     p = attncc.load(f"specs/{spec}.attn", **params)
     g = torch.Generator().manual_seed(1)

@@ -18,8 +18,8 @@ import torch
 from ..ir.dense import Evaluator
 from ..ir.inputs import InputError, check_inputs, check_qkv
 from ..schedule.schedule import TileGrid
-from .prepass import (PrepassStats, _active_tiles, _as_grid, _env, head_weights,
-                      lists_from_classes, pattern_classes)
+from .conjuncts import pattern_classes
+from .prepass import PrepassStats, _active_tiles, _as_grid, _env, head_weights, lists_from_classes
 
 __all__ = ["blocksparse_attention"]
 

@@ -20,6 +20,8 @@ of the schedule at call time, on the tensors' device, with a fixed number of bat
    EMPTY, FULL only if every conjunct is FULL (in particular a tile is FULL only if the static
    class is FULL and the selector keeps every pair). A selector nested under `|` or `!` is
    treated as unknown (PARTIAL wherever the other conjuncts allow), which is always sound.
+   (`attncc.runtime.conjuncts.pattern_classes`; document ids and token guards are classified
+   there from per-tile id ranges.)
 4. *Lists.* `lists_from_classes` turns the class tensor into padded, ascending int32 index
    tensors `[B, H, nQT, max_count]` plus int32 counts `[B, H, nQT]`, separately for FULL and
    PARTIAL tiles (entries past a row's count are 0).
@@ -39,12 +41,12 @@ import torch
 
 from ..ir.dense import Evaluator, blocks_keep
 from ..ir.inputs import InputError
-from ..ir.nodes import INT, Binary, Blocks, Const, Expr, Load, Route, Var, free_vars, walk
+from ..ir.nodes import Expr, free_vars
 from ..schedule.schedule import TileClass, TileGrid
 
 __all__ = ["TileLists", "route_select", "block_select", "route_lists", "block_lists",
-           "document_classes", "group_classes", "lists_from_classes", "static_classes",
-           "pattern_classes", "head_weights", "PrepassStats", "PrepassError"]
+           "group_classes", "lists_from_classes", "static_classes", "head_weights",
+           "PrepassStats", "PrepassError"]
 
 EMPTY, PARTIAL, FULL = int(TileClass.EMPTY), int(TileClass.PARTIAL), int(TileClass.FULL)
 # Elements of one gathered score slab [B, H, tile rows, keys] in the CPU path.
@@ -325,47 +327,6 @@ def block_lists(scores: torch.Tensor, block: int, top: Optional[float] = None,
     return lists_from_classes(_intersect(cls, static))
 
 
-def document_classes(doc: torch.Tensor, q_grid: TileGrid, kv_grid: TileGrid, *,
-                     padding_matches: bool = True) -> torch.Tensor:
-    """Tile classes of `doc[b, q] == doc[b, k]` from per-tile id ranges.
-
-    doc int [B, L] (L ≥ both lengths) → int8 [B, 1, nQT, nKT]. Each tile keeps the range of
-    its non-negative ids and the range of its negative ids (padding); a tile pair is EMPTY
-    when neither range pair overlaps (no pair can match), FULL when both tiles hold one and the
-    same id, PARTIAL otherwise. Exact for packed ids (non-decreasing, then -1 padding) on 1-D
-    tiles, sound for any ids. `padding_matches=False` classifies the guarded form
-    `doc[b, q] == doc[b, k] & doc[b, k] >= 0`: negative ids match nothing.
-    """
-    big = torch.iinfo(torch.int64).max
-
-    def ranges(grid):
-        slots = grid.token_index().to(doc.device)
-        if grid.numel > doc.shape[1]:
-            raise PrepassError(f"document ids cover {doc.shape[1]} tokens but {grid.numel} "
-                               "are attended")
-        vals = doc[:, slots.clamp(min=0)].to(torch.int64)             # [B, nT, S]
-        real = (slots >= 0)[None]
-        out = []
-        for part in (real & (vals >= 0), real & (vals < 0), real):
-            out.append(torch.where(part, vals, torch.full_like(vals, big)).amin(-1))
-            out.append(torch.where(part, vals, torch.full_like(vals, -big)).amax(-1))
-        return out
-
-    q_r, k_r = ranges(q_grid), ranges(kv_grid)
-    overlap = None
-    for i in ((0, 2) if padding_matches else (0,)):
-        qlo, qhi, klo, khi = q_r[i][:, :, None], q_r[i + 1][:, :, None], k_r[i][:, None], k_r[i + 1][:, None]
-        hit = (qlo <= khi) & (klo <= qhi)
-        overlap = hit if overlap is None else overlap | hit
-    qlo, qhi, klo, khi = q_r[4], q_r[5], k_r[4], k_r[5]
-    single = (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
-    if not padding_matches:
-        single &= (qlo >= 0)[:, :, None]
-    out = torch.where(overlap, PARTIAL, EMPTY).to(torch.int8)
-    out[single] = FULL
-    return out[:, None]
-
-
 # ---- static conjuncts ----------------------------------------------------------------------
 
 def static_classes(expr: Expr, layout, q_grid: TileGrid, kv_grid: TileGrid, heads: int,
@@ -404,139 +365,6 @@ def static_classes(expr: Expr, layout, q_grid: TileGrid, kv_grid: TileGrid, head
     return out
 
 
-# ---- whole patterns -------------------------------------------------------------------------
-
-def _conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return _conjuncts(e.a) + _conjuncts(e.b)
-    return [e]
-
-
-def _document_input(e: Expr) -> Optional[str]:
-    """Name of `doc` when `e` is `doc[b, q] == doc[b, k]` (either side order)."""
-    if not (isinstance(e, Binary) and e.op == "eq" and isinstance(e.a, Load)
-            and isinstance(e.b, Load) and e.a.input == e.b.input and len(e.a.index) == 2):
-        return None
-    sides = []
-    for ld in (e.a, e.b):
-        i0, i1 = ld.index
-        if not (isinstance(i0, Var) and i0.name == "b" and isinstance(i1, Var)
-                and i1.name in ("q", "k")):
-            return None
-        sides.append(i1.name)
-    return e.a.input if sorted(sides) == ["k", "q"] else None
-
-
-_FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
-
-
-def _token_predicate(e: Expr) -> Optional[tuple[str, str, str, int]]:
-    """(input, side, op, constant) when `e` compares one token's integer input with a constant,
-    e.g. the padding guard `doc[b, k] >= 0` (either operand order)."""
-    if not (isinstance(e, Binary) and e.op in _FLIP):
-        return None
-    a, c, op = e.a, e.b, e.op
-    if isinstance(a, Const) and isinstance(c, Load):
-        a, c, op = c, a, _FLIP[op]
-    if not (isinstance(a, Load) and isinstance(c, Const) and a.elem == INT and len(a.index) == 2):
-        return None
-    i0, i1 = a.index
-    if not (isinstance(i0, Var) and i0.name == "b" and isinstance(i1, Var)
-            and i1.name in ("q", "k")):
-        return None
-    return a.input, i1.name, op, int(c.value)
-
-
-def token_range_classes(values: torch.Tensor, grid: TileGrid, op: str, c: int) -> torch.Tensor:
-    """Tile classes of `values[b, token] <op> c` from each tile's value range.
-
-    values int [B, L] (L ≥ grid.numel) → int8 [B, n_tiles]: FULL when every in-range token of
-    the tile satisfies the comparison, EMPTY when none does, PARTIAL otherwise (exact for the
-    ordering comparisons; `==`/`!=` are exact at the ends of the range, sound in between).
-    """
-    slots = grid.token_index().to(values.device)
-    valid = slots >= 0
-    v = values.to(torch.int64)[:, slots.clamp(min=0)]
-    big = torch.iinfo(torch.int64).max
-    lo = torch.where(valid, v, big).amin(-1)
-    hi = torch.where(valid, v, -big).amax(-1)
-    if op in ("lt", "le", "gt", "ge"):
-        test = {"lt": lambda x: x < c, "le": lambda x: x <= c,
-                "gt": lambda x: x > c, "ge": lambda x: x >= c}[op]
-        t_lo, t_hi = test(lo), test(hi)
-        full, empty = t_lo & t_hi, ~t_lo & ~t_hi
-    else:
-        single = (lo == c) & (hi == c)
-        outside = (c < lo) | (c > hi)
-        full, empty = (single, outside) if op == "eq" else (outside, single)
-    out = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL))
-    return out.to(torch.int8)
-
-
-def _static_expr(parts: list[Expr]) -> Optional[Expr]:
-    out = None
-    for p in parts:
-        out = p if out is None else Binary("and", out, p)
-    return out
-
-
-def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-                    q_grid: TileGrid, kv_grid: TileGrid, static=None):
-    """Tile classes of a whole (possibly data-dependent) pattern for one call.
-
-    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], `inputs` the pattern's runtime tensors (already
-    validated). Each top-level conjunct of the mask contributes a class tensor: `route` and
-    `blocks` from their selections, `doc[b, q] == doc[b, k]` and token guards such as
-    `doc[b, k] >= 0` from per-tile id ranges,
-    data-independent conjuncts from `static` (a `Schedule` or int8 [H|1, nQT, nKT] of the
-    conjunction of those terms) or, when absent, `static_classes`; any other conjunct counts
-    as PARTIAL everywhere. Returns (classes int8 [B, Hq, nQT, nKT], selections) where
-    selections maps each Route/Blocks node to (sel, q_gid, k_gid).
-    """
-    B, Hq, Lq, _ = q.shape
-    Lkv = k.shape[2]
-    dev = q.device
-    layout = pattern.layout
-    selections = {}
-    for node in walk(pattern.mask):
-        if isinstance(node, Route) and node not in selections:
-            shape = layout.shape if layout is not None else None
-            selections[node] = route_select(q, k, node.region, node.topk, shape)
-        elif isinstance(node, Blocks) and node not in selections:
-            sel = block_select(inputs[node.input], node.top, node.threshold,
-                               name=f"input '{node.input}'")
-            selections[node] = (sel.to(dev), _block_gids(Lq, node.block, dev),
-                                _block_gids(Lkv, node.block, dev))
-    cls = torch.full((B, Hq, q_grid.n_tiles, kv_grid.n_tiles), FULL, dtype=torch.int8, device=dev)
-    static_parts = []
-    terms = _conjuncts(pattern.mask)
-    for term in terms:
-        doc = _document_input(term)
-        if isinstance(term, (Route, Blocks)):
-            sel, q_gid, k_gid = selections[term]
-            cls = torch.minimum(cls, group_classes(sel, q_gid, k_gid, q_grid, kv_grid))
-        elif doc is not None:
-            guarded = any(_token_predicate(t) in ((doc, "k", "ge", 0), (doc, "q", "ge", 0),
-                                                  (doc, "k", "gt", -1), (doc, "q", "gt", -1))
-                          for t in terms)
-            cls = torch.minimum(cls, document_classes(inputs[doc].to(dev), q_grid, kv_grid,
-                                                      padding_matches=not guarded))
-        elif _token_predicate(term) is not None:
-            name, side, op, c = _token_predicate(term)
-            t = token_range_classes(inputs[name].to(dev), q_grid if side == "q" else kv_grid, op, c)
-            cls = torch.minimum(cls, t[:, None, :, None] if side == "q" else t[:, None, None, :])
-        elif not _is_static(term):
-            cls = torch.minimum(cls, torch.full_like(cls, PARTIAL))
-        else:
-            static_parts.append(term)
-    if static is not None:
-        cls = _intersect(cls, static)
-    elif static_parts:
-        expr = _static_expr(static_parts)
-        cls = torch.minimum(cls, static_classes(expr, layout, q_grid, kv_grid, Hq, Lq, Lkv, dev))
-    return cls, selections
-
-
 def _env(B: int, H: int, Lq: int, Lkv: int, dev) -> dict:
     return {"b": torch.arange(B, device=dev).view(-1, 1, 1, 1),
             "h": torch.arange(H, device=dev).view(1, -1, 1, 1),
@@ -572,11 +400,6 @@ class PrepassStats:
     def as_dict(self) -> dict:
         return {"head_tiles": self.head_tiles, "skipped_head_tiles": self.skipped_head_tiles,
                 "full_tiles": self.full_tiles, "partial_tiles": self.partial_tiles, **self.extra}
-
-
-def _is_static(term: Expr) -> bool:
-    return "b" not in free_vars(term) and not any(
-        isinstance(n, (Load, Route, Blocks)) for n in walk(term))
 
 
 def _active_tiles(weights: Optional[torch.Tensor], q_grid: TileGrid, bh: tuple[int, int],

@@ -20,8 +20,8 @@ import torch
 from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var,
                         transform, walk)
 from ..ir.pattern import InputDecl
-from .prepass import (FULL, PARTIAL, PrepassStats, _active_tiles, _conjuncts, _document_input,
-                      _is_static, _region_tuple, _static_expr, head_weights, pattern_classes)
+from .conjuncts import conjuncts, document_input, is_static, pattern_classes, static_expr
+from .prepass import FULL, PARTIAL, PrepassStats, _active_tiles, _region_tuple, head_weights
 
 __all__ = ["needs_prepass", "lower_selectors", "program_lists", "kernel_forward",
            "region_aligned_options"]
@@ -34,7 +34,7 @@ def needs_prepass(pattern) -> bool:
     `route` / `blocks` or a document equality, or there is an `output scale` (skipping)."""
     return pattern.output_scale is not None \
         or any(isinstance(n, (Route, Blocks)) for n in walk(pattern.mask)) \
-        or any(_document_input(t) is not None for t in _conjuncts(pattern.mask))
+        or any(document_input(t) is not None for t in conjuncts(pattern.mask))
 
 
 def _group_expr(side: str, node, layout) -> Expr:
@@ -113,8 +113,8 @@ def runtime_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
     """
     from ..schedule.build import build_schedule
     Hq, Lq, Lkv = q.shape[1], q.shape[2], k.shape[2]
-    static_terms = [t for t in _conjuncts(pattern.mask) if _is_static(t)]
-    static_pattern = dataclasses.replace(pattern, inputs=(), mask=_static_expr(static_terms) or TRUE,
+    static_terms = [t for t in conjuncts(pattern.mask) if is_static(t)]
+    static_pattern = dataclasses.replace(pattern, inputs=(), mask=static_expr(static_terms) or TRUE,
                                          score=None, output_scale=None)
     sched = build_schedule(static_pattern, Lq, Lkv, Hq, options=options)
     cls, selections = pattern_classes(pattern, q, k, inputs, sched.q_grid, sched.kv_grid,
