@@ -241,7 +241,7 @@ class PythonPrimitives:
         if block is None:
             raise _Failed
         if type(block) is not int or block < 1:
-            self.fail(bound["block"].loc, f"'block' of 'blocks' must be an integer >= 1", ctx=ctx)
+            self.fail(bound["block"].loc, "'block' of 'blocks' must be an integer >= 1", ctx=ctx)
         top, thr = bound.get("top"), bound.get("threshold")
         if (top is None) == (thr is None):
             self.fail(loc, "'blocks' needs exactly one of 'top' and 'threshold'", ctx=ctx)

@@ -376,7 +376,7 @@ def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: boo
                                          options=kern.options)
         kern.last_stats = stats.as_dict()
         return out, lse
-    B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
+    Hq, Lq = q.shape[1], q.shape[2]
     sched = kern.schedule(Lq, k.shape[2], Hq)
     from .launch import run_forward
     module = kern._module(sched)
