@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..ir.dense import Evaluator, blocks_keep
+from ..ir.dense import Evaluator, select_blocks
 from ..ir.inputs import InputError
 from ..ir.nodes import Expr, free_vars
 from ..schedule.schedule import TileClass, TileGrid
@@ -231,11 +231,6 @@ def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     return sel.scatter_(-1, order, True), q_gid, k_gid
 
 
-def _n_keep(top: float, nk: int) -> int:
-    # The count rule of DESIGN §4, shared with the dense reference (0.1 of 10 keeps 1).
-    return blocks_keep(top, nk)
-
-
 def block_select(scores: torch.Tensor, top: Optional[float] = None,
                  threshold: Optional[float] = None, *, name: str = "scores") -> torch.Tensor:
     """Block selection (DESIGN §4): scores [B, H, nqb, nkb] → bool [B, H, nqb, nkb].
@@ -252,16 +247,10 @@ def block_select(scores: torch.Tensor, top: Optional[float] = None,
         raise PrepassError(f"{name} must be a floating-point tensor, got {scores.dtype}")
     if bool(torch.isnan(scores).any()):
         raise PrepassError(f"{name} contains NaN")
-    if threshold is not None:
-        return scores > threshold
-    if not top > 0:
+    if threshold is None and not top > 0:
         raise PrepassError(f"blocks: top must be a positive fraction, got {top!r}")
-    nk = scores.shape[-1]
-    sel = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if nk == 0:
-        return sel
-    order = torch.sort(-scores.to(torch.float64), dim=-1, stable=True).indices
-    return sel.scatter_(-1, order[..., :_n_keep(top, nk)], True)
+    # The selection itself is the dense reference's (DESIGN §4 count rule, stable ties).
+    return select_blocks(scores, top=top, threshold=threshold)
 
 
 def _block_gids(n: int, block: int, device) -> torch.Tensor:
