@@ -43,6 +43,11 @@ def reference(p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Returns out float64 [B, Hq, Lq, Dv] on q's device, or (out, lse [B, Hq, Lq]) with
     `return_lse=True` (natural log).
+
+    `normalize none` (linear attention): no softmax, out[q] = Σ_k keep(q, k) · score(q, k) ·
+    v[k], with score = s when the pattern has no score clause. There is no normaliser, so the
+    log-sum-exp has no meaning; `return_lse=True` gives the log of the implicit normaliser 1:
+    0 for a row with at least one kept key and -inf for a row with none (whose output is 0).
     """
     pattern = _pattern_of(p)
     B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
@@ -72,11 +77,13 @@ def reference(p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if pattern.score is not None:
             ev = Evaluator(dict(env, s=s), layout=pattern.layout, inputs=inputs, device=dev)
             s = ev.evaluate(pattern.score).to(torch.float64).expand(s.shape)
-        s = s.masked_fill(~mask[:, h0:h1], float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)
-        empty = torch.isneginf(row_lse)
-        probs = torch.exp(s - torch.where(empty, torch.zeros_like(row_lse), row_lse)[..., None])
-        o = probs @ vf[:, kv_heads]
+        if pattern.normalize == "none":
+            keep = mask[:, h0:h1]
+            o = torch.where(keep, s, torch.zeros((), dtype=s.dtype, device=dev)) @ vf[:, kv_heads]
+            row_lse = torch.where(keep.any(-1), 0.0, float("-inf")).to(torch.float64)
+            row_lse = row_lse.expand(B, h1 - h0, Lq)
+        else:
+            o, row_lse = _softmax_attend(s, mask[:, h0:h1], vf[:, kv_heads])
         if pattern.output_scale is not None:
             row_env = {n: env[n] for n in ("b", "h", "q", "Q_LEN", "KV_LEN", "HEADS")}
             ev = Evaluator(row_env, layout=pattern.layout, inputs=inputs, device=dev)
@@ -84,3 +91,13 @@ def reference(p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out[:, h0:h1] = o
         lse[:, h0:h1] = row_lse
     return (out, lse) if return_lse else out
+
+
+def _softmax_attend(s, keep, vf):
+    """Softmax over keys of the scores `s` kept by `keep` (float64), times `vf`:
+    (out, row log-sum-exp); empty rows give 0 and -inf."""
+    s = s.masked_fill(~keep, float("-inf"))
+    row_lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(row_lse)
+    probs = torch.exp(s - torch.where(empty, torch.zeros_like(row_lse), row_lse)[..., None])
+    return probs @ vf, row_lse

@@ -170,13 +170,20 @@ class ScoreClause(Node):
 
 
 @dataclass(frozen=True)
+class NormalizeClause(Node):
+    """`normalize none | softmax`: `none` turns softmax off (linear attention,
+    out[q] = Σ_k keep(q, k) · score(q, k) · v[k]); `softmax` is the default."""
+    kind: str
+
+
+@dataclass(frozen=True)
 class OutputClause(Node):
     """`output scale expr`; `kind` is 'scale'."""
     kind: str
     expr: Expr
 
 
-Decl = Union[LayoutDecl, InputDecl, Def, MaskClause, ScoreClause, OutputClause]
+Decl = Union[LayoutDecl, InputDecl, Def, MaskClause, ScoreClause, NormalizeClause, OutputClause]
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ def format_decl(d) -> str:
         return f"mask {format_expr(d.expr)}"
     if isinstance(d, ast.ScoreClause):
         return f"score {format_expr(d.expr)}"
+    if isinstance(d, ast.NormalizeClause):
+        return f"normalize {d.kind}"
     if isinstance(d, ast.OutputClause):
         return f"output {d.kind} {format_expr(d.expr)}"
     raise TypeError(f"not a declaration node: {type(d).__name__}")

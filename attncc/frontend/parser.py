@@ -37,9 +37,10 @@ _FLOAT_RE = re.compile(r"[0-9]+\.[0-9]*(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]
 DTYPES = ("int", "float", "bool")
 LAYOUT_KINDS = ("grid",)
 OUTPUT_KINDS = ("scale",)
-KEYWORDS = ("pattern", "layout", "input", "def", "mask", "score", "output",
+NORMALIZE_KINDS = ("softmax", "none")
+KEYWORDS = ("pattern", "layout", "input", "def", "mask", "score", "normalize", "output",
             "and", "or", "not", "true", "false")
-_DECL_WORDS = ("pattern", "layout", "input", "def", "mask", "score", "output")
+_DECL_WORDS = ("pattern", "layout", "input", "def", "mask", "score", "normalize", "output")
 
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
 _CLOSE = {"RPAR": "LPAR", "RSQB": "LSQB"}
@@ -424,6 +425,14 @@ class _Converter:
 
     def decl_score(self, tree) -> ast.ScoreClause:
         return ast.ScoreClause(self.expr(tree.children[0]), loc=self.loc(tree))
+
+    def decl_normalize(self, tree) -> ast.NormalizeClause:
+        kind, = tree.children
+        if str(kind) not in NORMALIZE_KINDS:
+            hint = suggest(str(kind), NORMALIZE_KINDS) or "write 'normalize none' (no softmax) " \
+                "or 'normalize softmax' (the default)"
+            self.diags.error(self.loc(kind), f"unknown normalization '{kind}'", hint)
+        return ast.NormalizeClause(str(kind), loc=self.loc(tree))
 
     def decl_output(self, tree) -> ast.OutputClause:
         kind, expr = tree.children

@@ -73,6 +73,9 @@ class Pattern:
     mask          bool IR over b, h, q, k, coordinates, lengths, inputs, selectors
     score         float IR over `s` (the scaled q·k score) or None
     output_scale  float IR (per b, q, h) multiplying each head's output rows, or None
+    normalize     "softmax" (default) or "none": no softmax, out[q] = Σ_k keep · score · v[k]
+                  (linear attention; `attncc.passes.linear` decides whether the chunked
+                  linear-time algorithm applies)
     """
     name: str
     params: tuple[tuple[str, Scalar], ...]
@@ -81,12 +84,15 @@ class Pattern:
     mask: Expr
     score: Optional[Expr] = None
     output_scale: Optional[Expr] = None
+    normalize: str = "softmax"
     source: Optional[str] = field(default=None, compare=False, repr=False)
     filename: Optional[str] = field(default=None, compare=False, repr=False)
     # Call-time constraints recorded by elaboration (`Pattern.check_lengths`).
     checks: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
+        if self.normalize not in ("softmax", "none"):
+            raise ValueError(f"normalize must be 'softmax' or 'none', got {self.normalize!r}")
         if self.mask.dtype != BOOL:
             raise TypeError("mask must be boolean")
         for label, e in (("score", self.score), ("output scale", self.output_scale)):
@@ -111,6 +117,8 @@ class Pattern:
         if self.layout is not None:
             lines.append(f"layout {self.layout}")
         lines += [str(d) for d in self.inputs]
+        if self.normalize != "softmax":  # absent for softmax: existing hashes are unchanged
+            lines.append(f"normalize {self.normalize}")
         lines.append(format_dag({"mask": self.mask, "score": self.score,
                                  "output_scale": self.output_scale}))
         return "\n".join(lines) + "\n"

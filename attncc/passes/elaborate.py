@@ -85,6 +85,12 @@ class Elaborator(PythonPrimitives):
                 clauses["mask"] = self.clause(d.expr, "mask", BOOL)
             elif isinstance(d, ast.ScoreClause) and self.once(clauses, "score", d):
                 clauses["score"] = self.clause(d.expr, "score", FLOAT)
+            elif isinstance(d, ast.NormalizeClause) and self.once(clauses, "normalize", d):
+                if d.kind not in ("softmax", "none"):
+                    self.error(d.loc, f"unknown normalization '{d.kind}'",
+                               suggest(d.kind, ["softmax", "none"]))
+                else:
+                    clauses["normalize"] = d.kind
             elif isinstance(d, ast.OutputClause) and self.once(clauses, "output", d):
                 if d.kind != "scale":
                     self.error(d.loc, f"unknown output modifier '{d.kind}'", suggest(d.kind, ["scale"]))
@@ -99,6 +105,7 @@ class Elaborator(PythonPrimitives):
             mask=TRUE if not isinstance(mask, Expr) else mask,
             score=clauses.get("score") if isinstance(clauses.get("score"), Expr) else None,
             output_scale=clauses.get("output") if isinstance(clauses.get("output"), Expr) else None,
+            normalize=clauses.get("normalize") or "softmax",
             source=self.diags.source, filename=self.diags.filename, checks=tuple(self.checks))
         return pat
 
