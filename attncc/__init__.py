@@ -77,3 +77,42 @@ def _map_source_tree() -> None:
 
 
 _map_source_tree()
+
+
+# Device nodes that mean a GPU Triton could compile for is present (NVIDIA, ROCm, WSL).
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _gpu_present() -> bool:
+    """Whether this machine appears to have a GPU, decided without importing torch (an
+    already-imported torch is asked; otherwise the driver's device nodes are looked for)."""
+    import os
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "cuda"):
+        try:
+            return bool(torch.cuda.is_available())
+        except Exception:  # noqa: BLE001 - a broken CUDA setup counts as no device
+            return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in _GPU_NODES)
+
+
+def _arrange_interpreter() -> None:
+    """Generated Triton kernels run on CPU through Triton's interpreter, which Triton reads
+    from TRITON_INTERPRET once, when it is first imported. On a machine without a GPU, and
+    only if triton is not imported yet and the user has not set the variable either way,
+    switch it on here so `backend="interpret"` works in a plain `python3`. Otherwise nothing
+    is changed (calls then use a backend that needs no interpreter; see runtime.compile)."""
+    import os
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    if not _gpu_present():
+        os.environ["TRITON_INTERPRET"] = "1"
+        global INTERPRETER_ARRANGED
+        INTERPRETER_ARRANGED = True
+
+
+# True when `import attncc` switched Triton's interpreter on (no GPU, triton not yet imported).
+INTERPRETER_ARRANGED = False
+_arrange_interpreter()

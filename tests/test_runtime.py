@@ -112,7 +112,7 @@ def test_backend_selection_cuda_device_without_running():
 def test_interpreter_off_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not rc.interpreter_enabled()
-    kern = attncc.compile(os.path.join(SPECS, "causal.attn"))
+    kern = attncc.compile(os.path.join(SPECS, "causal.attn"), backend="interpret")
     q, k, v = qkv()
     with pytest.raises(rc.BackendError) as e:
         kern(q, k, v)
@@ -131,7 +131,7 @@ def test_interpreter_switched_on_after_triton_import_is_detected(tmp_path):
         "import os, torch, triton.language, attncc\n"
         "from attncc.runtime import compile as rc\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        f"kern = attncc.compile({os.path.join(SPECS, 'causal.attn')!r})\n"
+        f"kern = attncc.compile({os.path.join(SPECS, 'causal.attn')!r}, backend='interpret')\n"
         "q = torch.randn(1, 1, 8, 4)\n"
         "try:\n"
         "    kern(q, q, q)\n"

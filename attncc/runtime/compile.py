@@ -17,8 +17,10 @@ inputs, grid lengths) before any work, then runs one backend:
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
     reference  `attncc.reference` (dense float64), cast to the dtype of q
 
-With no backend chosen, CUDA tensors use "triton" and CPU tensors "interpret". Nothing global
-is changed by a call.
+With no backend chosen, CUDA tensors use "triton" and CPU tensors "interpret" (`import attncc`
+switches Triton's interpreter on when there is no GPU and triton is not imported yet; if it is
+off, CPU calls fall back to "flex" or "reference" with a one-time warning). Nothing global is
+changed by a call.
 
 Caching: schedules are built once per (q_len, kv_len, heads); generated source is keyed by
 (IR hash, options, tile structure) and written to the on-disk cache (`attncc.runtime.cache`),
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -89,11 +92,37 @@ def interpreter_enabled() -> bool:
     return _interpreter_env() and _interpreter_at_import() is not False
 
 
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+NO_INTERPRETER_FALLBACK = (
+    "attncc: Triton's interpreter is off in this process (triton was imported before attncc, "
+    "or TRITON_INTERPRET is set to 0), so CPU calls without a backend run on backend '{0}' "
+    "instead of the generated Triton kernels; import attncc before triton (or set "
+    "TRITON_INTERPRET=1 before starting Python) to run those, or pass backend= explicitly")
+
+_FALLBACK_WARNED = False
+
+
+def _cpu_without_interpreter(grad: bool, dtype: Optional[torch.dtype]) -> str:
+    """The backend for a CPU call without a chosen backend when Triton's interpreter cannot
+    run: "flex" (compiled FlexAttention, forward only, no float64), else "reference". Warns
+    once per process."""
+    global _FALLBACK_WARNED
+    backend = "reference" if grad or dtype == torch.float64 else "flex"
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(NO_INTERPRETER_FALLBACK.format(backend), RuntimeWarning, stacklevel=4)
+    return backend
+
+
+def resolve_backend(requested: Optional[str], device: torch.device, *, grad: bool = False,
+                    dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs tensors on `device`: `requested`, or "triton" on CUDA and
-    "interpret" elsewhere. Raises BackendError when it cannot run here."""
+    "interpret" elsewhere (a CPU call falls back to a backend that needs no interpreter,
+    with a one-time warning, when Triton's interpreter is off; `grad` and `dtype` describe
+    the call). Raises BackendError when a requested backend cannot run here."""
     device = torch.device(device)
     backend = requested or ("triton" if device.type == "cuda" else "interpret")
+    if requested is None and backend == "interpret" and not interpreter_enabled():
+        return _cpu_without_interpreter(grad, dtype)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "triton" and device.type != "cuda":
@@ -322,7 +351,8 @@ class Kernel:
         inputs = check_inputs(self.pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                               device=q.device)
         scale = self._scale(scale, D)
-        backend = resolve_backend(self.options.backend, q.device)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values()))
+        backend = resolve_backend(self.options.backend, q.device, grad=grad, dtype=q.dtype)
         if q.dtype == torch.float64 and backend in ("triton", "interpret"):
             raise InputTypeError(f"q has dtype float64; backend '{backend}' supports float16, "
                                  "bfloat16 and float32 (backend='reference' takes float64)")
@@ -330,7 +360,7 @@ class Kernel:
             out = q.new_zeros(B, Hq, Lq, Dv)
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
             return (out, lse) if return_lse else out
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values())):
+        if grad:
             names = tuple(inputs)
             out, lse = _Attention.apply(self, backend, scale, return_lse, names, q, k, v,
                                         *inputs.values())
