@@ -1,0 +1,545 @@
+"""Ahead-of-time compilation of generated Triton kernels for GPU targets, without a GPU.
+
+Triton compiles for a CUDA target on a CPU-only machine: `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32))` runs the whole pipeline (ttir → ttgir → PTX) and the
+`ptxas` shipped in the Triton wheel produces the cubin. This module compiles a kernel with
+exactly the specialization a real launch would get and reports what matters for speed:
+
+    launches = capture_launches(fn, *args, **kwargs)   # run a launch path, record launches
+    report = compile_launch(launches[0], arch=90)       # AOTReport: regs, spills, smem, SASS
+
+`capture_launches` runs any Python callable that launches `@triton.jit` kernels (e.g. the
+runtime's own `run_forward` on CPU tensors) with `JITFunction.run` replaced by a recorder, so
+argument dtypes, constexprs, 16-byte alignment / divisibility hints, num_warps and num_stages
+are those the runtime passes; `specialize` derives the signature with Triton's own binder
+(`create_function_from_signature` + `JITFunction._pack_args`, as `JITFunction.run` does).
+
+The Triton interpreter (TRITON_INTERPRET=1, on in the CPU test suite) replaces every
+`@triton.jit` function, Triton's own helpers included, at import; such a process cannot
+compile. `run_jobs` therefore runs jobs in worker processes with the interpreter off and a
+fresh Triton cache (cold compile times): a job names an entry point `"module:function"` and
+its keyword arguments; the worker captures the launches the entry makes and compiles each.
+`forward_case` is the entry for attncc forward kernels; backward / decode launch paths can
+add their own entries.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+__all__ = ["Launch", "LoopInfo", "AOTReport", "AOTError", "SHARED_LIMIT", "tool_path",
+           "ptxas_missing", "capture_launches", "specialize", "compile_launch", "sass_loops",
+           "forward_case", "run_jobs"]
+
+# Opt-in shared memory per block (bytes): sm_90 227 KB, sm_80 163 KB.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+_CAPTURE_LOCK = threading.Lock()
+
+
+class AOTError(RuntimeError):
+    """The kernel cannot be compiled ahead of time in this process / environment."""
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the @triton.jit function, grid, positional arguments and
+    keyword arguments (constexprs by name, num_warps, num_stages), as the caller passed them."""
+    fn: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """A loop of the kernel source (`for` statement at `line`, classified `kind` "full",
+    "partial" or "" from the comment above it / its header) with the SASS instructions of one
+    iteration: `sass_loop` True when ptxas kept it as a loop (count = instructions between the
+    back-edge target and the back-edge, NOPs excluded), False when it was unrolled or has a
+    single iteration (count = all instructions attributed to its lines)."""
+    line: int
+    kind: str
+    header: str
+    instructions: int
+    sass_loop: bool
+
+
+@dataclass
+class AOTReport:
+    """Result of compiling one launch for one target."""
+    name: str
+    arch: int
+    ok: bool
+    error: str = ""
+    num_warps: int = 0
+    num_stages: int = 0
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    shared: int = -1
+    shared_limit: int = 0
+    wgmma: bool = False
+    mma_sync: bool = False
+    n_dots: int = 0
+    sass_instructions: int = 0
+    loops: list = field(default_factory=list)
+    compile_s: float = 0.0
+    ptxas_log: str = ""
+
+    @property
+    def spill_bytes(self) -> int:
+        return max(self.spill_stores, 0) + max(self.spill_loads, 0)
+
+    @property
+    def shared_ok(self) -> bool:
+        return 0 <= self.shared <= self.shared_limit
+
+    def iteration(self, kind: str) -> Optional[int]:
+        """SASS instructions of one `kind` ("full"/"partial") key-tile iteration: the largest
+        such loop kept as a SASS loop, else the largest unrolled one; None if the kernel has
+        no loop of that kind."""
+        loops = [lp for lp in self.loops if lp.kind == kind]
+        kept = [lp.instructions for lp in loops if lp.sass_loop]
+        if kept:
+            return max(kept)
+        return max((lp.instructions for lp in loops), default=None)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spill_bytes"] = self.spill_bytes
+        d["full_iter"] = self.iteration("full")
+        d["partial_iter"] = self.iteration("partial")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AOTReport":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["loops"] = [LoopInfo(**lp) for lp in kw.get("loops", [])]
+        return cls(**kw)
+
+
+# ---- tools --------------------------------------------------------------------------------
+
+def tool_path(name: str) -> Optional[str]:
+    """Path of a CUDA tool (`ptxas`, `nvdisasm`, `cuobjdump`) shipped in the Triton wheel
+    (triton/backends/nvidia/bin), else on PATH, else None."""
+    try:
+        import triton
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    return shutil.which(name)
+
+
+def ptxas_missing() -> Optional[str]:
+    """A reason string when AOT compilation cannot run here (no Triton NVIDIA backend or no
+    ptxas), else None."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as e:
+        return f"triton's NVIDIA backend is not importable: {e}"
+    if tool_path("ptxas") is None:
+        return "the Triton wheel has no ptxas (triton/backends/nvidia/bin) and none is on PATH"
+    return None
+
+
+# ---- capture ------------------------------------------------------------------------------
+
+def capture_launches(call: Callable, *args, **kwargs) -> list:
+    """Run `call(*args, **kwargs)` with every `@triton.jit` launch recorded instead of run;
+    returns the list of `Launch`es in order. The call must not need the kernels' outputs
+    (launch paths that only allocate, launch and return are fine on CPU tensors).
+
+    Raises AOTError when Triton's interpreter is on in this process (kernels are then
+    interpreted functions that cannot be compiled): use `run_jobs` instead."""
+    from triton.runtime.jit import JITFunction
+    launches: list = []
+
+    def record(self, *a, grid, warmup, **kw):
+        launches.append(Launch(self, grid, a, dict(kw)))
+        return None
+
+    with _CAPTURE_LOCK:
+        original = JITFunction.run
+        JITFunction.run = record
+        try:
+            call(*args, **kwargs)
+        finally:
+            JITFunction.run = original
+    if not launches:
+        from . import compile as _c
+        if _c.interpreter_enabled():
+            raise AOTError("Triton's interpreter is on in this process (TRITON_INTERPRET=1): "
+                           "kernels cannot be compiled here; use aot.run_jobs (worker processes)")
+    return launches
+
+
+def specialize(launch: Launch, arch: int):
+    """(signature, constexprs, attrs, options dict) of `launch` for target sm_`arch`, computed
+    by Triton's own launch binder: int arguments equal to 1 become constexprs, ints divisible by
+    16 and 16-byte aligned pointers get `tt.divisibility` 16 (except `do_not_specialize`
+    arguments), as `JITFunction.run` specializes a real launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    bound, spec, opts = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return signature, constexprs, attrs, dict(options.__dict__)
+
+
+# ---- compile ------------------------------------------------------------------------------
+
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _ptxas_log(ptx: str, arch: int, fp_fusion: bool) -> str:
+    """ptxas -v on `ptx` with the flags Triton uses (for compiles served from Triton's cache,
+    where Triton prints no log)."""
+    ptxas = tool_path("ptxas")
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
+               "-o", os.path.join(tmp, "k.o")] + ([] if fp_fusion else ["--fmad=false"])
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return res.stderr + res.stdout
+
+
+def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] = None,
+                   num_stages: Optional[int] = None, sass: bool = True) -> AOTReport:
+    """Compile `launch` (from `capture_launches`) for sm_`arch` (80, 90, ...) and report
+    registers, spill bytes (ptxas -v), shared memory (Triton's allocation) against
+    `SHARED_LIMIT`, whether the products lowered to wgmma (PTX `wgmma.mma_async`) or
+    `mma.sync`, and with `sass` the SASS instruction count and the per-iteration counts of
+    the kernel's loops (`sass_loops`). `num_warps` / `num_stages` override the launch's.
+    A compile error gives `ok=False` with the message; a missing ptxas raises AOTError."""
+    reason = ptxas_missing()
+    if reason:
+        raise AOTError(reason)
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if num_warps is not None or num_stages is not None:
+        kw = dict(launch.kwargs)
+        kw.update({k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages))
+                   if v is not None})
+        launch = Launch(launch.fn, launch.grid, launch.args, kw)
+    signature, constexprs, attrs, options = specialize(launch, arch)
+    report = AOTReport(name=launch.name, arch=arch, ok=False, num_warps=options["num_warps"],
+                       num_stages=options["num_stages"], shared_limit=SHARED_LIMIT.get(arch, 0))
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    old = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(buf):
+            kernel = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
+                                    target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
+        report.error = f"{type(e).__name__}: {e}"[:4000]
+        report.compile_s = time.perf_counter() - t0
+        return report
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
+    report.compile_s = time.perf_counter() - t0
+    asm = kernel.asm
+    log = buf.getvalue()
+    if not _SPILL.search(log):
+        log = _ptxas_log(asm["ptx"], arch, options.get("enable_fp_fusion", True))
+    report.ptxas_log = log.strip()[-2000:]
+    m, r = _SPILL.search(log), _REGS.search(log)
+    if m:
+        report.spill_stores, report.spill_loads = int(m.group(1)), int(m.group(2))
+    if r:
+        report.registers = int(r.group(1))
+    report.shared = int(getattr(kernel.metadata, "shared", -1))
+    ptx = asm.get("ptx", "")
+    report.wgmma = "wgmma.mma_async" in ptx
+    report.mma_sync = re.search(r"\bmma\.sync", ptx) is not None
+    report.n_dots = len(re.findall(r"\btt\.dot\b|warp_group_dot\b", asm.get("ttgir", "")))
+    report.ok = True
+    if sass and "cubin" in asm:
+        path = launch.fn.fn.__code__.co_filename
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            report.sass_instructions, report.loops = sass_loops(asm["cubin"], path, source,
+                                                                launch.name)
+        except (OSError, subprocess.SubprocessError, SyntaxError) as e:
+            report.error = f"SASS analysis failed: {e}"
+    return report
+
+
+# ---- SASS loops ---------------------------------------------------------------------------
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_FILE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRA = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
+
+
+def _kind_of(text: str) -> str:
+    if "PARTIAL" in text:
+        return "partial"
+    if "FULL" in text:
+        return "full"
+    return ""
+
+
+def _python_loops(source: str, kernel: str) -> list:
+    """(first line, last line, kind, header) of each `for` statement in function `kernel`.
+    kind: "full" / "partial" from the comment lines directly above the loop (words FULL /
+    PARTIAL, as the forward template writes them) or its header; a loop with neither that
+    directly follows a sibling loop inherits the sibling's kind (one tile class split into
+    several ranges)."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    fns = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == kernel]
+    found: dict = {}
+
+    def visit(body):
+        prev = None
+        for node in body:
+            if isinstance(node, ast.For):
+                comments, i = [], node.lineno - 2
+                while i >= 0 and (lines[i].strip().startswith("#") or not lines[i].strip()):
+                    comments.append(lines[i].strip())
+                    i -= 1
+                header = lines[node.lineno - 1].strip()
+                kind = _kind_of(" ".join(comments)) or _kind_of(header.upper())
+                if not kind and not comments and isinstance(prev, ast.For):
+                    kind = found[prev.lineno][2]
+                found[node.lineno] = (node.lineno, node.end_lineno, kind, header)
+            for name in ("body", "orelse", "finalbody"):
+                sub = getattr(node, name, None)
+                if isinstance(sub, list):
+                    visit(sub)
+            prev = node
+
+    visit(fns[0].body if fns else tree.body)
+    return [found[k] for k in sorted(found)]
+
+
+def sass_loops(cubin: bytes, path: str, source: str, kernel: str):
+    """(total SASS instructions, [LoopInfo]) of `cubin` (compiled with line info from the
+    kernel file `path` whose text is `source`). Each SASS back-edge (a branch to an earlier
+    label) is a loop; it belongs to the innermost Python `for` holding most of its kernel-file
+    lines. Python loops with no SASS loop get the count of instructions attributed to them."""
+    nvdisasm = tool_path("nvdisasm")
+    if nvdisasm is None:
+        raise subprocess.SubprocessError("nvdisasm not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        binf = os.path.join(tmp, "k.cubin")
+        with open(binf, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([nvdisasm, "-c", "-g", binf], capture_output=True, text=True,
+                              timeout=300, check=True).stdout
+    real = os.path.realpath(path)
+    instrs, labels, branches = [], {}, []  # instrs: (opcode text, kernel line or None)
+    line = None
+    for raw in text.splitlines():
+        m = _FILE.search(raw)
+        if m:
+            if os.path.realpath(m.group(1)) == real:
+                line = int(m.group(2))
+            continue
+        m = _LABEL.match(raw.strip())
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR.search(raw)
+        if m:
+            op = m.group(2)
+            b = _BRA.search(op)
+            if b:
+                branches.append((len(instrs), b.group(1)))
+            instrs.append((op, line))
+    pyloops = _python_loops(source, kernel)
+
+    def owner(ln):  # innermost python loop containing line ln
+        best = None
+        for i, (lo, hi, _, _) in enumerate(pyloops):
+            if ln is not None and lo <= ln <= hi and (best is None or lo >= pyloops[best][0]):
+                best = i
+        return best
+
+    def counted(op):
+        return not re.match(r"(@!?U?P\w+\s+)?NOP\b", op)
+
+    sass = []  # (start, end) of back-edges
+    for at, label in branches:
+        target = labels.get(label)
+        if target is not None and target <= at:
+            sass.append((target, at))
+    per_loop: dict = {}
+    in_sass = [False] * len(instrs)
+    for start, end in sass:
+        inner = not any(s > start and e <= end and (s, e) != (start, end) for s, e in sass)
+        votes: dict = {}
+        for op, ln in instrs[start:end + 1]:
+            o = owner(ln)
+            if o is not None:
+                votes[o] = votes.get(o, 0) + 1
+        n = sum(1 for op, _ in instrs[start:end + 1] if counted(op))
+        for i in range(start, end + 1):
+            in_sass[i] = True
+        if votes and inner:
+            o = max(votes, key=votes.get)
+            per_loop[o] = max(per_loop.get(o, 0), n)
+    loops = []
+    for i, (lo, hi, kind, header) in enumerate(pyloops):
+        if i in per_loop:
+            loops.append(LoopInfo(lo, kind, header, per_loop[i], True))
+        else:
+            n = sum(1 for j, (op, ln) in enumerate(instrs)
+                    if not in_sass[j] and owner(ln) == i and counted(op))
+            loops.append(LoopInfo(lo, kind, header, n, False))
+    total = sum(1 for op, _ in instrs if counted(op))
+    return total, loops
+
+
+# ---- attncc forward entry -----------------------------------------------------------------
+
+def forward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 64,
+                 dtype: str = "bfloat16", batch: int = 2, q_len: Optional[int] = None,
+                 heads: Optional[int] = None, variant: str = "runtime", options: Optional[dict] = None,
+                 seed: int = 0) -> None:
+    """Run attncc's CUDA forward launch path on CPU tensors (launches are captured by the
+    caller): q/k/v [batch, heads, q_len, head_dim] of `dtype` (contiguous), the pattern's
+    runtime inputs from `verify.random_inputs`, lengths / heads by `Kernel.default_shape()`
+    unless given. `variant`: "runtime" (what the runtime launches: closed-form bounds, static
+    CSR lists, or the pre-pass list kernel of data-dependent patterns) or "lists" (the static
+    schedule with closed-form bounds dropped: CSR lists read at run time)."""
+    import torch
+
+    from .. import api
+    from .compile import CompileOptions, Kernel, _run_triton
+    from .verify import random_inputs
+    pattern = api.load(spec, **(params or {})) if os.path.exists(str(spec)) \
+        else api.parse(spec, **(params or {}))
+    kern = Kernel(pattern, CompileOptions(**(options or {})))
+    n, _, h = kern.default_shape()
+    q_len, heads = q_len or n, heads or h
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
+    k = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
+    v = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
+    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=q_len,
+                           generator=gen)
+    scale = head_dim ** -0.5
+    if variant == "runtime":
+        _run_triton(kern, q, k, v, inputs, scale, True)
+        return
+    if variant != "lists":
+        raise ValueError(f"variant must be 'runtime' or 'lists', got {variant!r}")
+    from ..codegen.forward import generate_forward
+    from .launch import load_kernel, run_forward
+    sched = kern.schedule(q_len, q_len, heads)
+    sched = dataclasses.replace(sched, classes=tuple(dataclasses.replace(c, bounds=None)
+                                                     for c in sched.classes))
+    module = load_kernel(generate_forward(pattern, sched, kern.options))
+    run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
+
+
+# ---- worker processes ---------------------------------------------------------------------
+
+def _resolve(entry: str) -> Callable:
+    mod, _, name = entry.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _run_job(job: dict) -> list:
+    """Reports (dicts) of every launch a job makes, compiled for job["arch"]."""
+    entry = job.get("entry", "attncc.runtime.aot:forward_case")
+    for d in reversed(job.get("sys_path", [])):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    try:
+        launches = capture_launches(_resolve(entry), **job.get("kwargs", {}))
+    except Exception as e:  # noqa: BLE001 - reported per job
+        return [AOTReport(name=entry, arch=job["arch"], ok=False,
+                          error=f"launch path failed: {type(e).__name__}: {e}"[:4000]).as_dict()]
+    return [compile_launch(la, job["arch"], num_warps=job.get("num_warps"),
+                           num_stages=job.get("num_stages"), sass=job.get("sass", True)).as_dict()
+            for la in launches]
+
+
+def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
+    """Compile `jobs` in `workers` fresh Python processes (interpreter off, empty Triton cache)
+    and return, per job, the list of report dicts (`AOTReport.as_dict()`; rebuild with
+    `AOTReport.from_dict`). A job is a JSON-able dict: "arch" (80, 90), "entry"
+    ("module:function", default `forward_case`), "kwargs" for the entry, optional "num_warps",
+    "num_stages", "sass", "sys_path" (folders to import the entry's module from). Raises AOTError if a worker dies."""
+    jobs = list(jobs)
+    workers = max(1, min(workers, len(jobs)))
+    chunks = [list(range(i, len(jobs), workers)) for i in range(workers)]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    procs = []
+    cache = tempfile.mkdtemp(prefix="attncc-aot-")
+    try:
+        for w, idx in enumerate(chunks):
+            wenv = dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(w)))
+            p = subprocess.Popen([sys.executable, "-m", "attncc.runtime.aot"], env=wenv,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            procs.append((p, idx))
+        results: list = [None] * len(jobs)
+        for p, idx in procs:
+            out, err = p.communicate(json.dumps([jobs[i] for i in idx]), timeout=timeout)
+            if p.returncode != 0:
+                raise AOTError(f"AOT worker failed (exit {p.returncode}):\n{err[-3000:]}")
+            for i, rep in zip(idx, json.loads(out)):
+                results[i] = rep
+        return results
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def main() -> int:
+    """Worker: read a JSON list of jobs on stdin, write the JSON list of report lists."""
+    jobs = json.load(sys.stdin)
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # keep stray prints out of the JSON answer
+    results = [_run_job(job) for job in jobs]
+    sys.stdout = real_stdout
+    json.dump(results, real_stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
