@@ -1,0 +1,482 @@
+"""`backend="torch"`: differentiable block-sparse attention in plain torch (the CPU training path).
+
+The forward and the backward visit only the kept tiles of attncc's schedule:
+
+* *Tile lists.* Static patterns take their FULL / PARTIAL key-tile lists from the schedule's
+  CSR (one list per head class, shared by the batch); patterns that read runtime data
+  (`route`, `blocks`, document ids, `output scale`) take per-(batch, head, query tile) lists
+  from the runtime pre-pass (`attncc.runtime.prepass_kernel.runtime_classes`). Both become one
+  padded entry tensor `[B|1, H, nQT, E]` (key-tile indices, FULL flag, valid flag).
+* *Forward.* Query tiles are processed in chunks of G tiles at once: the listed K/V tiles of
+  the chunk are gathered (`[B, H, G, E·Sk, D]`), scores come from one batched matmul, the
+  score modifier is the IR lowered to torch (`attncc.ir.lower_torch.to_score_mod`), the mask
+  predicate is evaluated per element only when the chunk holds a PARTIAL tile or padding, and
+  softmax runs in float32 (float64 for float64 inputs) — online over entry sub-chunks when one
+  query tile's list is too long for one slab. Only `out` and the log-sum-exp are kept: memory
+  is O(B·H·L·D) plus one slab, never a dense [Lq, Lkv] matrix.
+* *Backward* (flash-attention style). P is recomputed chunk by chunk from the saved lse;
+  Δ = rowsum(dO ⊙ O); dS = P ⊙ (dP − Δ). The chain rule through the score modifier is taken
+  by evaluating the lowered score expression on the gathered chunk with autograd enabled and
+  calling `torch.autograd.grad` on that chunk only — so softcap, alibi, temperature, selects
+  and table lookups all differentiate, and floating-point tables read in `score` get their
+  gradients, summed chunk after chunk in a fixed order. dK / dV of each visited tile are
+  accumulated per (batch, KV head, key tile) with `index_add_` in a fixed order (serial on
+  CPU: two runs are bit-identical); GQA sums the query heads of a group there. dQ rows belong
+  to one query tile, so they are written, not accumulated.
+* *Output scale* `w[b, q, h]`: out = w · O. dO reaching the attention is w · dO and
+  dW = rowsum(O ⊙ dO); (batch, head, query tile) triples the forward skipped (all weights
+  zero) are recomputed in the backward when w needs a gradient, so they get their true dW.
+* *Selections.* `route` and `blocks` choose tiles by top-k / thresholds: piecewise constant,
+  so no gradient flows through the selection (the route affinities or the block scores);
+  the kept scores, values and keys get their gradients as usual.
+* A query row with no visible key outputs 0 with lse −inf and gets zero gradients (no NaN).
+
+The entry point is `torch_attention`; `attncc.compile(p, backend="torch")` calls it. It is
+differentiable on its own (a `torch.autograd.Function`), so callers must not wrap it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from ..ir.inputs import InputError, check_inputs, check_qkv
+from ..ir.lower_torch import output_scale, to_mask_mod, to_score_mod
+from ..ir.nodes import FLOAT, Blocks, Load, Route, Var, free_vars, walk
+from ..schedule.schedule import CSR, TileGrid
+from .prepass import FULL, PARTIAL, PrepassStats
+
+__all__ = ["torch_attention", "plan_lists", "TorchPlan"]
+
+# Elements of one gathered score slab [B, H, G, Sq, N] (several such temporaries live at once).
+SLAB_ELEMS = 1 << 21
+
+
+@dataclass(frozen=True, eq=False)
+class TorchPlan:
+    """The tile lists of one call.
+
+    q_tok    int64 [nQT, Sq]   token of each query-tile slot (-1 = padding)
+    k_tok    int64 [nKT, Sk]   token of each key-tile slot (-1 = padding)
+    entries  int64 [B|1, H, nQT, E]  key tiles of each query tile (FULL and PARTIAL, any order)
+    full     bool  [B|1, H, nQT, E]  entry is FULL (no mask code needed)
+    valid    bool  [B|1, H, nQT, E]  entry is used (rows shorter than E are padded)
+    mask_mod callable(b, h, q, k) -> bool over broadcast index tensors (PARTIAL tiles)
+    """
+    q_tok: torch.Tensor
+    k_tok: torch.Tensor
+    entries: torch.Tensor
+    full: torch.Tensor
+    valid: torch.Tensor
+    mask_mod: Callable
+    stats: dict
+
+
+def _dynamic(pattern) -> bool:
+    from .prepass_kernel import needs_prepass
+    return needs_prepass(pattern) or "b" in free_vars(pattern.mask) or any(
+        isinstance(n, (Load, Route, Blocks)) for n in walk(pattern.mask))
+
+
+def _padded(csr: CSR, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR rows → (int64 [n_rows, width] indices, bool [n_rows, width] valid)."""
+    counts = csr.counts.to(torch.int64)
+    width = int(counts.max()) if counts.numel() else 0
+    pos = torch.arange(width)
+    valid = pos < counts[:, None]
+    idx = (csr.offsets[:-1].to(torch.int64)[:, None] + pos).clamp(max=max(csr.nnz - 1, 0))
+    ind = csr.indices.to(torch.int64)[idx] if csr.nnz else torch.zeros_like(idx)
+    return torch.where(valid, ind, torch.zeros_like(ind)).to(device), valid.to(device)
+
+
+def _compact(entries, full, valid):
+    """Move each row's valid entries to the front and cut the padding columns."""
+    width = int(valid.sum(-1).max()) if valid.numel() else 0
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return entries.gather(-1, order), full.gather(-1, order), valid.gather(-1, order)
+
+
+def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=None,
+               schedule=None) -> tuple[TorchPlan, Optional[dict]]:
+    """Tile lists of one call: from the static `schedule` (built here when None) for patterns
+    without runtime data, from the runtime pre-pass otherwise. q [B, Hq, Lq, D], k
+    [B, Hkv, Lkv, D] (read only by `route`). Returns (TorchPlan, selection inputs or None)."""
+    from .options import CompileOptions
+    options = options or CompileOptions()
+    B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
+    Lkv = k.shape[2]
+    dev = q.device
+    if not _dynamic(pattern):
+        if schedule is None:
+            from ..schedule.build import build_schedule
+            schedule = build_schedule(pattern, Lq, Lkv, Hq, options=options)
+        per_class = []
+        for c in schedule.classes:
+            fe, fv = _padded(c.full, dev)
+            pe, pv = _padded(c.partial, dev)
+            per_class.append((torch.cat([fe, pe], -1), torch.cat(
+                [torch.ones_like(fv), torch.zeros_like(pv)], -1), torch.cat([fv, pv], -1)))
+        width = max(e.shape[-1] for e, _, _ in per_class)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+        stacked = [torch.stack([pad(p[i]) for p in per_class]) for i in range(3)]
+        hc = torch.tensor(schedule.head_class, device=dev)
+        entries, full, valid = (t[hc][None] for t in stacked)           # [1, H, nQT, E]
+        q_grid, kv_grid = schedule.q_grid, schedule.kv_grid
+        mask_mod = to_mask_mod(pattern, {}, q_len=Lq, kv_len=Lkv, heads=Hq,
+                               float_dtype=_cdtype(q.dtype))
+        sel_inputs = None
+    else:
+        from .prepass_kernel import lower_selectors, region_aligned_options, runtime_classes
+        opts = region_aligned_options(pattern, options)
+        sched, cls, selections = runtime_classes(pattern, q.detach(), k.detach(), inputs,
+                                                 options=opts)
+        q_grid, kv_grid = sched.q_grid, sched.kv_grid
+        lowered, sel_inputs = lower_selectors(pattern, selections)
+        entries, full, valid = _class_lists(cls)
+        mask_mod = to_mask_mod(lowered, {**inputs, **sel_inputs}, q_len=Lq, kv_len=Lkv,
+                               heads=Hq, float_dtype=_cdtype(q.dtype))
+    entries, full, valid = _compact(entries, full, valid)
+    stats = {"q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile)),
+             "full_tiles": int((full & valid).sum()) * (B if entries.shape[0] == 1 else 1),
+             "partial_tiles": int((~full & valid).sum()) * (B if entries.shape[0] == 1 else 1)}
+    plan = TorchPlan(q_grid.token_index().to(dev), kv_grid.token_index().to(dev), entries, full,
+                     valid, mask_mod, stats)
+    return plan, sel_inputs
+
+
+def _class_lists(cls: torch.Tensor):
+    """int8 classes [B, H, nQT, nKT] → (entries, full, valid) [B, H, nQT, nKT'] (uncompacted
+    columns are cut by `_compact`)."""
+    kept = cls != 0
+    return (torch.arange(cls.shape[-1], device=cls.device).expand(cls.shape),
+            cls == FULL, kept)
+
+
+def _cdtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- the slab loop ---------------------------------------------------------------------------
+
+class _Slabs:
+    """Iterates over (query-tile chunk, entry chunk) slabs and gathers their operands."""
+
+    def __init__(self, plan: TorchPlan, B: int, H: int, Hkv: int, rows: Optional[torch.Tensor]):
+        self.plan, self.B, self.H, self.ratio = plan, B, H, H // Hkv
+        dev = plan.entries.device
+        valid = plan.valid
+        if rows is not None:                                              # [B, H, nQT]
+            valid = valid & rows[..., None]
+        self.valid = valid
+        nqt, sq = plan.q_tok.shape
+        sk = plan.k_tok.shape[1]
+        E = plan.entries.shape[-1]
+        self.sq, self.sk, self.E, self.nqt = sq, sk, E, nqt
+        per_tile = B * H * sq * sk
+        self.G = max(1, SLAB_ELEMS // max(1, per_tile * max(E, 1)))
+        self.ec = E if self.G > 1 or per_tile * E <= SLAB_ELEMS else max(1, SLAB_ELEMS // per_tile)
+        self.bi = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+        self.hk = (torch.arange(H, device=dev) // self.ratio).view(1, -1, 1, 1)
+        self.b5 = torch.arange(B, device=dev).view(-1, 1, 1, 1, 1)
+        self.h5 = torch.arange(H, device=dev).view(1, -1, 1, 1, 1)
+
+    def chunks(self):
+        """Yields (t0, t1, [(e0, e1), ...]) for query-tile chunks that have work."""
+        any_row = self.valid.any(-1).any(0).any(0)                         # [nQT]
+        live = any_row.tolist()
+        for t0 in range(0, self.nqt, self.G):
+            t1 = min(self.nqt, t0 + self.G)
+            if not any(live[t0:t1]):
+                continue
+            yield t0, t1, [(e0, min(self.E, e0 + self.ec)) for e0 in range(0, self.E, self.ec)]
+
+    def keys(self, t0, t1, e0, e1):
+        """(ktok [B|1, H, G, N] clamped, kreal bool [.., G, N], full [.., G, N], entries, valid,
+        needs_mask) for query tiles t0:t1 and entry columns e0:e1."""
+        p = self.plan
+        ent = p.entries[:, :, t0:t1, e0:e1]
+        val = self.valid[:, :, t0:t1, e0:e1]
+        ktok = p.k_tok[ent]                                               # [.., G, Ec, Sk]
+        kreal = (ktok >= 0) & val[..., None]
+        fl = p.full[:, :, t0:t1, e0:e1]
+        needs_mask = bool((val & ~fl).any())
+        fl = fl[..., None].expand(ktok.shape)
+        return (ktok.flatten(-2).clamp(min=0), kreal.flatten(-2), fl.flatten(-2), ent, val,
+                needs_mask)
+
+
+def _keep(slabs: _Slabs, qtok, qreal, ktok, kreal, fl, needs_mask):
+    """bool [B|1, H|1, G, Sq, N] of kept pairs (or None when every pair of the slab is kept)."""
+    all_real = bool(qreal.all()) and bool(kreal.all())
+    if all_real and not needs_mask:
+        return None
+    keep = qreal.view(1, 1, *qreal.shape, 1) & kreal[..., None, :]
+    if needs_mask:
+        m = slabs.plan.mask_mod(slabs.b5, slabs.h5, qtok.view(1, 1, *qtok.shape, 1),
+                                ktok[..., None, :])
+        keep = keep & (fl[..., None, :] | m)
+    return keep
+
+
+def _scores(slabs, qg, kg, scale, score_fn, qtok, ktok):
+    s = (qg @ kg.transpose(-1, -2)) * scale                               # [B, H, G, Sq, N]
+    if score_fn is None:
+        return s, s
+    s_raw = s
+    out = score_fn(s_raw, slabs.b5, slabs.h5, qtok.view(1, 1, *qtok.shape, 1), ktok[..., None, :])
+    return s_raw, torch.broadcast_to(out, s_raw.shape)
+
+
+def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
+    """Unscaled attention O [B, H, Lq, Dv] and lse [B, H, Lq] in the compute dtype, over the
+    (b, h, query tile) triples selected by `rows` (bool [B, H, nQT]; None = all)."""
+    B, H, Lq, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    cdt = _cdtype(q.dtype)
+    dev = q.device
+    slabs = _Slabs(plan, B, H, Hkv, rows)
+    out = torch.zeros(B, H, Lq, Dv, dtype=cdt, device=dev)
+    lse = torch.full((B, H, Lq), -math.inf, dtype=cdt, device=dev)
+    for t0, t1, ecs in slabs.chunks():
+        qtok = plan.q_tok[t0:t1]
+        qreal, qc = qtok >= 0, qtok.clamp(min=0)
+        qg = q[:, :, qc].to(cdt)                                          # [B, H, G, Sq, D]
+        m_i = l_i = acc = None
+        for e0, e1 in ecs:
+            ktok, kreal, fl, _, _, needs_mask = slabs.keys(t0, t1, e0, e1)
+            kg = k[slabs.bi, slabs.hk, ktok].to(cdt)                      # [B, H, G, N, D]
+            vg = v[slabs.bi, slabs.hk, ktok].to(cdt)
+            _, s = _scores(slabs, qg, kg, scale, score_fn, qc, ktok)
+            keep = _keep(slabs, qc, qreal, ktok, kreal, fl, needs_mask)
+            if keep is not None:
+                s = s.masked_fill(~keep, -math.inf)
+            m_new = s.amax(-1) if m_i is None else torch.maximum(m_i, s.amax(-1))
+            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_use[..., None])
+            if m_i is None:
+                l_i, acc = p.sum(-1), p @ vg
+            else:
+                alpha = torch.exp(m_i - m_use)
+                l_i = l_i * alpha + p.sum(-1)
+                acc = acc * alpha[..., None] + p @ vg
+            m_i = m_new
+        ok = l_i > 0
+        o = acc / torch.where(ok, l_i, torch.ones_like(l_i))[..., None]
+        row_lse = torch.where(ok, m_i + torch.log(torch.where(ok, l_i, torch.ones_like(l_i))),
+                              torch.full_like(m_i, -math.inf))
+        sel = qreal.flatten()
+        rows_tok = qtok.flatten()[sel]
+        out[:, :, rows_tok] = o.flatten(2, 3)[:, :, sel]
+        lse[:, :, rows_tok] = row_lse.flatten(2, 3)[:, :, sel]
+    return out, lse
+
+
+def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, do, delta,
+                   tables_req, need, rows=None):
+    """dq, dk, dv (compute dtype) and the gradients of `tables_req` (the leaves the score
+    function reads) from dO [B, H, Lq, Dv] (already multiplied by the output scale), lse and
+    delta = rowsum(dO ⊙ O) − dlse [B, H, Lq]. `need` = (dq?, dk?, dv?). `rows` bool
+    [B, H, nQT] restricts the work to the triples the forward computed (skipped ones have all
+    output-scale weights zero, so dO is 0 there)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    cdt = _cdtype(q.dtype)
+    dev = q.device
+    slabs = _Slabs(plan, B, H, Hkv, rows)
+    nkt, sk = plan.k_tok.shape
+    dq = torch.zeros(B, H, Lq, D, dtype=cdt, device=dev)
+    # Per (b, KV head, key tile) accumulators; row nkt of each (b, KV head) takes unused entries.
+    dk_t = torch.zeros(B * Hkv * (nkt + 1), sk * D, dtype=cdt, device=dev)
+    dv_t = torch.zeros(B * Hkv * (nkt + 1), sk * Dv, dtype=cdt, device=dev)
+    tgrads = [None] * len(tables_req)
+    bkv = (slabs.bi * Hkv + slabs.hk) * (nkt + 1)                          # [B, H, 1, 1]
+    for t0, t1, ecs in slabs.chunks():
+        qtok = plan.q_tok[t0:t1]
+        qreal, qc = qtok >= 0, qtok.clamp(min=0)
+        qg = q[:, :, qc].to(cdt)                                          # [B, H, G, Sq, D]
+        dog = do[:, :, qc]                                                # [B, H, G, Sq, Dv]
+        lse_c = lse[:, :, qc][..., None]
+        dl_c = delta[:, :, qc][..., None]
+        dq_c = None
+        for e0, e1 in ecs:
+            ktok, kreal, fl, ent, val, needs_mask = slabs.keys(t0, t1, e0, e1)
+            kg = k[slabs.bi, slabs.hk, ktok].to(cdt)
+            vg = v[slabs.bi, slabs.hk, ktok].to(cdt)
+            with torch.enable_grad():
+                if score_fn_grad is not None:
+                    s_raw = ((qg @ kg.transpose(-1, -2)) * scale).requires_grad_(True)
+                    s = torch.broadcast_to(score_fn_grad(
+                        s_raw, slabs.b5, slabs.h5, qc.view(1, 1, *qc.shape, 1),
+                        ktok[..., None, :]), s_raw.shape)
+                else:
+                    s_raw = s = (qg @ kg.transpose(-1, -2)) * scale
+            keep = _keep(slabs, qc, qreal, ktok, kreal, fl, needs_mask)
+            p = torch.exp(s.detach() - lse_c)
+            if keep is not None:
+                p = torch.where(keep, p, torch.zeros((), dtype=cdt, device=dev))
+            # A row without keys has lse = -inf: all its pairs are masked (keep), so p is 0.
+            tgt = (bkv + torch.where(val, ent, torch.full_like(ent, nkt))).flatten()
+            if need[2]:
+                dv_t.index_add_(0, tgt, (p.transpose(-1, -2) @ dog).reshape(-1, sk * Dv))
+            ds = p * ((dog @ vg.transpose(-1, -2)) - dl_c)
+            if score_fn_grad is not None:
+                grads = torch.autograd.grad(s, [s_raw, *tables_req], ds, allow_unused=True)
+                ds = grads[0]
+                if keep is not None:
+                    ds = torch.where(keep, ds, torch.zeros((), dtype=cdt, device=dev))
+                for i, g in enumerate(grads[1:]):
+                    if g is not None:
+                        tgrads[i] = g if tgrads[i] is None else tgrads[i] + g
+            if need[0]:
+                part = ds @ kg
+                dq_c = part if dq_c is None else dq_c + part
+            if need[1]:
+                dk_t.index_add_(0, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
+        if need[0] and dq_c is not None:
+            sel = qreal.flatten()
+            dq[:, :, qtok.flatten()[sel]] = dq_c.flatten(2, 3)[:, :, sel] * scale
+    ktok_all = plan.k_tok.flatten()
+    real = ktok_all >= 0
+
+    def untile(buf, width):
+        t = buf.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt].flatten(2, 3)
+        out = torch.zeros(B, Hkv, Lkv, width, dtype=cdt, device=dev)
+        out[:, :, ktok_all[real]] = t[:, :, real]
+        return out
+    dk = untile(dk_t, D) * scale if need[1] else None
+    dv = untile(dv_t, Dv) if need[2] else None
+    return dq if need[0] else None, dk, dv, tgrads
+
+
+class _TorchAttention(torch.autograd.Function):
+    """out = w · softmax-attention(q, k, v) over the plan's tiles; saves only O and lse."""
+
+    @staticmethod
+    def forward(ctx, plan, scale, score_info, q, k, v, w, *tables):
+        names, fixed, make_score = score_info
+        score_fn = make_score({**fixed, **dict(zip(names, tables))}) if make_score else None
+        rows = None if w is None else _active(w, plan)
+        o, lse = _forward_core(plan, q, k, v, scale, score_fn, rows)
+        out = o if w is None else o * w.to(o.dtype)[..., None]
+        ctx.save_for_backward(q, k, v, w, o, lse, *tables)
+        ctx.plan, ctx.scale, ctx.score_info, ctx.rows = plan, scale, score_info, rows
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, w, o, lse, *tables = ctx.saved_tensors
+        names, fixed, make_score = ctx.score_info
+        need_q, need_k, need_v, need_w = ctx.needs_input_grad[3:7]
+        need_t = ctx.needs_input_grad[7:]
+        cdt = o.dtype
+        do = torch.zeros_like(o) if dout is None else dout.to(cdt)
+        dw = None
+        if w is not None:
+            if need_w:
+                o_full = o
+                if ctx.rows is not None and not bool(ctx.rows.all()):
+                    # Triples skipped in the forward (weights all zero) still have dW.
+                    score_fn = make_score({**fixed, **dict(zip(names, tables))}) \
+                        if make_score else None
+                    o_skip, _ = _forward_core(ctx.plan, q, k, v, ctx.scale, score_fn, ~ctx.rows)
+                    o_full = o + o_skip
+                dw = (o_full * do).sum(-1).to(w.dtype)
+            do = do * w.to(cdt)[..., None]
+        delta = (o * do).sum(-1)
+        if dlse is not None:
+            delta = delta - torch.nan_to_num(dlse.to(cdt), nan=0.0)
+        leaves = [t.detach().to(cdt).requires_grad_(True) if r else t.detach()
+                  for t, r in zip(tables, need_t)]
+        score_fn = make_score({**fixed, **dict(zip(names, leaves))}) if make_score else None
+        req = [t for t, r in zip(leaves, need_t) if r]
+        dq = dk = dv = None
+        tg = [None] * len(req)
+        if need_q or need_k or need_v or req:
+            dq, dk, dv, tg = _backward_core(ctx.plan, q, k, v, ctx.scale, score_fn, lse, do,
+                                            delta, req, (need_q, need_k, need_v), ctx.rows)
+        it = iter(tg)
+        dtabs = []
+        for t, r in zip(tables, need_t):
+            g = next(it) if r else None
+            dtabs.append(None if g is None else g.to(t.dtype))
+        cast = lambda g, t: None if g is None else g.to(t.dtype)  # noqa: E731
+        return (None, None, None, cast(dq, q), cast(dk, k), cast(dv, v), dw, *dtabs)
+
+
+def _active(w: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
+    """bool [B, H, nQT]: triples with a non-zero output-scale weight."""
+    qs = plan.q_tok
+    return ((w.detach()[:, :, qs.clamp(min=0)] * (qs >= 0)) != 0).any(-1)
+
+
+def _score_tables(pattern) -> list[str]:
+    """Names of floating-point inputs read by the score modifier (differentiable there)."""
+    if pattern.score is None:
+        return []
+    return list(dict.fromkeys(n.input for n in walk(pattern.score)
+                              if isinstance(n, Load) and n.elem == FLOAT))
+
+
+def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    inputs: Optional[Mapping[str, torch.Tensor]] = None, *,
+                    scale: Optional[float] = None, options=None, schedule=None,
+                    validate: bool = True):
+    """Block-sparse attention of `pattern` in torch, differentiable with O(kept tiles) memory.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0) in
+    float16/bfloat16/float32/float64; `inputs` the pattern's runtime tensors; `options` a
+    CompileOptions (tile sizes); `schedule` the static Schedule for this shape if already
+    built (static patterns only). Differentiable in q, k, v, floating-point tables read in
+    `score` and inputs of the `output scale` (not through `route` / `blocks` selections).
+
+    Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32 (float64 for float64
+    inputs; -inf for a row without keys), stats dict of visited tiles).
+    """
+    B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+    if getattr(pattern, "normalize", "softmax") != "softmax":
+        raise ValueError(f"backend 'torch' runs softmax attention; pattern '{pattern.name}' "
+                         f"has `normalize {pattern.normalize}`")
+    inputs = dict(inputs or {})
+    if validate:
+        if pattern.layout is not None and (Lq != pattern.layout.numel or Lkv != pattern.layout.numel):
+            raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
+                             f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
+        inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
+                                   device=q.device))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cdt = _cdtype(q.dtype)
+    if Lq == 0 or Lkv == 0:
+        return (q.new_zeros(B, Hq, Lq, Dv),
+                torch.full((B, Hq, Lq), -math.inf, dtype=cdt, device=q.device), {})
+    plan, _ = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
+                         options=options, schedule=schedule)
+    w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=q.device,
+                     float_dtype=cdt)
+    if w is not None:
+        w = w.contiguous()
+    names = _score_tables(pattern)
+    fixed = {n: t.detach() for n, t in inputs.items() if n not in names}
+    make_score = None
+    if pattern.score is not None and not (isinstance(pattern.score, Var) and pattern.score.name == "s"):
+        def make_score(tabs, _p=pattern):
+            return to_score_mod(_p, tabs, q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=cdt)
+    tables = [inputs[n] for n in names]
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, *tables, *(() if w is None else (w,))))
+    if grad:
+        out, lse = _TorchAttention.apply(plan, scale, (tuple(names), fixed, make_score), q, k, v,
+                                         w, *tables)
+    else:
+        with torch.no_grad():
+            score_fn = make_score({**fixed, **{n: inputs[n] for n in names}}) if make_score else None
+            rows = None if w is None else _active(w, plan)
+            o, lse = _forward_core(plan, q, k, v, scale, score_fn, rows)
+            out = (o if w is None else o * w[..., None]).to(q.dtype)
+    stats = dict(plan.stats)
+    if w is not None:
+        act = _active(w, plan)
+        stats["skipped_head_tiles"] = int((~act).sum())
+    return out, lse, stats
