@@ -238,6 +238,16 @@ class _Attention(torch.autograd.Function):
         return (None, None, None, None, None, *result)
 
 
+def _autograd_function(backend: str):
+    """The autograd Function of a differentiable call on `backend`: the generated dQ and
+    dK/dV kernels (`runtime.autograd.GeneratedAttention`) on "triton" and "interpret",
+    the dense float64 `_Attention` otherwise."""
+    if backend in ("triton", "interpret"):
+        from .autograd import GeneratedAttention
+        return GeneratedAttention
+    return _Attention
+
+
 class Kernel:
     """A compiled attention pattern; call it like SDPA.
 
@@ -294,6 +304,22 @@ class Kernel:
             sched = build_schedule(self.pattern, key[0], key[1], key[2], options=self.options)
             self._schedules[key] = sched
         return sched
+
+    def decode(self, q, k_cache, v_cache, cache_seqlens, block_table=None, *,
+               scale: Optional[float] = None, return_lse: bool = False, **inputs):
+        """Decode the Lq new queries q [B, Hq, Lq, D] against a KV cache: the last Lq rows of
+        the square pattern over the first cache_seqlens[b] cached tokens (new ones included).
+        Contiguous k_cache/v_cache [B, Hkv, Lmax, D(v)], or paged [pages, Hkv, page_size, D(v)]
+        with block_table int32 [B, max_pages]; cache_seqlens int32 [B]. Returns out
+        [B, Hq, Lq, Dv] (and lse float32 [B, Hq, Lq]). See `attncc.runtime.decode`."""
+        from .decode import decode
+        return decode(self, q, k_cache, v_cache, cache_seqlens, block_table, scale=scale,
+                      return_lse=return_lse, **inputs)
+
+    def decode_schedule(self, heads: int = 1):
+        """Symbolic key ranges of decode rows (`attncc.schedule.decode.DecodeSchedule`)."""
+        from .decode import schedule_for
+        return schedule_for(self, heads)
 
     def default_shape(self) -> tuple[int, int, int]:
         """(q_len, kv_len, heads) behind `source`: the layout's size on grid patterns, else
@@ -362,8 +388,8 @@ class Kernel:
             return (out, lse) if return_lse else out
         if grad:
             names = tuple(inputs)
-            out, lse = _Attention.apply(self, backend, scale, return_lse, names, q, k, v,
-                                        *inputs.values())
+            out, lse = _autograd_function(backend).apply(self, backend, scale, return_lse,
+                                                         names, q, k, v, *inputs.values())
         else:
             out, lse = self._forward(backend, q, k, v, inputs, scale, return_lse)
         return (out, lse) if return_lse else out

@@ -1,0 +1,284 @@
+"""Autograd for the generated kernels (`triton` on CUDA, `interpret` on CPU).
+
+`GeneratedAttention` runs the forward kernel (saving out and the log-sum-exp) and, in
+backward, the generated dQ and dK/dV kernels of `codegen.backward`:
+
+1. Δ = rowsum(dO ⊙ O) in float32 (a torch pre-pass, O(B·Hq·Lq·Dv));
+2. the dQ kernel over the forward's key-tile lists (or closed-form loops), which also writes
+   per-pair gradients of float tables read in `score` when those require grad;
+3. the dK/dV kernel over the transposed lists (`attncc.schedule.transpose`), the GROUP query
+   heads of a key head summed in a fixed order inside one program;
+4. table gradients reduced deterministically: contributions sorted stably by table index,
+   each index's run summed by `torch.segment_reduce` — no atomics, two runs bit-identical.
+
+Patterns whose lists come from the runtime pre-pass (route, blocks, document ids): the tile
+classes of the call are kept from the forward (the selection is held fixed; `route` / `blocks`
+are piecewise constant, so no gradient flows through the selection — the block-score input
+of `blocks` gets none — while the kept scores do), and the dK/dV lists are their transpose.
+
+`output scale w[b, q, h]`: under autograd the forward computes the unscaled output O_u of
+every head (heads with zero weight included, since dW needs them) and returns w·O_u; the
+backward runs the kernels on dO_u = w·dO and gives dW = rowsum(O_u ⊙ dO), differentiated
+through the scale expression to the float inputs it reads (torch autograd on B·Hq·Lq values).
+
+Memory: O(kept tiles) besides q, k, v, out, lse, Δ and the gradients; table gradients add
+scratch of (visited tile pairs × tile area) values per table read while they are reduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Optional
+
+import torch
+
+from ..ir.nodes import Route
+from ..schedule.transpose import forward_rows, max_visits, transpose_classes, transposed_rows
+
+__all__ = ["GeneratedAttention", "backward_source", "run_backward", "reduce_table_grad"]
+
+_SOURCES: dict = {}                 # (kind, ir hash, options key, structure key) -> source
+_STATIC_SCHEDULES: dict = {}        # (pattern, Lq, Lkv, Hq, options key) -> Schedule
+_DEVICE_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _source(kind: str, pattern, schedule, options) -> str:
+    from .compile import structure_key
+    key = (kind, pattern.ir_hash(), options.key(), structure_key(schedule))
+    src = _SOURCES.get(key)
+    if src is None:
+        if kind == "fwd":
+            from ..codegen.forward import generate_forward
+            src = generate_forward(pattern, schedule, options)
+        else:
+            from ..codegen.backward import generate_backward
+            src = generate_backward(pattern, schedule, options)
+        _SOURCES[key] = src
+    return src
+
+
+def unscaled(pattern):
+    """`pattern` without its output scale (the kernels' pattern under autograd)."""
+    if pattern.output_scale is None:
+        return pattern
+    return dataclasses.replace(pattern, output_scale=None)
+
+
+def backward_source(pattern, schedule, options) -> str:
+    """Generated dQ + dK/dV source of `pattern` (its output scale dropped: the runtime
+    differentiates it) for `schedule`'s tile structure."""
+    return _source("bwd", unscaled(pattern), schedule, options)
+
+
+def _rows_on(schedule, device) -> tuple[dict, dict]:
+    per = _DEVICE_ROWS.setdefault(schedule, {})
+    hit = per.get(str(device))
+    if hit is None:
+        fwd = {k: t.to(device) for k, t in forward_rows(schedule).items()}
+        bwd = {k: t.to(device) for k, t in transposed_rows(schedule).items()}
+        hit = per[str(device)] = (fwd, bwd)
+    return hit
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What one differentiable call runs: kernel pattern and schedule, tile lists."""
+    pattern: object           # kernel pattern (unscaled; selectors lowered to loads)
+    schedule: object          # schedule with the kernel's tile structure
+    options: object
+    lists: Optional[dict]     # per-(b, h, query tile) CSR (data-dependent) or None (static)
+    lists_t: Optional[dict]   # per-(b, h, key tile) CSR or None
+    extra: dict               # selection tensors read by the lowered mask
+    visits: int               # max key tiles per query-tile row
+
+
+def _plan(kern, q, k, inputs) -> _Plan:
+    from ..schedule.build import build_schedule
+    from .prepass_kernel import (lower_selectors, needs_prepass, program_lists,
+                                 region_aligned_options, runtime_classes)
+    pattern = unscaled(kern.pattern)
+    B, Hq, Lq, _ = q.shape
+    Lkv = k.shape[2]
+    if not needs_prepass(pattern):
+        if pattern is kern.pattern:
+            sched = kern.schedule(Lq, Lkv, Hq)
+        else:
+            key = (pattern, Lq, Lkv, Hq, kern.options.key())
+            sched = _STATIC_SCHEDULES.get(key)
+            if sched is None:
+                sched = _STATIC_SCHEDULES[key] = build_schedule(pattern, Lq, Lkv, Hq,
+                                                                options=kern.options)
+        return _Plan(pattern, sched, kern.options, None, None, {}, max_visits(sched))
+    options = region_aligned_options(pattern, kern.options)
+    sched, cls, selections = runtime_classes(pattern, q, k, inputs, options=options)
+    lowered, sel_inputs = lower_selectors(pattern, selections)
+    kinds = tuple(dict.fromkeys(
+        "route" if isinstance(n, Route) else "blocks" for n in selections)) or ("lists",)
+    ksched = dataclasses.replace(sched, pattern=lowered, runtime=kinds, classes=tuple(
+        dataclasses.replace(c, bounds=None) for c in sched.classes))
+    return _Plan(lowered, ksched, options, program_lists(cls),
+                 program_lists(transpose_classes(cls)), sel_inputs, max_visits(classes=cls))
+
+
+def _forward(kern, backend, plan: _Plan, q, k, v, inputs, scale):
+    if plan.lists is None and plan.pattern is kern.pattern:
+        return kern._forward(backend, q, k, v, inputs, scale, True)
+    from .launch import load_kernel, run_forward
+    module = load_kernel(_source("fwd", plan.pattern, plan.schedule, plan.options))
+    return run_forward(module, plan.schedule, q, k, v, inputs={**inputs, **plan.extra},
+                       scale=scale, options=plan.options, lists=plan.lists)
+
+
+def _in_args(meta, inputs, device) -> list:
+    args = []
+    for name, nd in zip(meta["inputs"], meta["input_dims"]):
+        t = inputs[name]
+        if t.dim() != nd or t.device != device:
+            raise ValueError(f"input '{name}' must have {nd} dimensions on {device}")
+        args += [t, *t.stride(), *t.shape]
+    return args
+
+
+def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, scale: float,
+                 tables: tuple = ()):
+    """Launch the generated dQ and dK/dV kernels of `module`.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], dout [B, Hq, Lq, Dv] (the
+    gradient of the unscaled output), lse and delta float32 [B, Hq, Lq] (contiguous);
+    `inputs` the tensors the kernels read; `tables` the indices j (into META["tables"]) whose
+    per-pair contributions are wanted.
+
+    Returns (dq float32 [B, Hq, Lq, D], dk, dv float32 [B, Hkv, Lkv, D(v)],
+    {j: (idx int64, val float32)} scratch of the table reads in `tables`).
+    """
+    from .launch import _block_d, _interpreted
+    meta = module.META
+    sched = plan.schedule
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    nqt, nkt = sched.n_q_tiles, sched.n_kv_tiles
+    if plan.lists is None:
+        rows, rows_t = _rows_on(sched, dev)
+        rows_per_batch = 0
+    else:
+        ar = torch.arange(Hq, dtype=torch.int32, device=dev)
+        rows, rows_t = dict(plan.lists, head_class=ar), dict(plan.lists_t, head_class=ar)
+        rows_per_batch = Hq
+    dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32, device=dev)
+    dk = torch.empty(B, Hkv, Lkv, D, dtype=torch.float32, device=dev)
+    dv = torch.empty(B, Hkv, Lkv, Dv, dtype=torch.float32, device=dev)
+    in_args = _in_args(meta, inputs, dev)
+    common = dict(BLOCK_M=meta["block_m"], BLOCK_N=meta["block_n"], BLOCK_D=_block_d(D),
+                  BLOCK_DV=_block_d(Dv),
+                  DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
+                  num_warps=getattr(plan.options, "num_warps", None) or meta["num_warps"],
+                  num_stages=getattr(plan.options, "num_stages", None) or meta["num_stages"])
+    scratch, tab_args = {}, []
+    slots = B * Hq * nqt * max(plan.visits, 1) * meta["block_m"] * meta["block_n"]
+    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+    dummy_v = torch.zeros(1, dtype=torch.float32, device=dev)
+    for j in range(len(meta["tables"])):
+        if j in tables:
+            scratch[j] = (torch.full((slots,), -1, dtype=torch.int64, device=dev),
+                          torch.zeros(slots, dtype=torch.float32, device=dev))
+            tab_args += [scratch[j][1], scratch[j][0]]
+        else:
+            tab_args += [dummy_v, dummy_i]
+    module.KERNEL_DQ[(nqt, B * Hq)](
+        q, k, v, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
+        rows["full_offsets"], rows["full_indices"], rows["partial_offsets"],
+        rows["partial_indices"], rows["head_class"], rows_per_batch,
+        *in_args, *tab_args,
+        Lq, Lkv, Hq, Hq // Hkv, nqt, max(plan.visits, 1), D, Dv, float(scale),
+        TABLE_GRAD=bool(scratch), **common)
+    module.KERNEL_DKV[(nkt, B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(),
+        rows_t["full_offsets"], rows_t["full_indices"], rows_t["partial_offsets"],
+        rows_t["partial_indices"], rows_t["head_class"], rows_per_batch,
+        *in_args,
+        Lq, Lkv, Hq, Hq // Hkv, nkt, D, Dv, float(scale), **common)
+    return dq, dk, dv, scratch
+
+
+def reduce_table_grad(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
+    """Deterministic scatter-sum: float32 [numel] with out[i] = Σ val[idx == i] (entries with
+    idx < 0 dropped), summed per index in the order of `idx` (stable sort, then one
+    `segment_reduce` per run): bit-identical across runs, no atomics."""
+    keep = idx >= 0
+    idx, val = idx[keep], val[keep]
+    out = torch.zeros(numel, dtype=torch.float32, device=val.device)
+    if idx.numel() == 0:
+        return out
+    sidx, order = torch.sort(idx, stable=True)
+    uniq, counts = torch.unique_consecutive(sidx, return_counts=True)
+    out[uniq] = torch.segment_reduce(val[order], "sum", lengths=counts)
+    return out
+
+
+class GeneratedAttention(torch.autograd.Function):
+    """Forward and backward by generated Triton kernels (see the module docstring).
+    apply(kern, backend, scale, need_lse, names, q, k, v, *input values) → (out, lse)."""
+
+    @staticmethod
+    def forward(ctx, kern, backend, scale, need_lse, names, q, k, v, *values):
+        from .prepass import head_weights
+        inputs = dict(zip(names, values))
+        plan = _plan(kern, q, k, inputs)
+        out_u, lse = _forward(kern, backend, plan, q, k, v, inputs, scale)
+        out = out_u
+        if kern.pattern.output_scale is not None:
+            B, Hq, Lq, _ = q.shape
+            w = head_weights(kern.pattern, inputs, B, Hq, Lq, k.shape[2], q.device)
+            out = (out_u.to(torch.float32) * w[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out_u, lse, *values)
+        ctx.kern, ctx.scale, ctx.names, ctx.plan = kern, scale, names, plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from .launch import load_kernel
+        from .prepass import head_weights
+        q, k, v, out_u, lse, *values = ctx.saved_tensors
+        kern, plan, names = ctx.kern, ctx.plan, ctx.names
+        inputs = dict(zip(names, values))
+        wanted = dict(zip(names, ctx.needs_input_grad[8:]))
+        B, Hq, Lq, _ = q.shape
+        Lkv = k.shape[2]
+        grads = {}
+        dout = dout.to(torch.float32)
+        if kern.pattern.output_scale is not None:
+            w = head_weights(kern.pattern, inputs, B, Hq, Lq, Lkv, q.device)
+            floats = [n for n in names if wanted[n] and inputs[n].is_floating_point()]
+            if floats:
+                dw = (out_u.to(torch.float32) * dout).sum(-1)              # [B, Hq, Lq]
+                with torch.enable_grad():
+                    leaves = {n: inputs[n].detach().requires_grad_(True) for n in floats}
+                    wg = head_weights(kern.pattern, {**inputs, **leaves}, B, Hq, Lq, Lkv,
+                                      q.device)
+                    got = torch.autograd.grad(wg, list(leaves.values()), dw, allow_unused=True)
+                grads.update({n: g for n, g in zip(floats, got) if g is not None})
+            dout = dout * w[..., None]
+        delta = (dout * out_u.to(torch.float32)).sum(-1).contiguous()
+        module = load_kernel(_source("bwd", plan.pattern, plan.schedule, plan.options))
+        tables = tuple(j for j, (name, _) in enumerate(module.META["tables"])
+                       if wanted.get(name) and inputs[name].is_floating_point())
+        dq, dk, dv, scratch = run_backward(
+            module, plan, q, k, v, dout.to(q.dtype) if q.dtype != torch.float32 else dout,
+            lse.contiguous(), delta, {**inputs, **plan.extra}, ctx.scale, tables)
+        for j, (idx, val) in scratch.items():
+            name = module.META["tables"][j][0]
+            t = inputs[name]
+            g = reduce_table_grad(idx, val, t.numel()).view(t.shape)
+            grads[name] = g if name not in grads else grads[name] + g
+        result = [dq.to(q.dtype) if ctx.needs_input_grad[5] else None,
+                  dk.to(k.dtype) if ctx.needs_input_grad[6] else None,
+                  dv.to(v.dtype) if ctx.needs_input_grad[7] else None]
+        for n, t in zip(names, values):
+            g = grads.get(n) if wanted[n] else None
+            result.append(None if g is None else g.to(t.dtype))
+        return (None, None, None, None, None, *result)

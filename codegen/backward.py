@@ -1,0 +1,253 @@
+"""Backward-kernel generation: (pattern, schedule, options) → Triton source of dQ and dK/dV.
+
+Flash-attention backward over attncc's block-sparse schedules (DESIGN §7). With
+P = exp(score(s) - lse) recomputed from the forward's saved log-sum-exp, Δ = rowsum(dO ⊙ O)
+(a pre-pass in `attncc.runtime.autograd`), dP = dO·Vᵀ and dS = P ⊙ (dP − Δ):
+
+    dQ kernel    one program per (query tile, batch·head): walks the forward's key tiles
+                 (the same CSR rows or closed-form loops as the forward, FULL tiles without
+                 mask code), dQ = Σ (dS ⊙ ∂score/∂s)·K · scale
+    dK/dV kernel one program per (key tile, batch·key head): walks the TRANSPOSED schedule
+                 (per key tile, the query tiles that visit it, FULL and PARTIAL apart) for
+                 each of the GROUP query heads of its key head in a fixed order, so GQA sums
+                 are deterministic: dV = Σ Pᵀ·dO, dK = Σ (dS ⊙ ∂score/∂s)ᵀ·Q · scale
+
+Score modifiers: ∂score/∂s and ∂score/∂table[...] come from `attncc.passes.derive` and are
+rendered by the forward's per-node renderer. Gradients of float tables read in `score`
+(`TABLE_GRAD`): the dQ kernel writes, for each table read j and each visited tile pair, the
+per-pair contribution dS·∂score/∂table and the flat table index (−1 for pairs that are not
+kept or read out of range) into scratch slots owned by that (program, visit) — no atomics;
+the runtime reduces them in a fixed order (`attncc.runtime.autograd`).
+
+Kernel contract (what `attncc.runtime.autograd` passes), beyond the forward's (see
+`codegen.forward`): DO like O; LSE and DELTA float32 [B, Hq, Lq] (same strides); DQ
+float32 [B, Hq, Lq, D]; DK, DV float32 [B, Hkv, Lkv, D(v)]; the dK/dV kernel's CSR rows are
+`(HEAD_CLASS[h] + b·ROWS_PER_BATCH)·N_KV_TILES + n` over the transposed lists; per table
+read j of the score, pointers `tg{j}_val` (float32) and `tg{j}_idx` (int64), each
+[B·Hq·nQT·MAX_VISITS·BLOCK_M·BLOCK_N], read only when TABLE_GRAD is set.
+
+The module defines `KERNEL` (= `KERNEL_DQ`), `KERNEL_DKV` and `META` (`meta["tables"]`: per
+table read, (input name, number of index dimensions)).
+"""
+from __future__ import annotations
+
+import hashlib
+
+from attncc.ir.nodes import FLOAT, TRUE, Binary, Coord, Load, Var, free_vars, walk
+from attncc.passes.derive import derivative, float_loads
+
+from .emitter import fill
+from .forward import (LOG2E, ROW_ID, _closed_form, _coord_lines, _grids, _options_text,
+                      _pow2_tile, _template, _tile_lines, _used_inputs, usable_bounds)
+from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
+
+__all__ = ["generate_backward", "backward_kernel_name", "ROW_ID_T"]
+
+# CSR row of a dK/dV program over the transposed lists (per key tile).
+ROW_ID_T = "(tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_KV_TILES + n"
+
+
+def backward_kernel_name(pattern, schedule, options) -> str:
+    """`attncc_bwd_<pattern name>_<12 hex digits>` (the dQ kernel; dK/dV adds `_dkv`)."""
+    name = safe_identifier(pattern.name, "pattern name")[:32]
+    key = repr(("bwd", pattern.ir_hash(), options.key(), _grids(schedule)))
+    return f"attncc_bwd_{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _input_refs(inputs):
+    refs, params = {}, []
+    for j, decl in inputs:
+        nd = len(decl.dims)
+        refs[decl.name] = InputRef(f"in{j}", tuple(f"in{j}_s{i}" for i in range(nd)),
+                                   tuple(f"in{j}_n{i}" for i in range(nd)))
+        params.append(", ".join([f"in{j}"] + list(refs[decl.name].strides)
+                                + list(refs[decl.name].sizes)) + f",  # input {decl.name}")
+    return refs, params
+
+
+def _coords(pattern, roots):
+    layout = pattern.layout
+    coords = {"q": set(), "k": set()}
+    for r in roots:
+        for n in walk(r) if r is not None else ():
+            if isinstance(n, Coord):
+                if layout is None or n.axis >= len(layout.axes):
+                    raise CodegenError(f"coordinate {n.side}.{n.name} needs a grid layout axis")
+                coords[n.side].add(n.axis)
+    return coords
+
+
+def generate_backward(pattern, schedule, options) -> str:
+    """Triton source of the dQ and dK/dV kernels of `pattern` for `schedule`'s tile structure.
+
+    pattern   attncc Pattern without `output scale` (the runtime differentiates the output
+              scale itself and runs these kernels on the unscaled pattern) and without
+              runtime selectors (lowered to loads by `prepass_kernel.lower_selectors`)
+    schedule  attncc Schedule: tile grids and (for the dQ loops) closed-form bounds; the
+              tile lists themselves are launch arguments
+    options   CompileOptions
+
+    Returns Python source defining `KERNEL_DQ`, `KERNEL_DKV`, `KERNEL` and `META`.
+    Raises CodegenError for constructs the kernels cannot express.
+    """
+    if pattern.output_scale is not None:
+        raise CodegenError("backward kernels take the pattern without its output scale "
+                           "(the runtime applies and differentiates it)")
+    name = backward_kernel_name(pattern, schedule, options)
+    layout = pattern.layout
+    qg, kg = schedule.q_grid, schedule.kv_grid
+    block_m = _pow2_tile(qg.tile_size, "query")
+    block_n = _pow2_tile(kg.tile_size, "key")
+    mask, score = pattern.mask, pattern.score
+    if "s" in free_vars(mask):
+        raise CodegenError("the mask cannot depend on the score `s`")
+    inputs = _used_inputs(pattern, (mask, score))
+    refs, in_params = _input_refs(inputs)
+    coords = _coords(pattern, (mask, score))
+
+    # Chain rule: ∂score/∂s and ∂score/∂(each float table read).
+    d_s = derivative(score, Var("s")) if score is not None else None
+    tables = float_loads(score)
+    d_tab = [derivative(score, ld) for ld in tables]
+    roots = [mask] + ([score, d_s] if score is not None else [])
+    for ld, dt in zip(tables, d_tab):
+        roots += [dt, *ld.index]
+
+    base_vars = {v: v for v in ("b", "h", "q", "k", "s", "Q_LEN", "KV_LEN", "HEADS")}
+    all_coords = {**{("q", a): f"q_c{a}" for a in coords["q"]},
+                  **{("k", a): f"k_c{a}" for a in coords["k"]}}
+    r_dq = Renderer(Scope(vars=base_vars, coords=all_coords, inputs=refs,
+                          varying=frozenset({"k", "s", "k."})), "t").render(roots)
+    r_kv = Renderer(Scope(vars=base_vars, coords=all_coords, inputs=refs,
+                          varying=frozenset({"q", "s", "q.", "h"})), "t").render(roots)
+    helpers = set(r_dq.helpers) | set(r_kv.helpers)
+
+    def scores(rendered, masked: bool) -> list[str]:
+        need = ([score, d_s] if score is not None else []) + ([mask] if masked else [])
+        if score is None:
+            return (["x = tl.dot(q_blk, tl.trans(k_blk)) * (sm_scale * 1.4426950408889634)"]
+                    + rendered.loop_lines(need))
+        lines = ["s = tl.dot(q_blk, tl.trans(k_blk)) * sm_scale"] + rendered.loop_lines(need)
+        text = rendered.text(score)
+        if "s" not in free_vars(score):
+            text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
+        return lines + [f"x = {text} * {LOG2E}  # score modifier, then base 2"]
+
+    def keep(rendered, masked: bool) -> str:
+        return "keep = k_ok[None, :]" + (f" & {rendered.text(mask)}" if masked else "")
+
+    def chain(rendered) -> list[str]:
+        if score is None:
+            return ["ds_s = ds"]
+        return [f"ds_s = ds * {rendered.text(d_s)}  # chain rule: d score / d s"]
+
+    def table_lines(rendered, masked: bool) -> list[str]:
+        if not tables:
+            return []
+        out = ["if TABLE_GRAD:",
+               "    # Per-pair table gradients into this (program, visit)'s own scratch slots.",
+               "    tg_slot = (visit + n_visit) * (BLOCK_M * BLOCK_N) + "
+               "tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]"]
+        need = [*d_tab] + [i for ld in tables for i in ld.index] + ([mask] if masked else [])
+        out += ["    " + ln for ln in rendered.loop_lines(need)]
+        for j, (ld, dt) in enumerate(zip(tables, d_tab)):
+            ref = refs[ld.input]
+            idx = [rendered.text(i) for i in ld.index]
+            flat = idx[0]
+            for i, size in zip(idx[1:], ref.sizes[1:]):
+                flat = f"({flat}) * {size} + {i}"
+            ok = " & ".join(f"({i} >= 0) & ({i} < {size})" for i, size in zip(idx, ref.sizes))
+            out += [f"    tg_i = tl.where(keep & {ok}, ({flat}).to(tl.int64), -1)",
+                    f"    tl.store(tg{j}_idx + tg_slot, tg_i)",
+                    f"    tl.store(tg{j}_val + tg_slot, ds * {rendered.text(dt)})"]
+        return out + ["n_visit += 1"]
+
+    _, q_tile = _tile_lines("q", qg, layout)
+    kv_hoist, kv_tile = _tile_lines("k", kg, layout)
+    k_coords = _coord_lines("k", kg, layout, coords["k"])
+    q_coords = _coord_lines("q", qg, layout, coords["q"])
+
+    def dq_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
+        masked = kind == "PARTIAL" and mask is not TRUE
+        score_lines = scores(r_dq, masked)
+        tab = [ln for ln in table_lines(r_dq, masked) if ln[4:] not in score_lines]
+        return fill(_template("bwd_dq_step.tmpl"), {
+            "loop_header": loop_header, "tile_index": tile_index, "kv_tile": kv_tile,
+            "k_coords": k_coords, "scores": score_lines, "keep": keep(r_dq, masked),
+            "chain": chain(r_dq), "table_grads": tab})
+
+    def dkv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
+        masked = kind == "PARTIAL" and mask is not TRUE
+        return fill(_template("bwd_dkv_step.tmpl"), {
+            "loop_header": loop_header, "tile_index": tile_index, "q_tile": q_tile,
+            "q_coords": q_coords, "scores": scores(r_kv, masked), "keep": keep(r_kv, masked),
+            "chain": chain(r_kv)})
+
+    # dQ loops: the forward's key-tile loops (closed form or CSR rows).
+    bounds = usable_bounds(schedule)
+    if bounds is None:
+        loop_setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
+                      f"row = {ROW_ID}"]
+        dq_loops = {}
+        for kind in ("FULL", "PARTIAL"):
+            lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
+            dq_loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
+                              f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + dq_step(
+                kind, f"for it in range({lo}, {hi}):", [f"n = tl.load({kind}_INDICES + it)"])
+        list_kind = "dQ key-tile lists: CSR rows per (head class, query tile)"
+    else:
+        loop_setup, dq_loops, helpers_cf = _closed_form(bounds, qg, kg, dq_step)
+        helpers |= helpers_cf
+        list_kind = "dQ key-tile loops: closed-form bounds (no index arrays)"
+    if tables:
+        loop_setup = ["n_visit = 0"] + loop_setup
+    # dK/dV loops: transposed CSR rows per (head class, key tile).
+    dkv_loops = {}
+    for kind in ("FULL", "PARTIAL"):
+        lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
+        dkv_loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
+                           f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + dkv_step(
+            kind, f"for it in range({lo}, {hi}):", [f"m = tl.load({kind}_INDICES + it)"])
+
+    header = [
+        "# attncc backward attention kernels (generated source; edit the pattern, not this file).",
+        f"# pattern: {safe_identifier(pattern.name, 'pattern name')}   "
+        f"IR hash: {pattern.ir_hash()}",
+        f"# options: {_options_text(options)}",
+        f"# query tiles: {'x'.join(map(str, qg.tile))}"
+        + (f" over grid {'x'.join(map(str, qg.shape))}" if len(qg.tile) > 1 else " tokens"),
+        f"# key tiles:   {'x'.join(map(str, kg.tile))}"
+        + (f" over grid {'x'.join(map(str, kg.shape))}" if len(kg.tile) > 1 else " tokens"),
+        f"# {list_kind}; dK/dV query-tile lists: transposed CSR rows per (head class, key tile).",
+        f"# score tables with gradients: {len(tables)}",
+    ]
+    helper_lines: list[str] = []
+    for hname in sorted(helpers):
+        helper_lines += [""] + list(HELPERS[hname]) + [""]
+    table_params = [f"tg{j}_val, tg{j}_idx,  # table read {j}: input {ld.input}"
+                    for j, ld in enumerate(tables)]
+    dq_hoisted = (["# Loop-invariant parts of the mask and score."] + r_dq.hoisted
+                  if r_dq.hoisted else [])
+    kv_hoisted = (["# Loop-invariant parts of the mask and score."] + r_kv.hoisted
+                  if r_kv.hoisted else [])
+    lines = header + ["import triton", "import triton.language as tl", ""] + helper_lines
+    lines += [""] + fill(_template("bwd_dq.tmpl"), {
+        "kernel": name, "input_params": in_params, "table_params": table_params,
+        "q_tile": q_tile, "q_coords": q_coords, "kv_slots": kv_hoist, "hoisted": dq_hoisted,
+        "loop_setup": loop_setup, "full_loop": dq_loops["FULL"],
+        "partial_loop": dq_loops["PARTIAL"]})
+    lines += ["", ""] + fill(_template("bwd_dkv.tmpl"), {
+        "kernel": name + "_dkv", "input_params": in_params, "kv_slots": kv_hoist,
+        "kv_tile": kv_tile, "k_coords": k_coords, "hoisted": kv_hoisted,
+        "row_id": ROW_ID_T, "full_loop": dkv_loops["FULL"],
+        "partial_loop": dkv_loops["PARTIAL"]})
+    meta = {"kernel": name, "kernel_dkv": name + "_dkv", "block_m": block_m, "block_n": block_n,
+            "q_tile": tuple(int(t) for t in qg.tile), "kv_tile": tuple(int(t) for t in kg.tile),
+            "inputs": tuple(safe_identifier(d.name, "input name") for _, d in inputs),
+            "input_dims": tuple(len(d.dims) for _, d in inputs),
+            "tables": tuple((ld.input, len(ld.index)) for ld in tables),
+            "num_warps": int(options.num_warps), "num_stages": int(options.num_stages),
+            "closed_form": bounds is not None}
+    lines += ["", "", f"KERNEL_DQ = {name}", f"KERNEL_DKV = {name}_dkv", "KERNEL = KERNEL_DQ",
+              f"META = {meta!r}"]
+    return "\n".join(lines) + "\n"
