@@ -15,6 +15,10 @@ inputs, grid lengths) before any work, then runs one backend:
                per-(batch, head, query tile) lists from `runtime.prepass_kernel.kernel_forward`;
                `Kernel.last_stats` then reports visited and skipped tiles)
     flex       the pattern lowered to FlexAttention with attncc's analytic BlockMask
+    torch      block-sparse attention in plain torch over the schedule's tile lists
+               (`runtime.torch_backend`; any device, float16/bfloat16/float32/float64);
+               differentiable with its own backward (P recomputed from the lse, O(kept tiles)
+               memory), so it trains on CPU
     reference  `attncc.reference` (dense float64), cast to the dtype of q
 
 With no backend chosen, CUDA tensors use "triton" and CPU tensors "interpret" (`import attncc`
@@ -184,7 +188,8 @@ def compile(spec, *, backend: Optional[str] = None, options: Optional[CompileOpt
 
     spec      a Pattern, a path to a `.attn` file, or spec text (a string containing a newline
               or starting with `pattern`); `params` overrides the spec's header parameters
-    backend   "triton" | "interpret" | "flex" | "reference" | None (by the tensors' device)
+    backend   "triton" | "interpret" | "flex" | "torch" | "reference" | None (by the tensors'
+              device)
     options   a CompileOptions; keyword arguments (block_m=..., num_warps=...) replace fields
 
     Compilation is lazy: the schedule and the kernel for a shape are built at the first call
@@ -386,7 +391,7 @@ class Kernel:
             out = q.new_zeros(B, Hq, Lq, Dv)
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
             return (out, lse) if return_lse else out
-        if grad:
+        if grad and backend not in SELF_DIFFERENTIABLE:
             names = tuple(inputs)
             out, lse = _autograd_function(backend).apply(self, backend, scale, return_lse,
                                                          names, q, k, v, *inputs.values())
@@ -485,6 +490,14 @@ def _run_flex(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool)
     return flex_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs), None
 
 
+def _run_torch(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
+    from .torch_backend import torch_attention
+    out, lse, stats = torch_attention(kern.pattern, q, k, v, inputs, scale=scale,
+                                      options=kern.options, validate=False)
+    kern.last_stats = stats
+    return out, lse
+
+
 def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from ..reference import reference
     return reference(kern.pattern, q, k, v, scale=scale, return_lse=True, **inputs)
@@ -494,4 +507,7 @@ def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: 
 # not need_lse); "interpret" runs the
 # same generated kernels as "triton" (Triton's interpreter is chosen when they are loaded).
 RUNNERS = {"triton": _run_triton, "interpret": _run_triton, "flex": _run_flex,
-           "reference": _run_reference}
+           "torch": _run_torch, "reference": _run_reference}
+# Backends whose runner is differentiable itself (its own torch.autograd.Function): a call
+# that needs gradients runs them directly, without an outer autograd wrapper.
+SELF_DIFFERENTIABLE = ("torch",)
