@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-BACKENDS = ("triton", "interpret", "flex", "reference")
+BACKENDS = ("triton", "interpret", "flex", "torch", "reference")
 
 
 def _pow2(n: int) -> bool:
@@ -20,6 +20,7 @@ class CompileOptions:
 
     backend     "triton" (CUDA), "interpret" (the same Triton kernels on CPU through
                 TRITON_INTERPRET), "flex" (FlexAttention with attncc's analytic BlockMask),
+                "torch" (block-sparse torch ops, differentiable: the CPU training path),
                 "reference" (float64 dense); None picks "triton" on CUDA tensors and
                 "interpret" otherwise.
     block_m     query tile size in tokens (1-D tiles), a power of two
