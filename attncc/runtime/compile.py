@@ -391,6 +391,12 @@ class Kernel:
             out = q.new_zeros(B, Hq, Lq, Dv)
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
             return (out, lse) if return_lse else out
+        if self.pattern.normalize == "none":
+            # Linear attention (no softmax): `runtime.linear` picks the chunked linear-time
+            # algorithm or the quadratic block-sparse path; both are differentiable.
+            from .linear import run_none
+            out, lse = run_none(self, backend, q, k, v, inputs, scale, return_lse, grad)
+            return (out, lse) if return_lse else out
         if grad and backend not in SELF_DIFFERENTIABLE:
             names = tuple(inputs)
             out, lse = _autograd_function(backend).apply(self, backend, scale, return_lse,
@@ -398,6 +404,14 @@ class Kernel:
         else:
             out, lse = self._forward(backend, q, k, v, inputs, scale, return_lse)
         return (out, lse) if return_lse else out
+
+    def step(self, state, q, k, v, *, scale: Optional[float] = None):
+        """Recurrent (decode) form of a separable `normalize none` pattern: q [B, Hq, n, D],
+        k [B, Hkv, n, D], v [B, Hkv, n, Dv] are the next n tokens, `state` None or the float32
+        [B, Hq, D, Dv] returned by the previous call. Returns (out [B, Hq, n, Dv], new state).
+        See `attncc.runtime.linear.step`."""
+        from .linear import step
+        return step(self, state, q, k, v, scale=scale)
 
     def _check_lengths(self, Lq: int, Lkv: int) -> None:
         layout = self.pattern.layout

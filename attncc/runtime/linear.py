@@ -1,0 +1,293 @@
+"""Runtime of `normalize none` patterns (linear attention, no softmax).
+
+    out[b, h, q] = Σ_k keep(q, k) · score(q, k) · v[b, h // group, k]     (DESIGN §9, issue 12)
+
+`run_none` is what `Kernel.__call__` runs for such a pattern. It asks the separability proof
+(`attncc.passes.linear.decide`) which algorithm applies for the call's shape:
+
+  linear     mask `k <= q + d`, score `s · c_h · r_h^(q - k)` with r_h in (0, 1]: the chunked
+             linear-time algorithm of Lightning Attention-2 (Qin et al., 2024, arXiv
+             2401.04658): inside a block of β tokens the decayed masked product
+             ((Q_t K_tᵀ) ⊙ Δ) V_t, Δ_rc = r^(r - c)[r >= c]; across blocks a running state
+             Z (D × Dv per head, float32) carries the past, Z ← r^β Z + (K_t ⊙ r^(β-1-c))ᵀ V_t,
+             read by (Q_t ⊙ r^(r+1)) Z. O(L·β·D + L·D·Dv) work, O(L·D + D·Dv·L/β) memory.
+             Backends "triton" / "interpret" run the Triton kernel of `attncc.codegen.linear`;
+             the others (flex, torch, ...) run `chunked_linear` in torch. Gradients: autograd
+             through the blockwise torch ops (the Triton forward recomputes them in backward).
+  quadratic  anything else: the ordinary block-sparse path. "triton" / "interpret" run the
+             generated forward kernel with its no-softmax key-tile step; other backends run
+             `quadratic_none` (torch, one slab per (head class, query tile) over the schedule's
+             non-empty key tiles); "reference" runs `attncc.reference`.
+
+Queries are aligned to key positions p = q + d (d = KV_LEN - Q_LEN for `causal`); a query
+with p < 0 sees no key (output 0). `return_lse=True` returns 0 for rows with a kept key and
+-inf for rows without (the log of the implicit normaliser 1; see `attncc.reference`).
+
+Decode: `step(kern, state, q, k, v)` is the recurrent form, Z ← r Z + k vᵀ, out = c·scale·q Z
+per token (any number of new tokens per call, chunked internally).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ir.inputs import InputError, check_qkv
+from ..passes.linear import LinearDecision, decide
+
+__all__ = ["run_none", "chunked_linear", "linear_attention", "quadratic_none", "step",
+           "algorithm"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[B, Hkv, L, *] → [B, Hq, L, *] (query head h reads kv head h // (Hq // Hkv))."""
+    g = hq // x.shape[1]
+    return x if g == 1 else x.repeat_interleave(g, dim=1)
+
+
+# ---- the chunked algorithm (torch) ----------------------------------------------------------
+
+def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_r: torch.Tensor,
+                   block: int = 64):
+    """Causal decayed linear attention, chunked (Lightning Attention-2), in torch.
+
+    q, k [B, H, L, D], v [B, H, L, Dv] (one dtype; q already scaled), log_r [H] (<= 0):
+    out[p] = Σ_{k <= p} r_h^(p - k) (q_p · k_k) v_k with r_h = exp(log_r[h]).
+    Returns (out [B, H, L, Dv], state [B, H, D, Dv]) where state = Σ_k r^(L-1-k) k_kᵀ v_k is the
+    recurrent state after the last token. The sequence is padded at the front to a multiple
+    of `block` (zero keys add nothing; relative distances are unchanged). Differentiable."""
+    B, H, L, D = q.shape
+    Dv = v.shape[-1]
+    pad = (-L) % block
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, pad, 0)) for t in (q, k, v))
+    T = (L + pad) // block
+    Q, K, V = (t.reshape(B, H, T, block, t.shape[-1]) for t in (q, k, v))
+    idx = torch.arange(block, device=q.device, dtype=q.dtype)
+    lr = log_r.to(device=q.device, dtype=q.dtype).view(1, H, 1, 1, 1)
+    diff = idx[:, None] - idx[None, :]
+    delta = torch.where(diff >= 0, torch.exp(lr * diff.clamp_min(0)), torch.zeros((), dtype=q.dtype,
+                                                                                  device=q.device))
+    out = ((Q @ K.transpose(-1, -2)) * delta) @ V                       # intra-block
+    U = (K * torch.exp(lr * (block - 1 - idx).view(1, 1, 1, -1, 1))).transpose(-1, -2) @ V
+    decay = torch.exp(lr.view(1, H, 1, 1) * block)                      # r^block
+    z = q.new_zeros(B, H, D, Dv)
+    states = []
+    for t in range(T):                                                  # state before block t
+        states.append(z)
+        z = decay * z + U[:, :, t]
+    Z = torch.stack(states, dim=2)                                      # [B, H, T, D, Dv]
+    out = out + (Q * torch.exp(lr * (idx + 1).view(1, 1, 1, -1, 1))) @ Z
+    return out.reshape(B, H, T * block, Dv)[:, :, pad:], z
+
+
+def linear_attention(q, k, v, c: torch.Tensor, log_r: torch.Tensor, d: int, scale: float,
+                     block: int = 64, state: Optional[torch.Tensor] = None,
+                     kernel=None):
+    """out[q] = c_h · Σ_{k <= q + d} r_h^(q - k) · scale (q·k) v[k] for q [B, Hq, Lq, D],
+    k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], c and log_r float64 [Hq].
+
+    `state` [B, Hq, D, Dv] (only with d == 0 and Lq == Lkv): the recurrent state of earlier
+    tokens, which precede these. Returns (out in the compute dtype [B, Hq, Lq, Dv], new state
+    or None). `kernel`: an optional forward (q', k', v', log_r) -> out replacing
+    `chunked_linear` for the aligned part (the Triton kernel)."""
+    B, Hq, Lq, D = q.shape
+    Lkv, Dv = k.shape[2], v.shape[-1]
+    dt = _compute_dtype(q)
+    qf = q.to(dt) * scale
+    kf, vf = _expand_kv(k, Hq).to(dt), _expand_kv(v, Hq).to(dt)
+    if d == 0 and Lq == Lkv:
+        if kernel is not None and state is None:
+            out, final = kernel(qf, kf, vf, log_r), None
+        else:
+            out, final = chunked_linear(qf, kf, vf, log_r, block)
+        rows = None
+    else:
+        if state is not None:
+            raise InputError("a recurrent state needs as many queries as keys")
+        n = max(Lkv, d + Lq)
+        p = torch.arange(Lq, device=q.device) + d
+        rows = p >= 0
+        qq = qf.new_zeros(B, Hq, n, D)
+        qq[:, :, p[rows]] = qf[:, :, rows]
+        kf, vf = (F.pad(t, (0, 0, 0, n - Lkv)) for t in (kf, vf))
+        full, final = chunked_linear(qq, kf, vf, log_r, block)
+        out = full.new_zeros(B, Hq, Lq, Dv)
+        out[:, :, rows] = full[:, :, p[rows]]
+        final = None
+    factor = (c * torch.exp(-d * log_r)).to(device=q.device, dtype=dt).view(1, Hq, 1, 1)
+    out = out * factor
+    if state is not None:
+        lr = log_r.to(device=q.device, dtype=dt).view(1, Hq, 1, 1)
+        pos = torch.arange(1, Lq + 1, device=q.device, dtype=dt).view(1, 1, -1, 1)
+        s0 = state.to(dt)
+        out = out + (qf * torch.exp(lr * pos)) @ s0 * c.to(q.device, dt).view(1, Hq, 1, 1)
+        final = final + torch.exp(lr * Lq) * s0
+    return out, final
+
+
+# ---- the quadratic path (torch) ---------------------------------------------------------------
+
+def quadratic_none(pattern, schedule, q, k, v, inputs: dict, scale: float):
+    """`normalize none` on the block-sparse schedule, in torch: for every head class and query
+    tile, one slab over the union of its non-empty key tiles; the mask and score are evaluated
+    per element by the dense IR evaluator. Returns (out [B, Hq, Lq, Dv] compute dtype,
+    any_kept bool [B, Hq, Lq]). Differentiable."""
+    from ..ir.dense import Evaluator
+    B, Hq, Lq, D = q.shape
+    Lkv, Dv = k.shape[2], v.shape[-1]
+    dt = _compute_dtype(q)
+    dev = q.device
+    group = Hq // k.shape[1]
+    qidx = schedule.q_grid.token_index().to(dev)
+    kidx = schedule.kv_grid.token_index().to(dev)
+    out = torch.zeros(B, Hq, Lq, Dv, dtype=dt, device=dev)
+    kept = torch.zeros(B, Hq, Lq, dtype=torch.bool, device=dev)
+    bvar = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    for cls in schedule.classes:
+        heads = torch.tensor(cls.heads, dtype=torch.int64, device=dev)
+        kvh = heads // group
+        qh, kh, vh = q[:, heads].to(dt), k[:, kvh].to(dt), v[:, kvh].to(dt)
+        tiles = cls.classes(schedule.n_kv_tiles)
+        for m in range(schedule.n_q_tiles):
+            cols = torch.nonzero(tiles[m]).flatten()
+            if cols.numel() == 0:
+                continue
+            qi = qidx[m][qidx[m] >= 0]
+            ki = kidx[cols.to(dev)].reshape(-1)
+            ki = ki[ki >= 0]
+            s = (qh[:, :, qi] @ kh[:, :, ki].transpose(-1, -2)) * scale
+            env = {"b": bvar, "h": heads.view(1, -1, 1, 1), "q": qi.view(1, 1, -1, 1),
+                   "k": ki.view(1, 1, 1, -1), "Q_LEN": Lq, "KV_LEN": Lkv, "HEADS": Hq}
+            ev = Evaluator(dict(env, s=s.to(torch.float64) if dt == torch.float64 else s),
+                           layout=pattern.layout, inputs=inputs, device=dev)
+            keep = ev.evaluate(pattern.mask).expand(s.shape)
+            w = s if pattern.score is None else ev.evaluate(pattern.score).to(dt).expand(s.shape)
+            w = torch.where(keep, w, torch.zeros((), dtype=dt, device=dev))
+            out[:, heads.view(-1, 1), qi.view(1, -1)] = w @ vh[:, :, ki]
+            kept[:, heads.view(-1, 1), qi.view(1, -1)] = keep.any(-1)
+    return out, kept
+
+
+# ---- autograd for the Triton forward ------------------------------------------------------------
+
+class _TritonLinear(torch.autograd.Function):
+    """Forward by the Triton kernel; backward by differentiating `chunked_linear` (torch)
+    recomputed from the saved inputs (O(L·D + D·Dv·L/β) memory, no L² term)."""
+
+    @staticmethod
+    def forward(ctx, fwd, block, log_r, q, k, v):
+        ctx.save_for_backward(q, k, v, log_r)
+        ctx.block = block
+        return fwd(q, k, v, log_r)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, log_r = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(w) for t, w in zip((q, k, v), ctx.needs_input_grad[3:])]
+            out, _ = chunked_linear(*leaves, log_r, ctx.block)
+            need = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, need, dout))
+        return (None, None, None, *[next(grads) if t.requires_grad else None for t in leaves])
+
+
+def _triton_kernel(kern, backend: str):
+    """(q', k', v', log_r) -> out by the generated Triton linear kernel, autograd-capable."""
+    from .compile import interpreter_enabled  # noqa: F401 - backend already resolved
+    from ..codegen.linear import run_linear_forward
+    block = kern.options.block_m
+
+    def fwd(q, k, v, log_r):
+        return run_linear_forward(q, k, v, log_r, block=block, options=kern.options)
+
+    def call(q, k, v, log_r):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _TritonLinear.apply(fwd, block, log_r, q, k, v)
+        return fwd(q, k, v, log_r)
+    return call
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+def algorithm(pattern, heads: int, q_len: int, kv_len: int) -> LinearDecision:
+    """Which algorithm a `normalize none` call of this shape runs, and why."""
+    return decide(pattern, heads, q_len, kv_len)[0]
+
+
+def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: bool,
+             grad: bool = False):
+    """(out in q's dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq] or None) of a `normalize
+    none` pattern by `backend`; arguments already validated by `Kernel.__call__`. With `grad`
+    (some input requires grad) the result is differentiable: the linear paths and the torch
+    quadratic path directly; the generated quadratic kernel has no backward for `normalize
+    none`, so such calls run the torch quadratic path."""
+    pattern = kern.pattern
+    B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
+    Lkv = k.shape[2]
+    if backend == "reference":
+        from ..reference import reference
+        out, lse = reference(pattern, q, k, v, scale=scale, return_lse=True, **inputs)
+        return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
+    dec, values = decide(pattern, Hq, Lq, Lkv)
+    kern.last_algorithm = dec
+    if dec.linear:
+        c, log_r = values
+        d = dec.form.offset(Lq, Lkv)
+        fwd = _triton_kernel(kern, backend) if backend in ("triton", "interpret") else None
+        out, _ = linear_attention(q, k, v, c, log_r, d, scale, block=kern.options.block_m,
+                                  kernel=fwd)
+        lse = None
+        if need_lse:
+            row = torch.arange(Lq, device=q.device) + d >= 0
+            lse = torch.where(row, 0.0, float("-inf")).to(torch.float32).expand(B, Hq, Lq)
+        return out.to(q.dtype), lse
+    if backend in ("triton", "interpret") and not grad:
+        from .compile import RUNNERS
+        out, lse = RUNNERS[backend](kern, q, k, v, inputs, scale, True)
+        return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
+    sched = kern.schedule(Lq, Lkv, Hq)
+    if sched.runtime:  # data-dependent selectors: dense evaluation
+        from ..reference import reference
+        out, lse = reference(pattern, q, k, v, scale=scale, return_lse=True, **inputs)
+        return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
+    out, kept = quadratic_none(pattern, sched, q, k, v, inputs, scale)
+    lse = torch.where(kept, 0.0, float("-inf")).to(torch.float32) if need_lse else None
+    return out.to(q.dtype), lse
+
+
+def step(kern, state: Optional[torch.Tensor], q, k, v, *, scale: Optional[float] = None):
+    """Recurrent (decode) form of a separable `normalize none` pattern.
+
+    state  None (no earlier tokens) or float32 [B, Hq, D, Dv]: Σ_k r_h^(t-k) k_kᵀ v_k over the
+           tokens so far (t the last one), as returned by the previous call
+    q      [B, Hq, n, D], k [B, Hkv, n, D], v [B, Hkv, n, Dv]: the next n >= 1 tokens (queries
+           at the same positions as their keys, `causal` with equal lengths)
+    Returns (out [B, Hq, n, Dv] in q's dtype, new state float32 [B, Hq, D, Dv]).
+    Per token: Z ← r_h Z + k vᵀ, out = c_h · scale · q Z (n tokens at once by the chunked
+    algorithm). Raises InputError for a pattern that is not separable."""
+    B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
+    if Lq != Lkv:
+        raise InputError(f"step takes as many queries as keys, got {Lq} and {Lkv}")
+    dec, values = decide(kern.pattern, Hq, Lq, Lkv)
+    if not dec.linear or dec.form.offset(Lq, Lkv) != 0:
+        why = dec.reason if not dec.linear else "the mask is not `k <= q` (causal)"
+        raise InputError(f"pattern '{kern.pattern.name}' has no recurrent form: {why}")
+    if state is not None:
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, Hq, D, Dv):
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise InputError(f"state must be a tensor [B, Hq, D, Dv] = {[B, Hq, D, Dv]}, "
+                             f"got {got}")
+    scale = kern._scale(scale, D)
+    c, log_r = values
+    if state is None:
+        state = q.new_zeros(B, Hq, D, Dv, dtype=_compute_dtype(q))
+    out, final = linear_attention(q, k, v, c, log_r, 0, scale, block=kern.options.block_m,
+                                  state=state)
+    return out.to(q.dtype), final.to(torch.float32 if q.dtype != torch.float64 else q.dtype)
