@@ -1,0 +1,116 @@
+"""Launching the generated split-KV decode kernel (`codegen/decode.py`) and merging its splits.
+
+`run_decode` turns the key ranges of a decode step (`schedule.decode.key_ranges`) into the
+kernel's launch tensors (ranges and per-range tile prefix sums, int32), picks the number of
+splits, launches one program per (sequence · key head, split, row block) and merges the
+per-split results by log-sum-exp:
+
+    lse = log Σ_s exp(lse_s),   out = Σ_s exp(lse_s − lse) · out_s
+
+(splits that kept nothing have lse_s = −inf and weight 0; a row no split kept has out 0 and
+lse −inf). Generated modules are shared process-wide per (decode IR, options, interpreter).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..schedule.decode import tile_counts
+from . import cache
+from .launch import _block_d, _interpreted, load_kernel
+
+__all__ = ["decode_module", "run_decode", "decode_launch_tensors", "pick_splits"]
+
+_MODULES: dict = {}
+
+
+def decode_module(kern, pattern):
+    """The loaded decode kernel module of decode-form `pattern` for `kern`'s options."""
+    from .compile import interpreter_enabled
+    key = (pattern.ir_hash(), kern.options.key(), interpreter_enabled())
+    module = _MODULES.get(key)
+    if module is None:
+        from ..codegen.decode import generate_decode
+        source = generate_decode(pattern, kern.options)
+        ckey = cache.cache_key(pattern.ir_hash(), kern.options.key(), "decode")
+        path = cache.store_kernel(ckey, source, pattern.ir_text(), "decode kernel\n")
+        module = _MODULES[key] = load_kernel(source, None if path is None else str(path))
+    return module
+
+
+def decode_launch_tensors(ranges: torch.Tensor, block_n: int):
+    """(ranges int32 [B, Hkv, R, 2], tile_start int32 [B, Hkv, R + 1]) for the kernel."""
+    tc = tile_counts(ranges, block_n)
+    start = torch.zeros(*tc.shape[:-1], tc.shape[-1] + 1, dtype=torch.int64, device=tc.device)
+    start[..., 1:] = torch.cumsum(tc, -1)
+    return ranges.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
+
+
+def pick_splits(max_tiles: int, programs: int, device: torch.device) -> int:
+    """Splits of each (sequence, key head)'s tiles: enough programs to fill a GPU (about
+    two per streaming multiprocessor), at least two tiles per split. On CPU (the interpreter)
+    two splits whenever there are two tiles, so the merge is always exercised."""
+    if max_tiles <= 1:
+        return 1
+    if device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(programs, 1))
+    return max(1, min(want, max_tiles // 2, 64))
+
+
+def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges, inputs: dict,
+               scale: float, *, splits: Optional[int] = None):
+    """Run the decode kernel: q [B, Hq, Lq, D], caches and seqlens as validated by
+    `runtime.decode.check_decode`, `ranges` int64 [B, Hkv, R, 2] from `key_ranges`,
+    `inputs` the decode-form pattern's inputs (selections included).
+    Returns (out float32 [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq])."""
+    module = decode_module(kern, pattern)
+    meta = module.META
+    B, Hq, Lq, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
+    G = Hq // Hkv
+    block_n = meta["block_n"]
+    rng, tstart = decode_launch_tensors(ranges, block_n)
+    kern.last_decode = {"key_ranges": ranges, "tiles": int(tstart[..., -1].sum()),
+                        "keys_read": int((ranges[..., 1] - ranges[..., 0]).sum())}
+    block_m = max(16, min(128, 1 << max(0, (G * Lq - 1).bit_length())))
+    m_blocks = -(-G * Lq // block_m)
+    max_tiles = int(tstart[..., -1].max()) if tstart.numel() else 0
+    S = splits or pick_splits(max_tiles, B * Hkv * m_blocks, q.device)
+    o_part = torch.empty(B, Hq, Lq, S, Dv, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(B, Hq, Lq, S, dtype=torch.float32, device=q.device)
+    in_args = []
+    for name, nd in zip(meta["inputs"], meta["input_dims"]):
+        t = inputs[name]
+        if t.dtype == torch.bool:
+            t = t.to(torch.int8)
+        in_args += [t, *t.stride(), *t.shape]
+    paged = block_table is not None
+    table = block_table if paged else seqlens
+    page_size = k_cache.shape[2] if paged else 1
+    grid = (B * Hkv, S, m_blocks)
+    warps = int(os.environ.get("ATTNCC_DECODE_WARPS", 0)) or meta["num_warps"]
+    module.KERNEL[grid](
+        q, k_cache, v_cache, o_part, l_part, seqlens, rng, tstart, table,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *l_part.stride(),
+        *rng.stride()[:3], *tstart.stride()[:2], table.stride()[0],
+        *in_args,
+        Hq, Hkv, G, Lq, rng.shape[2], S, page_size, D, Dv, float(scale),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
+        PAGED=paged, DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=meta["num_stages"])
+    return merge_splits(o_part, l_part)
+
+
+def merge_splits(o_part: torch.Tensor, l_part: torch.Tensor):
+    """Log-sum-exp merge of per-split results [..., S, Dv] / [..., S] → ([..., Dv], [...])."""
+    lse = torch.logsumexp(l_part, -1)
+    empty = torch.isneginf(lse)
+    w = torch.exp(l_part - torch.where(empty, 0.0, lse)[..., None])
+    w = torch.where(torch.isneginf(l_part), 0.0, w)
+    out = (w[..., None] * o_part).sum(-2)
+    return out, lse
