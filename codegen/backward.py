@@ -37,7 +37,7 @@ from attncc.ir.nodes import FLOAT, TRUE, Binary, Coord, Load, Var, free_vars, wa
 from attncc.passes.derive import derivative, float_loads
 
 from .emitter import fill
-from .forward import (LOG2E, ROW_ID, _closed_form, _coord_lines, _grids, _options_text,
+from .forward import (LOG2E, _closed_form, _csr_loops, _coord_lines, _grids, _options_text,
                       _pow2_tile, _template, _tile_lines, _used_inputs, usable_bounds)
 from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
 
@@ -90,6 +90,9 @@ def generate_backward(pattern, schedule, options) -> str:
     Returns Python source defining `KERNEL_DQ`, `KERNEL_DKV`, `KERNEL` and `META`.
     Raises CodegenError for constructs the kernels cannot express.
     """
+    if getattr(pattern, "normalize", "softmax") != "softmax":
+        raise CodegenError("backward kernels are for softmax attention (`normalize none` "
+                           "patterns have their own path)")
     if pattern.output_scale is not None:
         raise CodegenError("backward kernels take the pattern without its output scale "
                            "(the runtime applies and differentiates it)")
@@ -133,15 +136,19 @@ def generate_backward(pattern, schedule, options) -> str:
             text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
         return lines + [f"x = {text} * {LOG2E}  # score modifier, then base 2"]
 
-    def keep(rendered, masked: bool) -> str:
-        return "keep = k_ok[None, :]" + (f" & {rendered.text(mask)}" if masked else "")
+    def probs(rendered, masked: bool, tail: bool) -> list[str]:
+        keep = (["k_ok[None, :]"] if tail else []) + ([rendered.text(mask)] if masked else [])
+        if not keep:
+            return ["p = tl.exp2(x - lse2[:, None])"]
+        return [f"keep = {' & '.join(keep)}",
+                "p = tl.where(keep, tl.exp2(x - lse2[:, None]), 0.0)"]
 
     def chain(rendered) -> list[str]:
         if score is None:
             return ["ds_s = ds"]
         return [f"ds_s = ds * {rendered.text(d_s)}  # chain rule: d score / d s"]
 
-    def table_lines(rendered, masked: bool) -> list[str]:
+    def table_lines(rendered, masked: bool, tail: bool) -> list[str]:
         if not tables:
             return []
         out = ["if TABLE_GRAD:",
@@ -157,7 +164,8 @@ def generate_backward(pattern, schedule, options) -> str:
             for i, size in zip(idx[1:], ref.sizes[1:]):
                 flat = f"({flat}) * {size} + {i}"
             ok = " & ".join(f"({i} >= 0) & ({i} < {size})" for i, size in zip(idx, ref.sizes))
-            out += [f"    tg_i = tl.where(keep & {ok}, ({flat}).to(tl.int64), -1)",
+            cond = f"keep & {ok}" if (masked or tail) else ok
+            out += [f"    tg_i = tl.where({cond}, ({flat}).to(tl.int64), -1)",
                     f"    tl.store(tg{j}_idx + tg_slot, tg_i)",
                     f"    tl.store(tg{j}_val + tg_slot, ds * {rendered.text(dt)})"]
         return out + ["n_visit += 1"]
@@ -167,33 +175,33 @@ def generate_backward(pattern, schedule, options) -> str:
     k_coords = _coord_lines("k", kg, layout, coords["k"])
     q_coords = _coord_lines("q", qg, layout, coords["q"])
 
-    def dq_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
+    def dq_step(kind: str, loop_header: str, tile_index: list[str],
+                tail: bool = True) -> list[str]:
+        """One key-tile step of dQ; FULL steps carry no mask code, `tail` masks key slots
+        past KV_LEN (the forward's loop builders decide which steps need it)."""
         masked = kind == "PARTIAL" and mask is not TRUE
         score_lines = scores(r_dq, masked)
-        tab = [ln for ln in table_lines(r_dq, masked) if ln[4:] not in score_lines]
+        tab = [ln for ln in table_lines(r_dq, masked, tail) if ln[4:] not in score_lines]
         return fill(_template("bwd_dq_step.tmpl"), {
             "loop_header": loop_header, "tile_index": tile_index, "kv_tile": kv_tile,
-            "k_coords": k_coords, "scores": score_lines, "keep": keep(r_dq, masked),
+            "k_coords": k_coords, "scores": score_lines, "probs": probs(r_dq, masked, tail),
             "chain": chain(r_dq), "table_grads": tab})
 
     def dkv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
+        """One query-tile step of dK/dV. Query slots past Q_LEN have lse = +inf (P = 0) and
+        key slots past KV_LEN are never stored, so FULL steps need no select at all."""
         masked = kind == "PARTIAL" and mask is not TRUE
         return fill(_template("bwd_dkv_step.tmpl"), {
             "loop_header": loop_header, "tile_index": tile_index, "q_tile": q_tile,
-            "q_coords": q_coords, "scores": scores(r_kv, masked), "keep": keep(r_kv, masked),
-            "chain": chain(r_kv)})
+            "q_coords": q_coords, "scores": scores(r_kv, masked),
+            "probs": probs(r_kv, masked, False), "chain": chain(r_kv)})
 
     # dQ loops: the forward's key-tile loops (closed form or CSR rows).
     bounds = usable_bounds(schedule)
     if bounds is None:
-        loop_setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
-                      f"row = {ROW_ID}"]
-        dq_loops = {}
-        for kind in ("FULL", "PARTIAL"):
-            lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
-            dq_loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
-                              f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + dq_step(
-                kind, f"for it in range({lo}, {hi}):", [f"n = tl.load({kind}_INDICES + it)"])
+        peel = len(kg.tile) == 1
+        full_tail = not peel and any(sz % t for sz, t in zip(kg.shape, kg.tile))
+        loop_setup, dq_loops = _csr_loops(dq_step, peel, full_tail)
         list_kind = "dQ key-tile lists: CSR rows per (head class, query tile)"
     else:
         loop_setup, dq_loops, helpers_cf = _closed_form(bounds, qg, kg, dq_step)
