@@ -6,7 +6,9 @@
     attncc show    SPEC [-p name=value ...] [-o tiles.png]
     attncc bench   SPEC [-p name=value ...] ...
 
-Exit status: 0 success, 2 spec error (message on stderr), 1 any other error.
+Exit status: 0 success, 2 spec error (message on stderr), 1 any other error (user mistakes
+such as --backend triton without CUDA are one line on stderr; "internal error" is reserved
+for bugs), 141 when the reader of stdout went away (`attncc show ... | head`).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = subs.add_parser("verify", help="run the kernel against the float64 reference")
     _common(s)
     s.add_argument("--backend", choices=("triton", "interpret", "flex", "reference"))
-    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+                   default="float32", help="q/k/v dtype (float64: backend reference only)")
     s.add_argument("--batch", type=int, default=2)
     s.add_argument("--head-dim", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
@@ -97,6 +100,23 @@ def _shape(args) -> Shape:
 def _options(args, **extra):
     from .runtime.options import CompileOptions
     return CompileOptions(block_m=args.block_m, block_n=args.block_n, tile_1d=args.tile_1d, **extra)
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line (exit 1), without a traceback."""
+
+
+NO_CUDA = ("--backend triton needs a CUDA device, and none is available here; use --backend "
+           "interpret (the same kernels through Triton's interpreter), flex or reference")
+NO_MATPLOTLIB = ("show -o writes a PNG with matplotlib, which is not installed: "
+                 "pip install 'attncc[plot]' (or omit -o for the text map)")
+
+
+def _check_backend(args) -> None:
+    if getattr(args, "backend", None) == "triton":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(NO_CUDA)
 
 
 def _use_interpreter_without_cuda() -> None:
@@ -142,6 +162,7 @@ def _cmd_compile(args) -> int:
 
 def _cmd_verify(args) -> int:
     _use_interpreter_without_cuda()
+    _check_backend(args)
     import torch
     from .pipeline import load_pattern, resolve_shape
     from .runtime.verify import verify
@@ -159,6 +180,11 @@ def _cmd_verify(args) -> int:
 def _cmd_show(args) -> int:
     from .pipeline import load_pattern, resolve_shape
     from .schedule.build import build_schedule
+    if args.out:
+        try:
+            import matplotlib  # noqa: F401 - checked before any work
+        except ImportError:
+            raise UsageError(NO_MATPLOTLIB) from None
     pattern = load_pattern(args.spec, dict(args.param))
     q_len, kv_len, heads = resolve_shape(pattern, _shape(args))
     sched = build_schedule(pattern, q_len, kv_len, heads, options=_options(args))
@@ -172,12 +198,16 @@ def _cmd_show(args) -> int:
 
 def _cmd_bench(args) -> int:
     _use_interpreter_without_cuda()
+    _check_backend(args)
     from .pipeline import load_pattern
     from .runtime.bench import bench_cli
     pattern = load_pattern(args.spec, dict(args.param))
     print(bench_cli(pattern, args))
     return 0
 
+
+# Exit status when stdout is closed by its reader (128 + SIGPIPE, like `cat` or `git log`).
+BROKEN_PIPE = 141
 
 COMMANDS = {"inspect": _cmd_inspect, "compile": _cmd_compile, "verify": _cmd_verify,
             "show": _cmd_show, "bench": _cmd_bench}
@@ -191,10 +221,16 @@ def main(argv=None) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError, UsageError) as err:
         # Bad arguments and bad input files: one line, no traceback.
         print(f"attncc: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`attncc show ... | head`): stop quietly, as `cat` would, with
+        # the status of a process ended by SIGPIPE. Later flushes go to /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last resort: report, exit 1

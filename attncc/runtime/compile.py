@@ -384,7 +384,7 @@ class Kernel:
         scale = self._scale(scale, D)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values()))
         backend = resolve_backend(self.options.backend, q.device, grad=grad, dtype=q.dtype)
-        if q.dtype == torch.float64 and backend in ("triton", "interpret"):
+        if q.dtype == torch.float64 and backend in ("triton", "interpret", "flex"):
             raise InputTypeError(f"q has dtype float64; backend '{backend}' supports float16, "
                                  "bfloat16 and float32 (backend='reference' takes float64)")
         if Lq == 0 or Lkv == 0:

@@ -25,7 +25,7 @@ from ..ir.pattern import Pattern
 
 # (atol, rtol, lse_tol) by input dtype. float32 allows for TF32 matmuls on GPUs.
 TOLERANCES = {
-    torch.float64: (1e-7, 1e-7, 1e-7),
+    torch.float64: (1e-7, 1e-7, 1e-5),  # lse is float32 for every dtype (the Kernel contract)
     torch.float32: (2e-3, 2e-3, 2e-3),
     torch.float16: (1e-2, 1e-2, 1e-2),
     torch.bfloat16: (3e-2, 3e-2, 3e-2),
