@@ -39,12 +39,18 @@ def _param(text: str) -> tuple[str, object]:
     return name, _value(value.strip())
 
 
-def _common(sub: argparse.ArgumentParser, shape: bool = True) -> None:
+# `verify`'s default length for patterns without a layout: long enough for windows of a few
+# hundred tokens, and not a multiple of any tile size, so sequence tails are checked too.
+VERIFY_1D_LEN = 1000
+
+
+def _common(sub: argparse.ArgumentParser, shape: bool = True, default_len: int = 1024) -> None:
     sub.add_argument("spec", help="path to a .attn spec file")
     sub.add_argument("-p", "--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
                      help="bind a pattern parameter (repeatable)")
     if shape:
-        sub.add_argument("--q-len", type=int, help="query length (default: the layout size, or 1024)")
+        sub.add_argument("--q-len", type=int,
+                         help=f"query length (default: the layout size, or {default_len})")
         sub.add_argument("--kv-len", type=int, help="key length (default: the query length)")
         sub.add_argument("--heads", type=int, default=None, help="query heads")
         sub.add_argument("--block-m", type=int, default=64, help="query tile (1-D tiles)")
@@ -66,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", default=None, help="output directory (default: print the source)")
 
     s = subs.add_parser("verify", help="run the kernel against the float64 reference")
-    _common(s)
+    _common(s, default_len=VERIFY_1D_LEN)
     s.add_argument("--backend", choices=("triton", "interpret", "flex", "reference"))
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32", help="q/k/v dtype (float64: backend reference only)")
@@ -169,11 +175,13 @@ def _cmd_verify(args) -> int:
     pattern = load_pattern(args.spec, dict(args.param))
     q_len, kv_len, heads = resolve_shape(pattern, _shape(args))
     report = verify(pattern, backend=args.backend, batch=args.batch, heads=args.heads or 2,
-                    q_len=q_len if (args.q_len or pattern.layout) else 200,
+                    q_len=q_len if (args.q_len or pattern.layout) else VERIFY_1D_LEN,
                     kv_len=kv_len if (args.kv_len or pattern.layout) else None,
                     head_dim=args.head_dim, dtype=getattr(torch, args.dtype), seed=args.seed,
                     options=_options(args))
     print(report)
+    for w in report.warnings:
+        print(f"attncc: warning: {w}", file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -57,6 +57,8 @@ class VerifyReport:
     rtol: float
     lse_tol: float
     ok: bool
+    # Things a PASS does not show, e.g. a mask that keeps no pair (so only zeros were checked).
+    warnings: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -78,6 +80,7 @@ class VerifyReport:
             rows.append(("NaN", "kernel output contains NaN"))
         width = max(len(r[0]) for r in rows)
         lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -177,7 +180,12 @@ def compare(name: str, backend: str, shape: tuple, dtype: torch.dtype, out, lse,
     lse_diff = torch.where(torch.isnan(lse_diff), torch.full_like(lse_diff, float("inf")), lse_diff)
     lse_err = float(lse_diff.max()) if lse_diff.numel() else 0.0
     ok = close and not has_nan and empty_match and lse_err <= lse_tol
-    return VerifyReport(pattern=name, backend=backend, shape=tuple(shape),
+    notes = []
+    if rl.numel() and bool(empty.all()):
+        notes.append(f"the mask keeps no (query, key) pair at this shape (Lq={shape[3]}, "
+                     f"Lkv={shape[4]}): every output row is 0, so this checks nothing of the "
+                     "kernel's attention")
+    return VerifyReport(warnings=tuple(notes), pattern=name, backend=backend, shape=tuple(shape),
                         dtype=str(dtype).replace("torch.", ""), max_abs_err=max_abs,
                         max_rel_err=max_rel, lse_err=lse_err, empty_rows=int(empty.sum()),
                         empty_rows_match=empty_match, has_nan=has_nan, atol=atol, rtol=rtol,
