@@ -278,7 +278,7 @@ class Kernel:
         self.options = options
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._sources: dict[str, tuple[str, str]] = {}  # structure -> (cache key, source)
-        self._tuned: dict[tuple, CompileOptions] = {}  # call shape -> autotuned options
+        self._tuned: dict[tuple, CompileOptions] = {}  # shape class -> autotuned options
         # Work counts of the last call that ran a runtime pre-pass (`prepass.PrepassStats`).
         self.last_stats: Optional[dict] = None
 
@@ -443,6 +443,10 @@ class Kernel:
 # ---- backends ------------------------------------------------------------------------------
 
 def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
+    if kern.options.autotune and q.device.type == "cuda":
+        # Tile sizes, warps and stages tuned per shape class (runtime.autotune).
+        from .autotune import tuned_forward
+        return tuned_forward(kern, q, k, v, inputs, scale, need_lse)
     from .prepass_kernel import kernel_forward, needs_prepass
     if needs_prepass(kern.pattern):
         # Route / blocks / document ids / output scale: per-(batch, head) lists from the
@@ -456,25 +460,13 @@ def _run_triton(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: boo
     from .launch import run_forward
     module = kern._module(sched)
 
-    def run(options):
-        # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
-        return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=options)
-
-    options = kern.options
-    if options.autotune and q.device.type == "cuda":
-        key = (tuple(q.shape), tuple(k.shape), v.shape[3], q.dtype)
-        options = kern._tuned.get(key)
-        if options is None:
-            from .bench import time_fn
-            candidates = [kern.options.replace(num_warps=w, num_stages=s)
-                          for w, s in AUTOTUNE_CONFIGS]
-            options = kern._tuned[key] = pick_fastest(
-                candidates, run, lambda fn: time_fn(fn, q.device, warmup=1, reps=3))
-    return run(options)
+    # run_forward takes any strides: non-contiguous q/k/v/inputs are read in place.
+    return run_forward(module, sched, q, k, v, inputs=inputs, scale=scale, options=kern.options)
 
 
-# (num_warps, num_stages) that `CompileOptions(autotune=True)` tries on CUDA, once per call
-# shape and dtype; the fastest is kept (`Kernel._tuned`).
+# (num_warps, num_stages) that `CompileOptions(autotune=True)` tries on CUDA (with tile sizes,
+# `runtime.autotune.candidate_options`), once per shape class; the fastest is kept
+# (`Kernel._tuned`).
 AUTOTUNE_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3), (4, 4))
 
 
