@@ -35,7 +35,7 @@ import torch
 from ..ir.nodes import Route
 from ..schedule.transpose import forward_rows, max_visits, transpose_classes, transposed_rows
 
-__all__ = ["GeneratedAttention", "backward_source", "run_backward", "reduce_table_grad"]
+__all__ = ["GeneratedAttention", "backward_source", "kernel_backward_source", "run_backward", "reduce_table_grad"]
 
 _SOURCES: dict = {}                 # (kind, ir hash, options key, structure key) -> source
 _STATIC_SCHEDULES: dict = {}        # (pattern, Lq, Lkv, Hq, options key) -> Schedule
@@ -68,6 +68,33 @@ def backward_source(pattern, schedule, options) -> str:
     """Generated dQ + dK/dV source of `pattern` (its output scale dropped: the runtime
     differentiates it) for `schedule`'s tile structure."""
     return _source("bwd", unscaled(pattern), schedule, options)
+
+
+def kernel_backward_source(kern, schedule) -> str:
+    """The backward source a call of `kern` with `schedule`'s shape runs (`Kernel.backward_source`).
+    Patterns with runtime pre-pass lists run it with their selectors lowered to selection
+    loads, over per-(batch, head) lists (no closed-form loops) and, with `route` on a grid,
+    region-aligned tiles; the source does not depend on the selection itself."""
+    from ..ir.nodes import Blocks, walk
+    from .prepass_kernel import lower_selectors, needs_prepass, region_aligned_options
+    pattern = unscaled(kern.pattern)
+    if not needs_prepass(pattern):
+        return _source("bwd", pattern, schedule, kern.options)
+    from .conjuncts import conjuncts, is_static, static_expr
+    from ..ir.nodes import TRUE
+    from ..schedule.build import build_schedule
+    options = region_aligned_options(pattern, kern.options)
+    fake = {n: (torch.zeros(1, 1, 1, 1, dtype=torch.bool),) for n in walk(pattern.mask)
+            if isinstance(n, (Route, Blocks))}
+    lowered, _ = lower_selectors(pattern, fake)
+    terms = [t for t in conjuncts(pattern.mask) if is_static(t)]
+    static = dataclasses.replace(pattern, inputs=(), mask=static_expr(terms) or TRUE, score=None,
+                                 output_scale=None)
+    sched = build_schedule(static, schedule.q_len, schedule.kv_len, schedule.heads,
+                           options=options)
+    sched = dataclasses.replace(sched, pattern=lowered, runtime=("lists",), classes=tuple(
+        dataclasses.replace(c, bounds=None) for c in sched.classes))
+    return _source("bwd", lowered, sched, options)
 
 
 def _rows_on(schedule, device) -> tuple[dict, dict]:

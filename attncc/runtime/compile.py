@@ -352,6 +352,14 @@ class Kernel:
         per-(batch, head) tile rows), which is not written to the on-disk cache."""
         return self.source_for(self.schedule(*self.default_shape()))
 
+    @property
+    def backward_source(self) -> str:
+        """Generated Triton backward source (the dQ and dK/dV kernels of
+        `attncc.codegen.backward`) for `default_shape()`, as a differentiable call on
+        "triton"/"interpret" runs it (see `runtime.autograd.kernel_backward_source`)."""
+        from .autograd import kernel_backward_source
+        return kernel_backward_source(self, self.schedule(*self.default_shape()))
+
     def _entry(self, schedule) -> tuple[str, str]:
         skey = structure_key(schedule)
         hit = self._sources.get(skey)
