@@ -38,7 +38,7 @@ from ..ir.inputs import InputError, check_qkv
 from ..passes.linear import LinearDecision, decide
 
 __all__ = ["run_none", "chunked_linear", "linear_attention", "quadratic_none", "step",
-           "algorithm"]
+           "algorithm", "run_linear_forward"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -95,22 +95,24 @@ def linear_attention(q, k, v, c: torch.Tensor, log_r: torch.Tensor, d: int, scal
 
     `state` [B, Hq, D, Dv] (only with d == 0 and Lq == Lkv): the recurrent state of earlier
     tokens, which precede these. Returns (out in the compute dtype [B, Hq, Lq, Dv], new state
-    or None). `kernel`: an optional forward (q', k', v', log_r) -> out replacing
-    `chunked_linear` for the aligned part (the Triton kernel)."""
+    or None). `kernel`: an optional forward (q, k, v, log_r, scale) -> out (k, v with Hq
+    heads, inputs in their own dtype) replacing `chunked_linear` when d == 0 and Lq == Lkv
+    (the Triton kernel)."""
     B, Hq, Lq, D = q.shape
     Lkv, Dv = k.shape[2], v.shape[-1]
     dt = _compute_dtype(q)
-    qf = q.to(dt) * scale
-    kf, vf = _expand_kv(k, Hq).to(dt), _expand_kv(v, Hq).to(dt)
-    if d == 0 and Lq == Lkv:
-        if kernel is not None and state is None:
-            out, final = kernel(qf, kf, vf, log_r), None
-        else:
-            out, final = chunked_linear(qf, kf, vf, log_r, block)
+    if d == 0 and Lq == Lkv and kernel is not None and state is None:
+        out, final, rows = kernel(q, _expand_kv(k, Hq), _expand_kv(v, Hq), log_r, scale).to(dt), None, None
+    elif d == 0 and Lq == Lkv:
+        qf = q.to(dt) * scale
+        kf, vf = _expand_kv(k, Hq).to(dt), _expand_kv(v, Hq).to(dt)
+        out, final = chunked_linear(qf, kf, vf, log_r, block)
         rows = None
     else:
         if state is not None:
             raise InputError("a recurrent state needs as many queries as keys")
+        qf = q.to(dt) * scale
+        kf, vf = _expand_kv(k, Hq).to(dt), _expand_kv(v, Hq).to(dt)
         n = max(Lkv, d + Lq)
         p = torch.arange(Lq, device=q.device) + d
         rows = p >= 0
@@ -127,6 +129,7 @@ def linear_attention(q, k, v, c: torch.Tensor, log_r: torch.Tensor, d: int, scal
         lr = log_r.to(device=q.device, dtype=dt).view(1, Hq, 1, 1)
         pos = torch.arange(1, Lq + 1, device=q.device, dtype=dt).view(1, 1, -1, 1)
         s0 = state.to(dt)
+        qf = q.to(dt) * scale
         out = out + (qf * torch.exp(lr * pos)) @ s0 * c.to(q.device, dt).view(1, Hq, 1, 1)
         final = final + torch.exp(lr * Lq) * s0
     return out, final
@@ -182,35 +185,71 @@ class _TritonLinear(torch.autograd.Function):
     recomputed from the saved inputs (O(L·D + D·Dv·L/β) memory, no L² term)."""
 
     @staticmethod
-    def forward(ctx, fwd, block, log_r, q, k, v):
+    def forward(ctx, fwd, block, scale, log_r, q, k, v):
         ctx.save_for_backward(q, k, v, log_r)
-        ctx.block = block
-        return fwd(q, k, v, log_r)
+        ctx.block, ctx.scale = block, scale
+        return fwd(q, k, v, log_r, scale)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, log_r = ctx.saved_tensors
+        dt = _compute_dtype(q)
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(w) for t, w in zip((q, k, v), ctx.needs_input_grad[3:])]
-            out, _ = chunked_linear(*leaves, log_r, ctx.block)
+            leaves = [t.detach().to(dt).requires_grad_(w)
+                      for t, w in zip((q, k, v), ctx.needs_input_grad[4:])]
+            out, _ = chunked_linear(leaves[0] * ctx.scale, leaves[1], leaves[2], log_r, ctx.block)
             need = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, need, dout))
-        return (None, None, None, *[next(grads) if t.requires_grad else None for t in leaves])
+            grads = iter(torch.autograd.grad(out, need, dout.to(dt)))
+        res = [next(grads).to(t.dtype) if x.requires_grad else None
+               for t, x in zip((q, k, v), leaves)]
+        return (None, None, None, None, *res)
+
+
+_LINEAR_MODULES: dict = {}
+# Triton launch: 32-token blocks and 32 value channels per program keep the kernel free of
+# register spills for head dims 64 and 128 on sm_80 and sm_90 (float32, float16, bfloat16;
+# checked with `attncc.runtime.aot`, see docs/LINEAR.md).
+TRITON_BLOCK = 32
+TRITON_MAX_DV = 32
+
+
+def run_linear_forward(q, k, v, log_r, *, scale: float, options, block: int = TRITON_BLOCK,
+                       max_dv: int = TRITON_MAX_DV):
+    """out [B, H, L, Dv] (q's dtype) of the Triton linear kernel (`attncc.codegen.linear`):
+    out[p] = scale · Σ_{k <= p} r_h^(p - k) (q_p · k_k) v_k for q, k [B, H, L, D],
+    v [B, H, L, Dv] of one dtype on one device (CUDA, or CPU under TRITON_INTERPRET=1),
+    log_r [H] (<= 0)."""
+    from ..codegen.linear import block_sizes, generate_linear_forward
+    from .launch import load_kernel
+    key = (options.num_warps, options.num_stages)
+    module = _LINEAR_MODULES.get(key)
+    if module is None:
+        module = _LINEAR_MODULES[key] = load_kernel(generate_linear_forward(options))
+    B, H, L, D = q.shape
+    Dv = v.shape[-1]
+    out = torch.empty(B, H, L, Dv, dtype=q.dtype, device=q.device)
+    consts = block_sizes(D, Dv, block, max_dv)
+    lr = log_r.to(device=q.device, dtype=torch.float32).contiguous()
+    grid = (B * H, -(-Dv // consts["BLOCK_DV"]))
+    dot_fp32 = q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    module.KERNEL[grid](q, k, v, out, lr, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                        L, H, D, Dv, float(scale), **consts, DOT_FP32=dot_fp32,
+                        num_warps=module.META["num_warps"],
+                        num_stages=module.META["num_stages"])
+    return out
 
 
 def _triton_kernel(kern, backend: str):
     """(q', k', v', log_r) -> out by the generated Triton linear kernel, autograd-capable."""
-    from .compile import interpreter_enabled  # noqa: F401 - backend already resolved
-    from ..codegen.linear import run_linear_forward
-    block = kern.options.block_m
+    block = kern.options.block_m  # of the torch recomputation in backward
 
-    def fwd(q, k, v, log_r):
-        return run_linear_forward(q, k, v, log_r, block=block, options=kern.options)
+    def fwd(q, k, v, log_r, scale):
+        return run_linear_forward(q, k, v, log_r, scale=scale, options=kern.options)
 
-    def call(q, k, v, log_r):
+    def call(q, k, v, log_r, scale):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _TritonLinear.apply(fwd, block, log_r, q, k, v)
-        return fwd(q, k, v, log_r)
+            return _TritonLinear.apply(fwd, block, scale, log_r, q, k, v)
+        return fwd(q, k, v, log_r, scale)
     return call
 
 
@@ -291,3 +330,19 @@ def step(kern, state: Optional[torch.Tensor], q, k, v, *, scale: Optional[float]
     out, final = linear_attention(q, k, v, c, log_r, 0, scale, block=kern.options.block_m,
                                   state=state)
     return out.to(q.dtype), final.to(torch.float32 if q.dtype != torch.float64 else q.dtype)
+
+
+def aot_case(head_dim: int = 64, head_dim_v: Optional[int] = None, dtype: str = "bfloat16",
+             batch: int = 2, heads: int = 8, q_len: int = 4096, block: int = TRITON_BLOCK,
+             num_warps: int = 4, num_stages: int = 2, max_dv: int = TRITON_MAX_DV) -> None:
+    """Entry for `attncc.runtime.aot.run_jobs` ("attncc.runtime.linear:aot_case"): the CUDA
+    launch path of the linear kernel on CPU tensors (the AOT worker captures the launch)."""
+    from .options import CompileOptions
+    dt = getattr(torch, dtype)
+    dv = head_dim if head_dim_v is None else head_dim_v
+    q = torch.randn(batch, heads, q_len, head_dim).to(dt)
+    k = torch.randn(batch, heads, q_len, head_dim).to(dt)
+    v = torch.randn(batch, heads, q_len, dv).to(dt)
+    log_r = -torch.rand(heads, dtype=torch.float64)
+    run_linear_forward(q, k, v, log_r, scale=head_dim ** -0.5, block=block, max_dv=max_dv,
+                       options=CompileOptions(num_warps=num_warps, num_stages=num_stages))

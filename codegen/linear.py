@@ -1,0 +1,76 @@
+"""Triton kernel of the chunked linear-time algorithm (Lightning Attention-2, Qin et al.,
+2024, arXiv 2401.04658) for `normalize none` patterns proved separable by
+`attncc.passes.linear`.
+
+The kernel is pattern-independent: the proof reduces a separable spec to one number per
+head, log r_h (passed as the LOG_R array), and the runtime (`attncc.runtime.linear`) applies
+the per-head factor c_h · r_h^(-d) and the query alignment outside. So one source per option
+set serves every separable pattern; `generate_linear_forward` fills
+`templates/linear_fwd.tmpl`.
+
+Kernel contract (what `attncc.runtime.linear` passes):
+    program grid   (B * H, cdiv(Dv, BLOCK_DV))
+    Q, K, V, O     q [B, H, L, D], k [B, H, L, D], v [B, H, L, Dv], out [B, H, L, Dv] in one
+                   dtype (float16 / bfloat16: products in that dtype with float32 accumulation,
+                   as flash attention does, the state kept in float32; float32 or DOT_FP32:
+                   float32 products)
+    LOG_R          float32 [H]: log r_h <= 0
+    strides        four each for Q, K, V, O, in elements
+    SEQ_LEN, HEADS, HEAD_DIM, HEAD_DIM_V, sm_scale; constexprs BLOCK (tokens per block),
+    BLOCK_D, BLOCK_DV (powers of two >= 16; BLOCK_D covers the head dim), DOT_FP32
+    out[p] = sm_scale · Σ_{k <= p} r_h^(p - k) (q_p · k_k) v_k
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+
+from .emitter import fill
+
+__all__ = ["generate_linear_forward", "linear_kernel_name", "block_sizes"]
+
+_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "linear_fwd.tmpl")
+
+
+@lru_cache(maxsize=None)
+def _template() -> str:
+    with open(_TEMPLATE, encoding="utf-8") as f:
+        return f.read()
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def block_sizes(head_dim: int, head_dim_v: int, block: int, max_dv: int = 64) -> dict:
+    """Constexprs of a launch: BLOCK (tokens per block), BLOCK_D (covers the head dim),
+    BLOCK_DV (value channels per program, at most `max_dv` so the D x BLOCK_DV state stays in
+    registers)."""
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"linear attention block must be a power of two >= 16, got {block}")
+    return {"BLOCK": int(block), "BLOCK_D": _pow2_at_least(head_dim),
+            "BLOCK_DV": min(max_dv, _pow2_at_least(head_dim_v))}
+
+
+def linear_kernel_name(options) -> str:
+    """`attncc_linear_fwd_<12 hex digits>` of the template text and the launch options."""
+    key = repr((_template(), int(options.num_warps), int(options.num_stages)))
+    return f"attncc_linear_fwd_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def generate_linear_forward(options) -> str:
+    """Triton source of the linear-attention forward kernel (see the module docstring), with
+    `KERNEL` and `META` (kernel name, warps, stages) defined at module level."""
+    name = linear_kernel_name(options)
+    header = ["# attncc linear attention forward kernel (chunked, Lightning Attention-2;",
+              "# generated source). Pattern-independent: per-head decays come in LOG_R.",
+              f"# options: num_warps={int(options.num_warps)} num_stages={int(options.num_stages)}"]
+    lines = fill(_template(), {"header": header, "kernel": name})
+    meta = {"kernel": name, "num_warps": int(options.num_warps),
+            "num_stages": int(options.num_stages)}
+    lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]
+    return "\n".join(lines) + "\n"
