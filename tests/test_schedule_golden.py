@@ -45,7 +45,7 @@ def test_large_maps_are_downsampled():
     s = build_schedule(p, 4096, 4096, options=B16)
     lines = str(s).splitlines()
     assert "downsampled: each cell is 4×3 tiles" in lines[1]
-    assert len(lines) == 2 + 64
+    assert len(lines) == 2 + 64 + 1  # header, class line, 64 rows, key
     m = torch.tensor([[2, 2, 0], [2, 1, 0]], dtype=torch.int8)
     cells, fr, fc = downsample(m, 1, 2)
     assert (fr, fc) == (2, 2) and cells.tolist() == [[1, 0]]
