@@ -5,12 +5,14 @@ The forward and the backward visit only the kept tiles of attncc's schedule:
 * *Tile lists.* Static patterns take their FULL / PARTIAL key-tile lists from the schedule's
   CSR (one list per head class, shared by the batch); patterns that read runtime data
   (`route`, `blocks`, document ids, `output scale`) take per-(batch, head, query tile) lists
-  from the runtime pre-pass (`attncc.runtime.prepass_kernel.runtime_classes`). Both become one
-  padded entry tensor `[B|1, H, nQT, E]` (key-tile indices, FULL flag, valid flag).
-* *Forward.* Query tiles are processed in chunks of G tiles at once: the listed K/V tiles of
-  the chunk are gathered (`[B, H, G, E·Sk, D]`), scores come from one batched matmul, the
-  score modifier is the IR lowered to torch (`attncc.ir.lower_torch.to_score_mod`), the mask
-  predicate is evaluated per element only when the chunk holds a PARTIAL tile or padding, and
+  from the runtime pre-pass (`attncc.runtime.prepass_kernel.runtime_classes`). Both become two
+  padded entry tensors `[B|1, H|1, nQT, E]` (key-tile indices and valid flags), one of FULL
+  and one of PARTIAL tiles.
+* *Forward.* q, k, v are laid out by tiles once (`[B, H, n_tiles, tile, D]`); query tiles
+  are processed in chunks of G tiles at once: the listed K/V tiles of the chunk are gathered
+  (`[B, H, G, E·Sk, D]`), scores come from one batched matmul, the score modifier is the IR
+  lowered to torch (`attncc.ir.lower_torch.to_score_mod`), the mask predicate is evaluated
+  per element on PARTIAL tiles only (FULL tiles need at most the padding mask), and
   softmax runs in float32 (float64 for float64 inputs) — online over entry sub-chunks when one
   query tile's list is too long for one slab. Only `out` and the log-sum-exp are kept: memory
   is O(B·H·L·D) plus one slab, never a dense [Lq, Lkv] matrix.
@@ -36,8 +38,8 @@ differentiable on its own (a `torch.autograd.Function`), so callers must not wra
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -46,31 +48,41 @@ import torch
 from ..ir.inputs import InputError, check_inputs, check_qkv
 from ..ir.lower_torch import output_scale, to_mask_mod, to_score_mod
 from ..ir.nodes import FLOAT, Blocks, Load, Route, Var, free_vars, walk
-from ..schedule.schedule import CSR, TileGrid
-from .prepass import FULL, PARTIAL, PrepassStats
+from ..schedule.schedule import CSR
+from .prepass import lists_from_classes
 
-__all__ = ["torch_attention", "plan_lists", "TorchPlan"]
+__all__ = ["torch_attention", "plan_lists", "TorchPlan", "Segment"]
 
 # Elements of one gathered score slab [B, H, G, Sq, N] (several such temporaries live at once).
 SLAB_ELEMS = 1 << 21
 
 
 @dataclass(frozen=True, eq=False)
+class Segment:
+    """One list kind of a call: key tiles per (batch, head, query tile), all FULL or all PARTIAL.
+
+    entries  int64 [B|1, H|1, nQT, E]  key-tile indices, valid ones first (0-padded)
+    valid    bool  [B|1, H|1, nQT, E]
+    full     True: every pair of these tiles is kept (no mask code)
+    """
+    entries: torch.Tensor
+    valid: torch.Tensor
+    full: bool
+
+
+@dataclass(frozen=True, eq=False)
 class TorchPlan:
     """The tile lists of one call.
 
-    q_tok    int64 [nQT, Sq]   token of each query-tile slot (-1 = padding)
-    k_tok    int64 [nKT, Sk]   token of each key-tile slot (-1 = padding)
-    entries  int64 [B|1, H, nQT, E]  key tiles of each query tile (FULL and PARTIAL, any order)
-    full     bool  [B|1, H, nQT, E]  entry is FULL (no mask code needed)
-    valid    bool  [B|1, H, nQT, E]  entry is used (rows shorter than E are padded)
-    mask_mod callable(b, h, q, k) -> bool over broadcast index tensors (PARTIAL tiles)
+    q_tok     int64 [nQT, Sq]   token of each query-tile slot (-1 = padding)
+    k_tok     int64 [nKT, Sk]   token of each key-tile slot (-1 = padding)
+    segments  the FULL and the PARTIAL `Segment`; the batch / head dimension of a segment is
+              1 when every batch / head has the same lists (static patterns, one head class)
+    mask_mod  callable(b, h, q, k) -> bool over broadcast index tensors (PARTIAL tiles)
     """
     q_tok: torch.Tensor
     k_tok: torch.Tensor
-    entries: torch.Tensor
-    full: torch.Tensor
-    valid: torch.Tensor
+    segments: tuple
     mask_mod: Callable
     stats: dict
 
@@ -92,18 +104,28 @@ def _padded(csr: CSR, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, ind, torch.zeros_like(ind)).to(device), valid.to(device)
 
 
-def _compact(entries, full, valid):
-    """Move each row's valid entries to the front and cut the padding columns."""
-    width = int(valid.sum(-1).max()) if valid.numel() else 0
-    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    return entries.gather(-1, order), full.gather(-1, order), valid.gather(-1, order)
+def _static_segment(schedule, kind: str, device) -> Segment:
+    per_class = [_padded(getattr(c, kind), device) for c in schedule.classes]
+    width = max(e.shape[-1] for e, _ in per_class)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    ent = torch.stack([pad(e) for e, _ in per_class])                 # [C, nQT, E]
+    val = torch.stack([pad(v) for _, v in per_class])
+    if len(per_class) > 1:
+        hc = torch.tensor(schedule.head_class, device=device)
+        ent, val = ent[hc], val[hc]                                    # [H, nQT, E]
+    return Segment(ent[None], val[None], kind == "full")
+
+
+# Static lists per (schedule, device): schedules are cached per shape, so are their lists.
+_STATIC_SEGMENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=None,
-               schedule=None) -> tuple[TorchPlan, Optional[dict]]:
+               schedule=None) -> TorchPlan:
     """Tile lists of one call: from the static `schedule` (built here when None) for patterns
-    without runtime data, from the runtime pre-pass otherwise. q [B, Hq, Lq, D], k
-    [B, Hkv, Lkv, D] (read only by `route`). Returns (TorchPlan, selection inputs or None)."""
+    without runtime data, from the runtime pre-pass otherwise (`route` / `blocks` selections,
+    document ids; output-scale skipping is applied by the caller). q [B, Hq, Lq, D], k
+    [B, Hkv, Lkv, D] (read only by `route`)."""
     from .options import CompileOptions
     options = options or CompileOptions()
     B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
@@ -113,21 +135,14 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
         if schedule is None:
             from ..schedule.build import build_schedule
             schedule = build_schedule(pattern, Lq, Lkv, Hq, options=options)
-        per_class = []
-        for c in schedule.classes:
-            fe, fv = _padded(c.full, dev)
-            pe, pv = _padded(c.partial, dev)
-            per_class.append((torch.cat([fe, pe], -1), torch.cat(
-                [torch.ones_like(fv), torch.zeros_like(pv)], -1), torch.cat([fv, pv], -1)))
-        width = max(e.shape[-1] for e, _, _ in per_class)
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
-        stacked = [torch.stack([pad(p[i]) for p in per_class]) for i in range(3)]
-        hc = torch.tensor(schedule.head_class, device=dev)
-        entries, full, valid = (t[hc][None] for t in stacked)           # [1, H, nQT, E]
+        per = _STATIC_SEGMENTS.setdefault(schedule, {})
+        segments = per.get(str(dev))
+        if segments is None:
+            segments = per[str(dev)] = tuple(_static_segment(schedule, kind, dev)
+                                             for kind in ("full", "partial"))
         q_grid, kv_grid = schedule.q_grid, schedule.kv_grid
         mask_mod = to_mask_mod(pattern, {}, q_len=Lq, kv_len=Lkv, heads=Hq,
                                float_dtype=_cdtype(q.dtype))
-        sel_inputs = None
     else:
         from .prepass_kernel import lower_selectors, region_aligned_options, runtime_classes
         opts = region_aligned_options(pattern, options)
@@ -135,99 +150,120 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
                                                  options=opts)
         q_grid, kv_grid = sched.q_grid, sched.kv_grid
         lowered, sel_inputs = lower_selectors(pattern, selections)
-        entries, full, valid = _class_lists(cls)
+        lists = lists_from_classes(cls)
+        segments = []
+        for idx, cnt, full in ((lists.full, lists.full_counts, True),
+                               (lists.partial, lists.partial_counts, False)):
+            pos = torch.arange(idx.shape[-1], device=dev)
+            segments.append(Segment(idx.long(), pos < cnt[..., None], full))
+        segments = tuple(segments)
         mask_mod = to_mask_mod(lowered, {**inputs, **sel_inputs}, q_len=Lq, kv_len=Lkv,
                                heads=Hq, float_dtype=_cdtype(q.dtype))
-    entries, full, valid = _compact(entries, full, valid)
+    counts = [int(sg.valid.sum()) * (B if sg.valid.shape[0] == 1 else 1)
+              * (Hq if sg.valid.shape[1] == 1 else 1) for sg in segments]
     stats = {"q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile)),
-             "full_tiles": int((full & valid).sum()) * (B if entries.shape[0] == 1 else 1),
-             "partial_tiles": int((~full & valid).sum()) * (B if entries.shape[0] == 1 else 1)}
-    plan = TorchPlan(q_grid.token_index().to(dev), kv_grid.token_index().to(dev), entries, full,
-                     valid, mask_mod, stats)
-    return plan, sel_inputs
-
-
-def _class_lists(cls: torch.Tensor):
-    """int8 classes [B, H, nQT, nKT] → (entries, full, valid) [B, H, nQT, nKT'] (uncompacted
-    columns are cut by `_compact`)."""
-    kept = cls != 0
-    return (torch.arange(cls.shape[-1], device=cls.device).expand(cls.shape),
-            cls == FULL, kept)
+             "full_tiles": counts[0], "partial_tiles": counts[1]}
+    return TorchPlan(q_grid.token_index().to(dev), kv_grid.token_index().to(dev), segments,
+                     mask_mod, stats)
 
 
 def _cdtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _tiles(x: torch.Tensor, tok: torch.Tensor, dtype) -> torch.Tensor:
+    """x [B, H, L, ...] → [B, H, n_tiles, tile slots, ...] in `dtype` (padding slots hold
+    token 0; every use masks them)."""
+    return x[:, :, tok.clamp(min=0)].to(dtype)
+
+
+def _untile(t: torch.Tensor, tok: torch.Tensor, L: int, fill: float = 0.0) -> torch.Tensor:
+    """Inverse of `_tiles`: [B, H, n_tiles, slots, ...] → [B, H, L, ...] (tiles partition
+    the tokens, so this is a plain copy)."""
+    flat = tok.flatten()
+    real = flat >= 0
+    out = torch.full((*t.shape[:2], L, *t.shape[4:]), fill, dtype=t.dtype, device=t.device)
+    out[:, :, flat[real]] = t.flatten(2, 3)[:, :, real]
+    return out
+
+
 # ---- the slab loop ---------------------------------------------------------------------------
 
 class _Slabs:
-    """Iterates over (query-tile chunk, entry chunk) slabs and gathers their operands."""
+    """Iterates over slabs (a chunk of G query tiles × a run of entries of one segment) and
+    gathers their operands. A slab's score block is [B, H, G, Sq, Ec·Sk] ≤ SLAB_ELEMS."""
 
     def __init__(self, plan: TorchPlan, B: int, H: int, Hkv: int, rows: Optional[torch.Tensor]):
         self.plan, self.B, self.H, self.ratio = plan, B, H, H // Hkv
-        dev = plan.entries.device
-        valid = plan.valid
-        if rows is not None:                                              # [B, H, nQT]
-            valid = valid & rows[..., None]
-        self.valid = valid
-        nqt, sq = plan.q_tok.shape
-        sk = plan.k_tok.shape[1]
-        E = plan.entries.shape[-1]
-        self.sq, self.sk, self.E, self.nqt = sq, sk, E, nqt
-        per_tile = B * H * sq * sk
+        dev = plan.q_tok.device
+        self.segs = []
+        for sg in plan.segments:
+            if sg.entries.shape[-1] == 0:
+                continue
+            valid = sg.valid if rows is None else sg.valid & rows[..., None]    # rows [B, H, nQT]
+            self.segs.append((sg.entries, valid, sg.full))
+        self.nqt, self.sq = plan.q_tok.shape
+        self.sk = plan.k_tok.shape[1]
+        E = sum(e.shape[-1] for e, _, _ in self.segs)
+        per_tile = B * H * self.sq * self.sk
         self.G = max(1, SLAB_ELEMS // max(1, per_tile * max(E, 1)))
-        self.ec = E if self.G > 1 or per_tile * E <= SLAB_ELEMS else max(1, SLAB_ELEMS // per_tile)
+        self.ec = max(1, SLAB_ELEMS // (per_tile * self.G))
         self.bi = torch.arange(B, device=dev).view(-1, 1, 1, 1)
         self.hk = (torch.arange(H, device=dev) // self.ratio).view(1, -1, 1, 1)
+        self.hk1 = torch.arange(H, device=dev) // self.ratio
         self.b5 = torch.arange(B, device=dev).view(-1, 1, 1, 1, 1)
         self.h5 = torch.arange(H, device=dev).view(1, -1, 1, 1, 1)
 
     def chunks(self):
-        """Yields (t0, t1, [(e0, e1), ...]) for query-tile chunks that have work."""
-        any_row = self.valid.any(-1).any(0).any(0)                         # [nQT]
-        live = any_row.tolist()
+        """Yields (t0, t1, slabs) for query-tile chunks with work; each slab is
+        (ktok [B|1, H|1, G, N] clamped, kreal bool [.., G, N], full, entries [.., G, Ec],
+        valid [.., G, Ec])."""
+        live = torch.zeros(self.nqt, dtype=torch.bool, device=self.plan.q_tok.device)
+        for _, valid, _ in self.segs:
+            live |= valid.flatten(0, 1).any(-1).any(0)
+        live = live.tolist()
         for t0 in range(0, self.nqt, self.G):
             t1 = min(self.nqt, t0 + self.G)
-            if not any(live[t0:t1]):
-                continue
-            yield t0, t1, [(e0, min(self.E, e0 + self.ec)) for e0 in range(0, self.E, self.ec)]
+            if any(live[t0:t1]):
+                yield t0, t1, self._slabs(t0, t1)
 
-    def keys(self, t0, t1, e0, e1):
-        """(ktok [B|1, H, G, N] clamped, kreal bool [.., G, N], full [.., G, N], entries, valid,
-        needs_mask) for query tiles t0:t1 and entry columns e0:e1."""
-        p = self.plan
-        ent = p.entries[:, :, t0:t1, e0:e1]
-        val = self.valid[:, :, t0:t1, e0:e1]
-        ktok = p.k_tok[ent]                                               # [.., G, Ec, Sk]
-        kreal = (ktok >= 0) & val[..., None]
-        fl = p.full[:, :, t0:t1, e0:e1]
-        needs_mask = bool((val & ~fl).any())
-        fl = fl[..., None].expand(ktok.shape)
-        return (ktok.flatten(-2).clamp(min=0), kreal.flatten(-2), fl.flatten(-2), ent, val,
-                needs_mask)
+    def _slabs(self, t0, t1):
+        for ent_all, val_all, full in self.segs:
+            for e0 in range(0, ent_all.shape[-1], self.ec):
+                val = val_all[:, :, t0:t1, e0:e0 + self.ec]
+                if not bool(val.any()):
+                    continue
+                ent = ent_all[:, :, t0:t1, e0:e0 + self.ec]
+                ktok = self.plan.k_tok[ent]                                # [.., G, Ec, Sk]
+                kreal = (ktok >= 0) & val[..., None]
+                yield ktok.flatten(-2).clamp(min=0), kreal.flatten(-2), full, ent, val
+
+    def gather(self, tiles: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+        """tiles [B, Hkv, nKT, Sk, D] at `ent` → [B, H, G, Ec·Sk, D]."""
+        if ent.shape[0] == 1 and ent.shape[1] == 1:
+            g = tiles[:, :, ent[0, 0]]                                    # [B, Hkv, G, Ec, Sk, D]
+            if self.ratio > 1:
+                g = g.index_select(1, self.hk1)
+            return g.flatten(3, 4)
+        return tiles[self.bi, self.hk, ent].flatten(3, 4)
+
+    def keep(self, qc, qreal, ktok, kreal, full):
+        """bool [B|1, H|1, G, Sq, N] of kept pairs, or None when the slab keeps every pair."""
+        if full and bool(qreal.all()) and bool(kreal.all()):
+            return None
+        keep = qreal.view(1, 1, *qreal.shape, 1) & kreal[..., None, :]
+        if not full:
+            keep = keep & self.plan.mask_mod(self.b5, self.h5, qc.view(1, 1, *qc.shape, 1),
+                                             ktok[..., None, :])
+        return keep
 
 
-def _keep(slabs: _Slabs, qtok, qreal, ktok, kreal, fl, needs_mask):
-    """bool [B|1, H|1, G, Sq, N] of kept pairs (or None when every pair of the slab is kept)."""
-    all_real = bool(qreal.all()) and bool(kreal.all())
-    if all_real and not needs_mask:
-        return None
-    keep = qreal.view(1, 1, *qreal.shape, 1) & kreal[..., None, :]
-    if needs_mask:
-        m = slabs.plan.mask_mod(slabs.b5, slabs.h5, qtok.view(1, 1, *qtok.shape, 1),
-                                ktok[..., None, :])
-        keep = keep & (fl[..., None, :] | m)
-    return keep
-
-
-def _scores(slabs, qg, kg, scale, score_fn, qtok, ktok):
+def _scores(slabs, qg, kg, scale, score_fn, qc, ktok):
     s = (qg @ kg.transpose(-1, -2)) * scale                               # [B, H, G, Sq, N]
     if score_fn is None:
-        return s, s
-    s_raw = s
-    out = score_fn(s_raw, slabs.b5, slabs.h5, qtok.view(1, 1, *qtok.shape, 1), ktok[..., None, :])
-    return s_raw, torch.broadcast_to(out, s_raw.shape)
+        return s
+    out = score_fn(s, slabs.b5, slabs.h5, qc.view(1, 1, *qc.shape, 1), ktok[..., None, :])
+    return torch.broadcast_to(out, s.shape)
 
 
 def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
@@ -236,21 +272,20 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
     B, H, Lq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     cdt = _cdtype(q.dtype)
-    dev = q.device
     slabs = _Slabs(plan, B, H, Hkv, rows)
-    out = torch.zeros(B, H, Lq, Dv, dtype=cdt, device=dev)
-    lse = torch.full((B, H, Lq), -math.inf, dtype=cdt, device=dev)
-    for t0, t1, ecs in slabs.chunks():
+    qt = _tiles(q, plan.q_tok, cdt)                                       # [B, H, nQT, Sq, D]
+    kt, vt = _tiles(k, plan.k_tok, cdt), _tiles(v, plan.k_tok, cdt)      # [B, Hkv, nKT, Sk, D]
+    o_t = torch.zeros(B, H, slabs.nqt, slabs.sq, Dv, dtype=cdt, device=q.device)
+    lse_t = torch.full((B, H, slabs.nqt, slabs.sq), -math.inf, dtype=cdt, device=q.device)
+    for t0, t1, slab_iter in slabs.chunks():
         qtok = plan.q_tok[t0:t1]
         qreal, qc = qtok >= 0, qtok.clamp(min=0)
-        qg = q[:, :, qc].to(cdt)                                          # [B, H, G, Sq, D]
+        qg = qt[:, :, t0:t1]
         m_i = l_i = acc = None
-        for e0, e1 in ecs:
-            ktok, kreal, fl, _, _, needs_mask = slabs.keys(t0, t1, e0, e1)
-            kg = k[slabs.bi, slabs.hk, ktok].to(cdt)                      # [B, H, G, N, D]
-            vg = v[slabs.bi, slabs.hk, ktok].to(cdt)
-            _, s = _scores(slabs, qg, kg, scale, score_fn, qc, ktok)
-            keep = _keep(slabs, qc, qreal, ktok, kreal, fl, needs_mask)
+        for ktok, kreal, full, ent, _ in slab_iter:
+            kg, vg = slabs.gather(kt, ent), slabs.gather(vt, ent)
+            s = _scores(slabs, qg, kg, scale, score_fn, qc, ktok)
+            keep = slabs.keep(qc, qreal, ktok, kreal, full)
             if keep is not None:
                 s = s.masked_fill(~keep, -math.inf)
             m_new = s.amax(-1) if m_i is None else torch.maximum(m_i, s.amax(-1))
@@ -263,15 +298,13 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
                 l_i = l_i * alpha + p.sum(-1)
                 acc = acc * alpha[..., None] + p @ vg
             m_i = m_new
+        if m_i is None:
+            continue
         ok = l_i > 0
-        o = acc / torch.where(ok, l_i, torch.ones_like(l_i))[..., None]
-        row_lse = torch.where(ok, m_i + torch.log(torch.where(ok, l_i, torch.ones_like(l_i))),
-                              torch.full_like(m_i, -math.inf))
-        sel = qreal.flatten()
-        rows_tok = qtok.flatten()[sel]
-        out[:, :, rows_tok] = o.flatten(2, 3)[:, :, sel]
-        lse[:, :, rows_tok] = row_lse.flatten(2, 3)[:, :, sel]
-    return out, lse
+        safe_l = torch.where(ok, l_i, torch.ones_like(l_i))
+        o_t[:, :, t0:t1] = acc / safe_l[..., None]
+        lse_t[:, :, t0:t1] = torch.where(ok, m_i + torch.log(safe_l), torch.full_like(m_i, -math.inf))
+    return _untile(o_t, plan.q_tok, Lq), _untile(lse_t, plan.q_tok, Lq, -math.inf)
 
 
 def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, do, delta,
@@ -287,68 +320,59 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
     dev = q.device
     slabs = _Slabs(plan, B, H, Hkv, rows)
     nkt, sk = plan.k_tok.shape
-    dq = torch.zeros(B, H, Lq, D, dtype=cdt, device=dev)
+    qt = _tiles(q, plan.q_tok, cdt)
+    kt, vt = _tiles(k, plan.k_tok, cdt), _tiles(v, plan.k_tok, cdt)
+    do_t = _tiles(do, plan.q_tok, cdt)
+    lse_t = _tiles(lse, plan.q_tok, cdt)
+    delta_t = _tiles(delta, plan.q_tok, cdt)
+    dq_t = torch.zeros_like(qt) if need[0] else None
     # Per (b, KV head, key tile) accumulators; row nkt of each (b, KV head) takes unused entries.
-    dk_t = torch.zeros(B * Hkv * (nkt + 1), sk * D, dtype=cdt, device=dev)
-    dv_t = torch.zeros(B * Hkv * (nkt + 1), sk * Dv, dtype=cdt, device=dev)
+    dk_a = torch.zeros(B * Hkv * (nkt + 1), sk * D, dtype=cdt, device=dev) if need[1] else None
+    dv_a = torch.zeros(B * Hkv * (nkt + 1), sk * Dv, dtype=cdt, device=dev) if need[2] else None
     tgrads = [None] * len(tables_req)
     bkv = (slabs.bi * Hkv + slabs.hk) * (nkt + 1)                          # [B, H, 1, 1]
-    for t0, t1, ecs in slabs.chunks():
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    for t0, t1, slab_iter in slabs.chunks():
         qtok = plan.q_tok[t0:t1]
         qreal, qc = qtok >= 0, qtok.clamp(min=0)
-        qg = q[:, :, qc].to(cdt)                                          # [B, H, G, Sq, D]
-        dog = do[:, :, qc]                                                # [B, H, G, Sq, Dv]
-        lse_c = lse[:, :, qc][..., None]
-        dl_c = delta[:, :, qc][..., None]
-        dq_c = None
-        for e0, e1 in ecs:
-            ktok, kreal, fl, ent, val, needs_mask = slabs.keys(t0, t1, e0, e1)
-            kg = k[slabs.bi, slabs.hk, ktok].to(cdt)
-            vg = v[slabs.bi, slabs.hk, ktok].to(cdt)
-            with torch.enable_grad():
-                if score_fn_grad is not None:
+        qg, dog = qt[:, :, t0:t1], do_t[:, :, t0:t1]
+        lse_c, dl_c = lse_t[:, :, t0:t1, :, None], delta_t[:, :, t0:t1, :, None]
+        for ktok, kreal, full, ent, val in slab_iter:
+            kg, vg = slabs.gather(kt, ent), slabs.gather(vt, ent)
+            if score_fn_grad is not None:
+                with torch.enable_grad():
                     s_raw = ((qg @ kg.transpose(-1, -2)) * scale).requires_grad_(True)
                     s = torch.broadcast_to(score_fn_grad(
                         s_raw, slabs.b5, slabs.h5, qc.view(1, 1, *qc.shape, 1),
                         ktok[..., None, :]), s_raw.shape)
-                else:
-                    s_raw = s = (qg @ kg.transpose(-1, -2)) * scale
-            keep = _keep(slabs, qc, qreal, ktok, kreal, fl, needs_mask)
+            else:
+                s_raw = s = (qg @ kg.transpose(-1, -2)) * scale
+            keep = slabs.keep(qc, qreal, ktok, kreal, full)
+            # Rows without keys (lse = -inf) have every pair masked by `keep`, so p is 0 there.
             p = torch.exp(s.detach() - lse_c)
             if keep is not None:
-                p = torch.where(keep, p, torch.zeros((), dtype=cdt, device=dev))
-            # A row without keys has lse = -inf: all its pairs are masked (keep), so p is 0.
+                p = torch.where(keep, p, zero)
             tgt = (bkv + torch.where(val, ent, torch.full_like(ent, nkt))).flatten()
             if need[2]:
-                dv_t.index_add_(0, tgt, (p.transpose(-1, -2) @ dog).reshape(-1, sk * Dv))
+                dv_a.index_add_(0, tgt, (p.transpose(-1, -2) @ dog).reshape(-1, sk * Dv))
             ds = p * ((dog @ vg.transpose(-1, -2)) - dl_c)
             if score_fn_grad is not None:
                 grads = torch.autograd.grad(s, [s_raw, *tables_req], ds, allow_unused=True)
-                ds = grads[0]
-                if keep is not None:
-                    ds = torch.where(keep, ds, torch.zeros((), dtype=cdt, device=dev))
+                ds = grads[0] if keep is None else torch.where(keep, grads[0], zero)
                 for i, g in enumerate(grads[1:]):
                     if g is not None:
                         tgrads[i] = g if tgrads[i] is None else tgrads[i] + g
             if need[0]:
-                part = ds @ kg
-                dq_c = part if dq_c is None else dq_c + part
+                dq_t[:, :, t0:t1] += ds @ kg
             if need[1]:
-                dk_t.index_add_(0, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
-        if need[0] and dq_c is not None:
-            sel = qreal.flatten()
-            dq[:, :, qtok.flatten()[sel]] = dq_c.flatten(2, 3)[:, :, sel] * scale
-    ktok_all = plan.k_tok.flatten()
-    real = ktok_all >= 0
+                dk_a.index_add_(0, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
 
-    def untile(buf, width):
-        t = buf.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt].flatten(2, 3)
-        out = torch.zeros(B, Hkv, Lkv, width, dtype=cdt, device=dev)
-        out[:, :, ktok_all[real]] = t[:, :, real]
-        return out
-    dk = untile(dk_t, D) * scale if need[1] else None
-    dv = untile(dv_t, Dv) if need[2] else None
-    return dq if need[0] else None, dk, dv, tgrads
+    def untile_kv(acc, width):
+        return _untile(acc.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt], plan.k_tok, Lkv)
+    dq = _untile(dq_t, plan.q_tok, Lq) * scale if need[0] else None
+    dk = untile_kv(dk_a, D) * scale if need[1] else None
+    dv = untile_kv(dv_a, Dv) if need[2] else None
+    return dq, dk, dv, tgrads
 
 
 class _TorchAttention(torch.autograd.Function):
@@ -451,7 +475,7 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if Lq == 0 or Lkv == 0:
         return (q.new_zeros(B, Hq, Lq, Dv),
                 torch.full((B, Hq, Lq), -math.inf, dtype=cdt, device=q.device), {})
-    plan, _ = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
+    plan = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
                          options=options, schedule=schedule)
     w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=q.device,
                      float_dtype=cdt)
