@@ -234,8 +234,13 @@ class ContextParallel:
 
     def _call_layout(self, length: int, sizes: list[int], arg: str, what: str) -> lay.Layout:
         layout = self._layouts.get(length)
-        if layout is None:
+        if layout is None and self.world_size == 1:
             layout = self.layout(length)
+        if layout is None:
+            raise InputError(
+                f"{arg}: the ranks hold {sizes} {what}, a {length}-token sequence that no "
+                "cp.shard(...) of this ContextParallel produced: pass each rank's "
+                "cp.shard(...) of the global tensor")
         if layout.sizes() != sizes:
             raise InputError(
                 f"{arg} holds {sizes[self.rank]} {what} on rank {self.rank}, but the "

@@ -11,8 +11,8 @@ and shards of contiguous pieces stay contiguous). Balance choices:
                 shorter ones are kept whole and placed greedily on the least-loaded rank
                 (load = the document's causal pairs, n(n+1)/2); needs the document ids
     grid        a tiling of a grid layout: the world is factored into per-axis rank counts
-                (the factorization with the smallest box surface) and each rank holds one
-                box of the grid
+                (the fewest tokens in the largest box, then the smallest total cut area)
+                and each rank holds one box of the grid
 
 All functions are pure and deterministic: every rank computes the same layout.
 """
@@ -141,18 +141,19 @@ def _factorizations(world: int, nd: int):
 
 
 def grid_factors(shape: Sequence[int], world: int) -> Optional[tuple[int, ...]]:
-    """Per-axis rank counts (product = world, each ≤ its axis) with the smallest box surface,
-    or None when no factorization fits."""
+    """Per-axis rank counts (product = world, each ≤ its axis): the fewest tokens in the
+    largest box, then the smallest total cut area (the halo the neighbourhood exchanges)."""
     best = None
+    total = math.prod(shape)
     for f in _factorizations(world, len(shape)):
         if any(p > n for p, n in zip(f, shape)):
             continue
-        box = [n / p for n, p in zip(shape, f)]
-        surface = sum(math.prod(box[:i] + box[i + 1:]) for i in range(len(box)) if f[i] > 1)
-        key = (surface, f)
+        biggest = math.prod(-(-n // p) for n, p in zip(shape, f))
+        cuts = sum((p - 1) * total // n for n, p in zip(shape, f))
+        key = (biggest, cuts, f)
         if best is None or key < best:
             best = key
-    return None if best is None else best[1]
+    return None if best is None else best[2]
 
 
 def grid(shape: Sequence[int], world: int) -> Optional[Layout]:

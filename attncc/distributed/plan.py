@@ -287,7 +287,7 @@ def plan_layouts(v: TileVisits, q_layout: Layout, kv_layout: Layout, bytes_per_t
     return out, ("token" if refine else "tile")
 
 
-def make_plan(kern, q_len: int, kv_len: Optional[int] = None, *, world: int,
+def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *, world: int,
               balance: str = "auto", heads: int = 1, kv_heads: Optional[int] = None,
               batch: int = 1, head_dim: int = 128, v_dim: Optional[int] = None,
               dtype: torch.dtype = torch.bfloat16,
@@ -296,7 +296,7 @@ def make_plan(kern, q_len: int, kv_len: Optional[int] = None, *, world: int,
               exact_limit: int = EXACT_LIMIT) -> Plan:
     """The plan of `kern` for `world` ranks (see the module docstring).
 
-    q_len / kv_len   global lengths (kv_len defaults to q_len)
+    q_len / kv_len   global lengths (q_len defaults to the grid layout's size, kv_len to q_len)
     balance          "auto" | "contiguous" | "headtail" | "document" | "grid"
     heads, kv_heads, batch, head_dim, v_dim, dtype   the call's shape (bytes and load)
     inputs           global runtime inputs (document ids) for patterns whose mask reads them
@@ -304,6 +304,10 @@ def make_plan(kern, q_len: int, kv_len: Optional[int] = None, *, world: int,
                      token-granular unless that costs more than REFINE_LIMIT mask evaluations
     layouts          (q_layout, kv_layout) to plan for, bypassing `balance`
     """
+    if q_len is None:
+        if kern.pattern.layout is None:
+            raise ValueError(f"pattern '{kern.pattern.name}' has no layout: pass q_len")
+        q_len = kern.pattern.layout.numel
     kv_len = q_len if kv_len is None else kv_len
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world size must be a positive int, got {world!r}")
