@@ -121,8 +121,8 @@ def generate_decode(pattern, options) -> str:
         "# attncc split-KV decode kernel (generated source; edit the pattern, not this file).",
         f"# pattern: {safe_identifier(pattern.name, 'pattern name')}   "
         f"decode IR hash: {pattern.ir_hash()}",
-        f"# key tiles: {int(options.block_n)} tokens, read through key ranges per "
-        "(sequence, key head); contiguous or paged cache (PAGED)",
+        "# key tiles of BLOCK_N tokens, read through key ranges per (sequence, key head);",
+        "# contiguous or paged cache (PAGED)",
     ]
     helper_lines: list[str] = []
     for hname in sorted(helpers):

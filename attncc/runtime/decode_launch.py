@@ -22,7 +22,8 @@ from ..schedule.decode import tile_counts
 from . import cache
 from .launch import _block_d, _interpreted, load_kernel
 
-__all__ = ["decode_module", "run_decode", "decode_launch_tensors", "pick_splits"]
+__all__ = ["decode_module", "run_decode", "decode_launch_tensors", "pick_splits", "decode_config",
+           "merge_splits", "decode_case"]
 
 _MODULES: dict = {}
 
@@ -62,6 +63,16 @@ def pick_splits(max_tiles: int, programs: int, device: torch.device) -> int:
     return max(1, min(want, max_tiles // 2, 64))
 
 
+def decode_config(options, D: int, Dv: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of a decode program: the options' values, but for head dims of
+    128 and more key tiles of at most 32 tokens and 8 warps, so that K, V and the P·V
+    accumulator fit the registers without spilling on sm_80 and sm_90 (the AOT gate in
+    tests/test_decode_aot.py checks every library pattern)."""
+    if max(D, Dv) >= 128:
+        return min(int(options.block_n), 32), max(int(options.num_warps), 8)
+    return int(options.block_n), int(options.num_warps)
+
+
 def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges, inputs: dict,
                scale: float, *, splits: Optional[int] = None):
     """Run the decode kernel: q [B, Hq, Lq, D], caches and seqlens as validated by
@@ -73,9 +84,10 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
     B, Hq, Lq, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
     G = Hq // Hkv
-    block_n = meta["block_n"]
+    block_n, warps = decode_config(kern.options, D, Dv)
     rng, tstart = decode_launch_tensors(ranges, block_n)
     kern.last_decode = {"key_ranges": ranges, "tiles": int(tstart[..., -1].sum()),
+                        "block_n": block_n,
                         "keys_read": int((ranges[..., 1] - ranges[..., 0]).sum())}
     block_m = max(16, min(128, 1 << max(0, (G * Lq - 1).bit_length())))
     m_blocks = -(-G * Lq // block_m)
@@ -93,7 +105,6 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
     table = block_table if paged else seqlens
     page_size = k_cache.shape[2] if paged else 1
     grid = (B * Hkv, S, m_blocks)
-    warps = int(os.environ.get("ATTNCC_DECODE_WARPS", 0)) or meta["num_warps"]
     module.KERNEL[grid](
         q, k_cache, v_cache, o_part, l_part, seqlens, rng, tstart, table,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *l_part.stride(),
@@ -114,3 +125,42 @@ def merge_splits(o_part: torch.Tensor, l_part: torch.Tensor):
     w = torch.where(torch.isneginf(l_part), 0.0, w)
     out = (w[..., None] * o_part).sum(-2)
     return out, lse
+
+
+# ---- ahead-of-time compile entry (attncc.runtime.aot) ------------------------------------------
+
+def decode_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 128,
+                dtype: str = "bfloat16", batch: int = 2, heads: int = 32, kv_heads: int = 8,
+                lq: int = 1, cache_len: int = 4096, page_size: Optional[int] = None,
+                options: Optional[dict] = None, seed: int = 0) -> None:
+    """Run the CUDA decode launch path on CPU tensors (launches are captured by
+    `attncc.runtime.aot.capture_launches`; the kernel itself does not run): q [batch, heads,
+    lq, head_dim] of `dtype`, a contiguous cache of `cache_len` tokens or, with `page_size`,
+    a paged one with a shuffled block table, full sequences, the pattern's random inputs."""
+    from .. import api
+    from .compile import CompileOptions, Kernel
+    from .decode import _run_kernel, check_decode
+    from .verify import random_inputs
+    pattern = api.load(spec, **(params or {})) if os.path.exists(str(spec)) \
+        else api.parse(spec, **(params or {}))
+    kern = Kernel(pattern, CompileOptions(**(options or {})))
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lq, head_dim, generator=gen).to(dt)
+    table = None
+    if page_size:
+        pages = batch * (cache_len // page_size)
+        kc = torch.randn(pages, kv_heads, page_size, head_dim, generator=gen).to(dt)
+        table = torch.randperm(pages, generator=gen).view(batch, -1).to(torch.int32)
+    else:
+        kc = torch.randn(batch, kv_heads, cache_len, head_dim, generator=gen).to(dt)
+    vc = torch.randn(kc.shape, generator=gen).to(dt)
+    seqlens = torch.full((batch,), cache_len, dtype=torch.int32)
+    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=cache_len, kv_len=cache_len,
+                           generator=gen)
+    for d in pattern.inputs:  # q-dimension inputs cover the new rows only
+        if "q" in d.dims:
+            i = d.dims.index("q")
+            inputs[d.name] = inputs[d.name].narrow(i, cache_len - lq, lq).contiguous()
+    call = check_decode(pattern, q, kc, vc, seqlens, table, inputs)
+    _run_kernel(kern, q, kc, vc, seqlens, table, call, head_dim ** -0.5)
