@@ -85,6 +85,8 @@ class TorchPlan:
     segments: tuple
     mask_mod: Callable
     stats: dict
+    q_contig: bool = False   # 1-D tiles of consecutive tokens (tile layout is a reshape)
+    k_contig: bool = False
 
 
 def _dynamic(pattern) -> bool:
@@ -163,23 +165,41 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
               * (Hq if sg.valid.shape[1] == 1 else 1) for sg in segments]
     stats = {"q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile)),
              "full_tiles": counts[0], "partial_tiles": counts[1]}
-    return TorchPlan(q_grid.token_index().to(dev), kv_grid.token_index().to(dev), segments,
-                     mask_mod, stats)
+    q_tok, k_tok = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
+    return TorchPlan(q_tok, k_tok, segments, mask_mod, stats, _contiguous_tiles(q_tok, Lq),
+                     _contiguous_tiles(k_tok, Lkv))
 
 
 def _cdtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tiles(x: torch.Tensor, tok: torch.Tensor, dtype) -> torch.Tensor:
+def _contiguous_tiles(tok: torch.Tensor, L: int) -> bool:
+    """True when tiles are runs of consecutive tokens (1-D tiles): slot i of the flattened
+    tiling holds token i, and only the tail is padding."""
+    flat = tok.flatten()
+    return bool((flat[:L] == torch.arange(L, device=tok.device)).all()) and bool((flat[L:] < 0).all())
+
+
+def _tiles(x: torch.Tensor, tok: torch.Tensor, dtype, contiguous: bool = False) -> torch.Tensor:
     """x [B, H, L, ...] → [B, H, n_tiles, tile slots, ...] in `dtype` (padding slots hold
-    token 0; every use masks them)."""
-    return x[:, :, tok.clamp(min=0)].to(dtype)
+    zeros or token 0; every use masks them)."""
+    if not contiguous:
+        return x[:, :, tok.clamp(min=0)].to(dtype)
+    n, L = tok.numel(), x.shape[2]
+    if n != L:
+        buf = torch.zeros((*x.shape[:2], n, *x.shape[3:]), dtype=dtype, device=x.device)
+        buf[:, :, :L] = x
+        x = buf
+    return x.to(dtype).reshape(*x.shape[:2], *tok.shape, *x.shape[3:])
 
 
-def _untile(t: torch.Tensor, tok: torch.Tensor, L: int, fill: float = 0.0) -> torch.Tensor:
+def _untile(t: torch.Tensor, tok: torch.Tensor, L: int, fill: float = 0.0,
+            contiguous: bool = False) -> torch.Tensor:
     """Inverse of `_tiles`: [B, H, n_tiles, slots, ...] → [B, H, L, ...] (tiles partition
     the tokens, so this is a plain copy)."""
+    if contiguous:
+        return t.flatten(2, 3)[:, :, :L].contiguous()
     flat = tok.flatten()
     real = flat >= 0
     out = torch.full((*t.shape[:2], L, *t.shape[4:]), fill, dtype=t.dtype, device=t.device)
@@ -273,8 +293,9 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
     Hkv, Dv = k.shape[1], v.shape[-1]
     cdt = _cdtype(q.dtype)
     slabs = _Slabs(plan, B, H, Hkv, rows)
-    qt = _tiles(q, plan.q_tok, cdt)                                       # [B, H, nQT, Sq, D]
-    kt, vt = _tiles(k, plan.k_tok, cdt), _tiles(v, plan.k_tok, cdt)      # [B, Hkv, nKT, Sk, D]
+    qt = _tiles(q, plan.q_tok, cdt, plan.q_contig)                        # [B, H, nQT, Sq, D]
+    kt = _tiles(k, plan.k_tok, cdt, plan.k_contig)                        # [B, Hkv, nKT, Sk, D]
+    vt = _tiles(v, plan.k_tok, cdt, plan.k_contig)
     o_t = torch.zeros(B, H, slabs.nqt, slabs.sq, Dv, dtype=cdt, device=q.device)
     lse_t = torch.full((B, H, slabs.nqt, slabs.sq), -math.inf, dtype=cdt, device=q.device)
     for t0, t1, slab_iter in slabs.chunks():
@@ -304,7 +325,8 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
         safe_l = torch.where(ok, l_i, torch.ones_like(l_i))
         o_t[:, :, t0:t1] = acc / safe_l[..., None]
         lse_t[:, :, t0:t1] = torch.where(ok, m_i + torch.log(safe_l), torch.full_like(m_i, -math.inf))
-    return _untile(o_t, plan.q_tok, Lq), _untile(lse_t, plan.q_tok, Lq, -math.inf)
+    return (_untile(o_t, plan.q_tok, Lq, 0.0, plan.q_contig),
+            _untile(lse_t, plan.q_tok, Lq, -math.inf, plan.q_contig))
 
 
 def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, do, delta,
@@ -320,11 +342,12 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
     dev = q.device
     slabs = _Slabs(plan, B, H, Hkv, rows)
     nkt, sk = plan.k_tok.shape
-    qt = _tiles(q, plan.q_tok, cdt)
-    kt, vt = _tiles(k, plan.k_tok, cdt), _tiles(v, plan.k_tok, cdt)
-    do_t = _tiles(do, plan.q_tok, cdt)
-    lse_t = _tiles(lse, plan.q_tok, cdt)
-    delta_t = _tiles(delta, plan.q_tok, cdt)
+    qc_, kc_ = plan.q_contig, plan.k_contig
+    qt = _tiles(q, plan.q_tok, cdt, qc_)
+    kt, vt = _tiles(k, plan.k_tok, cdt, kc_), _tiles(v, plan.k_tok, cdt, kc_)
+    do_t = _tiles(do, plan.q_tok, cdt, qc_)
+    lse_t = _tiles(lse, plan.q_tok, cdt, qc_)
+    delta_t = _tiles(delta, plan.q_tok, cdt, qc_)
     dq_t = torch.zeros_like(qt) if need[0] else None
     # Per (b, KV head, key tile) accumulators; row nkt of each (b, KV head) takes unused entries.
     dk_a = torch.zeros(B * Hkv * (nkt + 1), sk * D, dtype=cdt, device=dev) if need[1] else None
@@ -368,8 +391,8 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
                 dk_a.index_add_(0, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
 
     def untile_kv(acc, width):
-        return _untile(acc.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt], plan.k_tok, Lkv)
-    dq = _untile(dq_t, plan.q_tok, Lq) * scale if need[0] else None
+        return _untile(acc.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt], plan.k_tok, Lkv, 0.0, kc_)
+    dq = _untile(dq_t, plan.q_tok, Lq, 0.0, qc_) * scale if need[0] else None
     dk = untile_kv(dk_a, D) * scale if need[1] else None
     dv = untile_kv(dv_a, Dv) if need[2] else None
     return dq, dk, dv, tgrads
