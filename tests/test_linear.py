@@ -273,3 +273,17 @@ def test_step_errors():
     kern = attncc.compile(attncc.parse(LIGHTNING, heads=4), backend="torch")
     with pytest.raises(attncc.runtime.linear.InputError, match=r"state must be a tensor \[B, Hq, D, Dv\]"):
         kern.step(torch.zeros(1, 4, 8), q, k, v)
+
+
+def test_inspect_schedule_names_the_algorithm():
+    from attncc.pipeline import Shape, dump
+    text = dump("schedule", LIGHTNING, {"heads": 2}, Shape(q_len=100, heads=2))
+    assert text.startswith("algorithm: linear, chunked (Lightning Attention-2) "
+                           "(q_len=100 kv_len=100 heads=2)\n  why: separable")
+    assert "decay r_h: 0.939413, 0.996101" in text
+    assert "def attncc_linear_fwd_" in dump("triton", LIGHTNING, {}, Shape(q_len=64))
+    text = dump("schedule", "pattern b\nmask causal & q - k < 100\nnormalize none\n", {},
+                Shape(q_len=256))
+    assert text.startswith("algorithm: quadratic block-sparse, no softmax (q_len=256 kv_len=256 "
+                           "heads=1)\n  why: not separable: the mask")
+    assert "\nschedule b: q_len=256" in text

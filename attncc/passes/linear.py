@@ -38,7 +38,7 @@ from ..ir.nodes import (INT, Binary, Blocks, Const, Coord, Expr, FCall, Load, Ro
                         free_vars, walk)
 from ..ir.printer import format_expr
 
-__all__ = ["LinearForm", "LinearDecision", "analyze", "decide", "NotSeparable"]
+__all__ = ["LinearForm", "LinearDecision", "analyze", "decide", "NotSeparable", "algorithm_text"]
 
 # Variables an h-only factor may read (constants per call).
 _HEAD_VARS = frozenset({"h", "HEADS", "Q_LEN", "KV_LEN"})
@@ -203,7 +203,7 @@ def analyze(pattern) -> LinearDecision:
     except NotSeparable as e:
         return LinearDecision(False, str(e))
     form = LinearForm(diag, aligned, tuple(consts), tuple(exps))
-    d = f"q + {diag}" if diag else "q"
+    d = "q" if not diag else (f"q + {diag}" if diag > 0 else f"q - {-diag}")
     d += " + (KV_LEN - Q_LEN)" if aligned else ""
     return LinearDecision(True, f"separable: mask k <= {d}, score s * c_h * r_h^(q - k) "
                                 "(r_h checked in (0, 1] per call)", form)
@@ -218,3 +218,24 @@ def decide(pattern, heads: int, q_len: int, kv_len: int):
         return dec, dec.form.per_head(heads, q_len, kv_len)
     except NotSeparable as e:
         return LinearDecision(False, str(e), dec.form), None
+
+
+def algorithm_text(pattern, heads: int, q_len: int, kv_len: int, options=None) -> tuple[str, bool]:
+    """(the lines `attncc inspect --stage schedule` prints for a `normalize none` pattern,
+    whether the linear algorithm runs): the chosen algorithm and why, and for the linear one
+    the per-head decays r_h, factors c_h, diagonal offset and block size."""
+    dec, values = decide(pattern, heads, q_len, kv_len)
+    shape = f"q_len={q_len} kv_len={kv_len} heads={heads}"
+    if not dec.linear:
+        return (f"algorithm: quadratic block-sparse, no softmax ({shape})\n"
+                f"  why: not separable: {dec.reason}\n"), False
+    c, log_r = values
+    block = getattr(options, "block_m", 64)
+    lines = [f"algorithm: linear, chunked (Lightning Attention-2) ({shape})",
+             f"  why: {dec.reason}",
+             f"  diagonal: k <= q + {dec.form.offset(q_len, kv_len)}",
+             "  decay r_h: " + ", ".join(f"{math.exp(x):.6g}" for x in log_r.tolist()),
+             "  factor c_h: " + ", ".join(f"{x:.6g}" for x in c.tolist()),
+             f"  blocks: {block} tokens (torch), 32 (Triton); state D x Dv per head, float32",
+             f"  work: O(L·(block·D + D·Dv)) instead of {q_len * kv_len} score pairs"]
+    return "\n".join(lines) + "\n", True
