@@ -79,7 +79,13 @@ def _schedule(spec, params, shape, options):
     from .schedule.build import build_schedule
     p = load_pattern(spec, params)
     q_len, kv_len, heads = resolve_shape(p, shape)
-    return str(build_schedule(p, q_len, kv_len, heads, options=options)).rstrip("\n") + "\n"
+    head = ""
+    if p.normalize == "none":
+        from .passes.linear import algorithm_text
+        head, linear = algorithm_text(p, heads, q_len, kv_len, options)
+        if linear:
+            return head
+    return head + str(build_schedule(p, q_len, kv_len, heads, options=options)).rstrip("\n") + "\n"
 
 
 def _triton(spec, params, shape, options):
@@ -87,6 +93,11 @@ def _triton(spec, params, shape, options):
     from .schedule.build import build_schedule
     p = load_pattern(spec, params)
     q_len, kv_len, heads = resolve_shape(p, shape)
+    if p.normalize == "none":
+        from .passes.linear import decide
+        if decide(p, heads, q_len, kv_len)[0].linear:
+            from .codegen.linear import generate_linear_forward
+            return generate_linear_forward(options)
     return generate_forward(p, build_schedule(p, q_len, kv_len, heads, options=options), options)
 
 
