@@ -10,7 +10,8 @@ Per kernel: registers, spill bytes (ptxas -v), shared memory (KB; limit sm_90 22
 FULL-tile and PARTIAL-tile iteration (`attncc.runtime.aot.sass_loops`: back-edges of the
 SASS control flow mapped to the source loops by line info; "u" marks a loop that ptxas
 unrolled or that has one iteration, counted as all of its instructions), the number of
-source loops, and the cold compile time (fresh Triton cache, one worker per process).
+source loops, and the cold compile time (fresh Triton cache), wall and CPU seconds (the
+CPU figure, ptxas included, is the stable one on a shared machine).
 The launch is the runtime's own (bf16, batch 2, `Kernel.default_shape()`: 1024 tokens on
 1-D patterns, the layout's size on grids), captured on CPU tensors.
 """
@@ -152,7 +153,7 @@ def table(labels, results) -> str:
         if name.startswith("plain") and reps and reps[0]["ok"]:
             plain[(arch, d)] = reps[0]
     rows = ["| kernel | arch | d | regs | spill B | smem KB | wgmma | SASS | FULL/iter | "
-            "FULL ÷ plain | PARTIAL/iter | loops | compile s |",
+            "FULL ÷ plain | PARTIAL/iter | loops | compile s (CPU s) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, arch, d), reps in zip(labels, results):
         for i, r in enumerate(reps):
@@ -170,7 +171,7 @@ def table(labels, results) -> str:
                 f"| {label} | sm_{arch} | {d} | {r['registers']} | {r['spill_bytes']} | "
                 f"{r['shared'] / 1024:.0f} | {wg} | {r['sass_instructions']} | "
                 f"{_fmt_iter(r, 'full')} | {ratio} | {_fmt_iter(r, 'partial')} | "
-                f"{len(r['loops'])} | {r['compile_s']:.1f} |")
+                f"{len(r['loops'])} | {r['compile_s']:.1f} ({r.get('cpu_s', 0):.1f}) |")
     return "\n".join(rows)
 
 

@@ -85,7 +85,8 @@ class LoopInfo:
 
 @dataclass
 class AOTReport:
-    """Result of compiling one launch for one target."""
+    """Result of compiling one launch for one target (`compile_s` wall seconds, `cpu_s` CPU
+    seconds of the compile including ptxas: stable on a loaded machine)."""
     name: str
     arch: int
     ok: bool
@@ -103,6 +104,7 @@ class AOTReport:
     sass_instructions: int = 0
     loops: list = field(default_factory=list)
     compile_s: float = 0.0
+    cpu_s: float = 0.0
     ptxas_log: str = ""
 
     @property
@@ -220,6 +222,17 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas), user + system."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: this process only
+        return time.process_time()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _ptxas_log(ptx: str, arch: int, fp_fusion: bool) -> str:
     """ptxas -v on `ptx` with the flags Triton uses (for compiles served from Triton's cache,
     where Triton prints no log)."""
@@ -236,12 +249,14 @@ def _ptxas_log(ptx: str, arch: int, fp_fusion: bool) -> str:
 
 
 def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] = None,
-                   num_stages: Optional[int] = None, sass: bool = True) -> AOTReport:
+                   num_stages: Optional[int] = None, sass: bool = True,
+                   launch_options: Optional[dict] = None) -> AOTReport:
     """Compile `launch` (from `capture_launches`) for sm_`arch` (80, 90, ...) and report
     registers, spill bytes (ptxas -v), shared memory (Triton's allocation) against
     `SHARED_LIMIT`, whether the products lowered to wgmma (PTX `wgmma.mma_async`) or
     `mma.sync`, and with `sass` the SASS instruction count and the per-iteration counts of
-    the kernel's loops (`sass_loops`). `num_warps` / `num_stages` override the launch's.
+    the kernel's loops (`sass_loops`). `num_warps` / `num_stages` override the launch's;
+    `launch_options` adds other Triton compile options (e.g. {"maxnreg": 64}).
     A compile error gives `ok=False` with the message; a missing ptxas raises AOTError."""
     reason = ptxas_missing()
     if reason:
@@ -250,8 +265,8 @@ def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] =
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    if num_warps is not None or num_stages is not None:
-        kw = dict(launch.kwargs)
+    if num_warps is not None or num_stages is not None or launch_options:
+        kw = dict(launch.kwargs, **(launch_options or {}))
         kw.update({k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages))
                    if v is not None})
         launch = Launch(launch.fn, launch.grid, launch.args, kw)
@@ -259,7 +274,7 @@ def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] =
     report = AOTReport(name=launch.name, arch=arch, ok=False, num_warps=options["num_warps"],
                        num_stages=options["num_stages"], shared_limit=SHARED_LIMIT.get(arch, 0))
     buf = io.StringIO()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     old = knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True
     try:
@@ -268,11 +283,11 @@ def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] =
                                     target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
         report.error = f"{type(e).__name__}: {e}"[:4000]
-        report.compile_s = time.perf_counter() - t0
+        report.compile_s, report.cpu_s = time.perf_counter() - t0, _cpu_seconds() - c0
         return report
     finally:
         knobs.nvidia.dump_ptxas_log = old
-    report.compile_s = time.perf_counter() - t0
+    report.compile_s, report.cpu_s = time.perf_counter() - t0, _cpu_seconds() - c0
     asm = kernel.asm
     log = buf.getvalue()
     if not _SPILL.search(log):
@@ -492,7 +507,8 @@ def _run_job(job: dict) -> list:
         return [AOTReport(name=entry, arch=job["arch"], ok=False,
                           error=f"launch path failed: {type(e).__name__}: {e}"[:4000]).as_dict()]
     return [compile_launch(la, job["arch"], num_warps=job.get("num_warps"),
-                           num_stages=job.get("num_stages"), sass=job.get("sass", True)).as_dict()
+                           num_stages=job.get("num_stages"), sass=job.get("sass", True),
+                           launch_options=job.get("launch_options")).as_dict()
             for la in launches]
 
 
@@ -501,7 +517,7 @@ def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
     and return, per job, the list of report dicts (`AOTReport.as_dict()`; rebuild with
     `AOTReport.from_dict`). A job is a JSON-able dict: "arch" (80, 90), "entry"
     ("module:function", default `forward_case`), "kwargs" for the entry, optional "num_warps",
-    "num_stages", "sass", "sys_path" (folders to import the entry's module from). Raises AOTError if a worker dies."""
+    "num_stages", "launch_options" (other Triton options, e.g. maxnreg), "sass", "sys_path" (folders to import the entry's module from). Raises AOTError if a worker dies."""
     jobs = list(jobs)
     workers = max(1, min(workers, len(jobs)))
     chunks = [list(range(i, len(jobs), workers)) for i in range(workers)]
@@ -515,9 +531,23 @@ def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
             procs.append((p, idx))
+        answers: list = [None] * len(procs)
+
+        def talk(w):  # one thread per worker: all of them compile at once
+            p, idx = procs[w]
+            try:
+                answers[w] = p.communicate(json.dumps([jobs[i] for i in idx]), timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                answers[w] = ("", f"timed out after {timeout} s")
+
+        threads = [threading.Thread(target=talk, args=(w,)) for w in range(len(procs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         results: list = [None] * len(jobs)
-        for p, idx in procs:
-            out, err = p.communicate(json.dumps([jobs[i] for i in idx]), timeout=timeout)
+        for (p, idx), (out, err) in zip(procs, answers):
             if p.returncode != 0:
                 raise AOTError(f"AOT worker failed (exit {p.returncode}):\n{err[-3000:]}")
             for i, rep in zip(idx, json.loads(out)):
