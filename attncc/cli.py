@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = subs.add_parser("verify", help="run the kernel against the float64 reference")
     _common(s, default_len=VERIFY_1D_LEN)
-    s.add_argument("--backend", choices=("triton", "interpret", "flex", "reference"))
+    s.add_argument("--backend", choices=("triton", "interpret", "flex", "torch", "reference"))
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32", help="q/k/v dtype (float64: backend reference only)")
     s.add_argument("--batch", type=int, default=2)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = subs.add_parser("bench", help="time the kernel against SDPA and FlexAttention")
     _common(s)
-    s.add_argument("--backend", choices=("triton", "interpret", "flex", "reference"))
+    s.add_argument("--backend", choices=("triton", "interpret", "flex", "torch", "reference"))
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--head-dim", type=int, default=64)
