@@ -7,7 +7,8 @@ element it reads, and render the results like the forward's expressions).
 
 Rules (everything else — integers, booleans, other leaves — has derivative 0):
     a ± b, a · b, a / b, -a        the usual ones
-    min(a, b), max(a, b)           the derivative of the chosen operand (ties: the first)
+    min(a, b), max(a, b)           the derivative of the chosen operand (at a tie: the first
+                                   operand's, where torch.minimum/maximum split evenly)
     abs(a)                         sign(a) · a'  (0 at a = 0, like torch.abs)
     c ? a : b                      c ? a' : b'   (the condition is piecewise constant)
     tanh, exp, exp2, log, sqrt     1 - tanh², exp, exp2 · ln 2, 1 / a, 1 / (2 sqrt)
