@@ -1,5 +1,7 @@
 """Decorator frontend: trace a Python function over symbolic indices into the mask IR.
 
+(It sits above the runtime: the object it returns runs attention when called.)
+
     @attncc.pattern(layout=attncc.grid(y=64, x=64))
     def local(q, k):
         return (abs(q.y - k.y) <= 3) & (abs(q.x - k.x) <= 3)
@@ -21,13 +23,13 @@ import os
 import re
 import sys
 
-from ..ir.nodes import BOOL, INT, Coord, Expr, Load, Var
-from ..ir.pattern import Axis, InputDecl, Layout, Pattern
-from .ast import Loc
-from .errors import Diagnostic, SpecError, suggest
+from .ir.nodes import BOOL, INT, Coord, Expr, Load, Var
+from .ir.pattern import Axis, InputDecl, Layout, Pattern
+from .frontend.ast import Loc
+from .frontend.errors import Diagnostic, SpecError, suggest
 
 _THIS_FILE = __file__
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _VARS = ("b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS")
 _CONTROL_FLOW = ("a symbolic condition cannot be used in Python control flow (`if`, `and`, "
                  "`or`, `not`); use `&`, `|`, `~` or attncc.where(cond, a, b)")
@@ -55,7 +57,7 @@ def _user_error(message: str, hint=None) -> SpecError:
 
 
 def _node(x) -> Expr:
-    from ..passes.primitives import BuildError, const
+    from .passes.primitives import BuildError, const
     if isinstance(x, Sym):
         return x.node
     if isinstance(x, (bool, int, float)):
@@ -67,7 +69,7 @@ def _node(x) -> Expr:
 
 
 def _build(fn, *args, **kw):
-    from ..passes.primitives import BuildError
+    from .passes.primitives import BuildError
     try:
         return Sym(fn(*args, floats=False, **kw))
     except BuildError as e:
@@ -76,11 +78,11 @@ def _build(fn, *args, **kw):
 
 def _bin(op):
     def fwd(self, other):
-        from ..passes.primitives import binary
+        from .passes.primitives import binary
         return _build(binary, op, self.node, _node(other))
 
     def rev(self, other):
-        from ..passes.primitives import binary
+        from .passes.primitives import binary
         return _build(binary, op, _node(other), self.node)
     return fwd, rev
 
@@ -111,15 +113,15 @@ class Sym:
     __ne__ = _bin("ne")[0]
 
     def __neg__(self):
-        from ..passes.primitives import unary
+        from .passes.primitives import unary
         return _build(unary, "neg", self.node)
 
     def __abs__(self):
-        from ..passes.primitives import unary
+        from .passes.primitives import unary
         return _build(unary, "abs", self.node)
 
     def __invert__(self):
-        from ..passes.primitives import unary
+        from .passes.primitives import unary
         if self.node.dtype != BOOL:
             raise _user_error(f"'~' needs a boolean operand, got {self.node.dtype}")
         return _build(unary, "not", self.node)
@@ -149,7 +151,7 @@ class Sym:
         return Sym(Coord(node.name, names.index(name), name))
 
     def __repr__(self):
-        from ..ir.printer import format_expr
+        from .ir.printer import format_expr
         return f"Sym({format_expr(self.node)})"
 
 
@@ -191,7 +193,7 @@ def grid(**axes: int) -> Layout:
 
 def where(cond, a, b):
     """`cond ? a : b` on symbolic values (a plain Python bool picks a branch)."""
-    from ..passes.primitives import select
+    from .passes.primitives import select
     if isinstance(cond, bool):
         return a if cond else b
     return _build(select, _node(cond), _node(a), _node(b))
@@ -199,7 +201,7 @@ def where(cond, a, b):
 
 def min(a, b):  # noqa: A001 - mirrors the language builtin
     """Symbolic `min(a, b)` (plain numbers use Python's min)."""
-    from ..passes.primitives import binary
+    from .passes.primitives import binary
     if not isinstance(a, Sym) and not isinstance(b, Sym):
         return builtins.min(a, b)
     return _build(binary, "min", _node(a), _node(b))
@@ -207,7 +209,7 @@ def min(a, b):  # noqa: A001 - mirrors the language builtin
 
 def max(a, b):  # noqa: A001
     """Symbolic `max(a, b)` (plain numbers use Python's max)."""
-    from ..passes.primitives import binary
+    from .passes.primitives import binary
     if not isinstance(a, Sym) and not isinstance(b, Sym):
         return builtins.max(a, b)
     return _build(binary, "max", _node(a), _node(b))
@@ -220,9 +222,9 @@ def abs(x):  # noqa: A001
 
 def _primitive(name: str, *args, **kwargs) -> Sym:
     """Expand a library primitive (prelude `def` or Python primitive) inside a trace."""
-    from . import ast as A
-    from ..api import prelude_defs
-    from ..passes.elaborate import Elaborator, _Ctx, _Failed
+    from .frontend import ast as A
+    from .api import prelude_defs
+    from .passes.elaborate import Elaborator, _Ctx, _Failed
     layout, inputs = _ACTIVE[-1] if _ACTIVE else (None, {})
     el = Elaborator(A.Spec(None, ()), {}, None, "<trace>", list(prelude_defs()))
     el.layout, el.inputs = layout, dict(inputs)
@@ -334,10 +336,51 @@ def _trace(fn, layout, name, inputs) -> Pattern:
                    filename=inspect.getsourcefile(fn))
 
 
+class PatternFunction:
+    """What `@attncc.pattern` returns: the traced `Pattern` (`.pattern`), usable as one.
+
+    Calling it runs attention, `f(q, k, v, *, scale=None, return_lse=False, **inputs)` with
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] → out [B, Hq, Lq, Dv] (and lse
+    float32 [B, Hq, Lq]), through one kernel compiled per pattern with default options
+    (`attncc.compile(f.pattern)`; the backend follows q's device). Every other attribute
+    (`mask`, `dense_mask`, `ir_text`, `layout`, ...) is the pattern's, and it compares equal to
+    the pattern (and to the same pattern written as spec text). This object lives above the
+    runtime so that the IR's `Pattern` never imports it."""
+
+    __slots__ = ("pattern", "__wrapped__")
+
+    def __init__(self, pattern: Pattern, fn=None):
+        object.__setattr__(self, "pattern", pattern)
+        object.__setattr__(self, "__wrapped__", fn)
+
+    def __call__(self, q, k, v, *, scale=None, return_lse: bool = False, **inputs):
+        from .runtime.compile import kernel_for
+        return kernel_for(self.pattern)(q, k, v, scale=scale, return_lse=return_lse, **inputs)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "pattern"), name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot set '{name}': a pattern is immutable")
+
+    def __eq__(self, other):
+        return self.pattern == getattr(other, "pattern", other)
+
+    def __hash__(self):
+        return hash(self.pattern)
+
+    def __str__(self) -> str:
+        return str(self.pattern)
+
+    def __repr__(self) -> str:
+        return f"<attncc pattern function {self.pattern.name} ir_hash={self.pattern.ir_hash()}>"
+
+
 def pattern(fn=None, *, layout=None, name=None, inputs=None):
     """Decorator: trace `fn(q, k)` (or any of b, h, q, k, Q_LEN, KV_LEN, HEADS and declared
-    inputs) into a `Pattern`. `layout` is a `grid(...)`; `inputs` maps names to declarations
-    such as `"int[b, k]"`. The pattern's `dense_mask` is `bool [B, H, Lq, Lkv]`."""
+    inputs) into a `PatternFunction` (the `Pattern` plus a call that runs attention).
+    `layout` is a `grid(...)`; `inputs` maps names to declarations such as `"int[b, k]"`.
+    The pattern's `dense_mask` is `bool [B, H, Lq, Lkv]`."""
     if fn is None:
-        return lambda f: _trace(f, layout, name, inputs)
-    return _trace(fn, layout, name, inputs)
+        return lambda f: PatternFunction(_trace(f, layout, name, inputs), f)
+    return PatternFunction(_trace(fn, layout, name, inputs), fn)

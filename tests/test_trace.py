@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import attncc
-from attncc.frontend import trace
+from attncc import decorator as trace
 
 VARS = ["b", "h", "q", "k"]
 ARITH = {"add": ("+", operator.add), "sub": ("-", operator.sub), "mul": ("*", operator.mul),

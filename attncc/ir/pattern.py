@@ -153,13 +153,3 @@ class Pattern:
         from .dense import dense_mask
         return dense_mask(self, q_len=q_len, kv_len=kv_len, heads=heads, batch=batch,
                           inputs=inputs or {}, device=device)
-
-    # ---- running --------------------------------------------------------------------------
-    def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False,
-                 **inputs):
-        """Run this pattern as attention: q [B, Hq, Lq, D], k [B, Hkv, Lkv, D],
-        v [B, Hkv, Lkv, Dv] plus declared runtime inputs → out [B, Hq, Lq, Dv] (and lse
-        float32 [B, Hq, Lq] with `return_lse=True`). Compiled once per pattern with default
-        options (`attncc.compile(pattern)`); the backend follows q's device."""
-        from ..runtime.compile import kernel_for
-        return kernel_for(self)(q, k, v, scale=scale, return_lse=return_lse, **inputs)

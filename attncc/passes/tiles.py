@@ -40,7 +40,7 @@ from ..ir.dense import Evaluator
 from ..ir.intervals import Box, IntervalEval, linear_form
 from ..ir.nodes import (COMPARE_OPS, INT, Binary, Blocks, Coord, Expr, Load, Route, Unary, Var,
                         free_vars, walk)
-from ..schedule.schedule import TileClass, TileGrid
+from .tilegrid import TileClass, TileGrid
 
 _BAND_ELEMS = 1 << 18      # box pairs per row-band in the interval stage
 _GROUP = 32                # key tiles per group in the coarse interval pass

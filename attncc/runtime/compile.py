@@ -63,7 +63,7 @@ INTERPRETER_LATE = (
 
 # Process-wide loaded kernel modules: (cache key, interpreted) -> module.
 _MODULES: dict[tuple[str, bool], object] = {}
-# Kernels behind `Pattern.__call__`, one per pattern.
+# Kernels behind calls of `@attncc.pattern` functions, one per pattern.
 _PATTERN_KERNELS: dict[Pattern, "Kernel"] = {}
 
 
@@ -165,6 +165,9 @@ def _make_options(options: Optional[CompileOptions], backend: Optional[str],
 
 
 def _load_spec(spec, params: Optional[dict]) -> Pattern:
+    inner = getattr(spec, "pattern", None)  # an @attncc.pattern function
+    if isinstance(inner, Pattern) and not isinstance(spec, (str, os.PathLike)):
+        spec = inner
     if isinstance(spec, Pattern):
         if params:
             raise TypeError("params= applies to spec paths and spec text; a Pattern already "
@@ -200,7 +203,8 @@ def compile(spec, *, backend: Optional[str] = None, options: Optional[CompileOpt
 
 
 def kernel_for(pattern: Pattern) -> "Kernel":
-    """The kernel behind `Pattern.__call__`: compiled once per pattern, default options."""
+    """The kernel behind a call of an `@attncc.pattern` function: compiled once per
+    pattern, default options."""
     kern = _PATTERN_KERNELS.get(pattern)
     if kern is None:
         kern = _PATTERN_KERNELS[pattern] = Kernel(pattern, CompileOptions())

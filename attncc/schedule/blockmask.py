@@ -35,7 +35,7 @@ def flat_schedule(schedule: Schedule, block_size: int = DEFAULT_BLOCK) -> Schedu
     otherwise the pattern's schedule rebuilt with such tiles (same lengths and heads)."""
     if _is_flat_1d(schedule, block_size):
         return schedule
-    from ..runtime.options import CompileOptions
+    from ..options import CompileOptions
     from .build import build_schedule
     opts = CompileOptions(block_m=block_size, block_n=block_size, tile_1d=True)
     out = build_schedule(schedule.pattern, schedule.q_len, schedule.kv_len,

@@ -43,7 +43,7 @@ def build_schedule(pattern, q_len: Optional[int] = None, kv_len: Optional[int] =
     tile and by key tile, and closed-form `bounds` where derivable (see
     `attncc.schedule.closed_form`). Raises ValueError for bad lengths or options.
     """
-    from ..runtime.options import CompileOptions
+    from ..options import CompileOptions
     options = options if options is not None else CompileOptions()
     q_len, kv_len = resolve_lengths(pattern, q_len, kv_len)
     for label, n in (("q_len", q_len), ("kv_len", kv_len), ("heads", heads)):
