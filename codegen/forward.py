@@ -55,6 +55,8 @@ from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_ident
 __all__ = ["generate_forward", "kernel_name", "usable_bounds", "CodegenError", "ROW_ID"]
 
 ROW_ID = "(tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m"
+# `normalize none` patterns get the no-softmax key-tile step (codegen/none_step.py).
+SUPPORTS_NORMALIZE_NONE = True
 
 _TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 LOG2E = "1.4426950408889634"
@@ -126,7 +128,9 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
     if len(grid.tile) == 1:
         if side == "q":
             return [], ["q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
-        return (["offs_n = tl.arange(0, BLOCK_N)"],
+        return (["offs_n = tl.arange(0, BLOCK_N)",
+                 "k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                 "v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"],
                 ["k_idx = n * BLOCK_N + offs_n", "k_ok = k_idx < KV_LEN"])
     if layout is None or tuple(grid.shape) != tuple(layout.shape):
         raise CodegenError(f"multi-dimensional {side} tiles {grid} need the pattern's grid layout")
@@ -172,7 +176,11 @@ def usable_bounds(schedule) -> Optional[list]:
         return None
     b0 = bs[0]
     nd = len(schedule.q_grid.tile)
-    want = ("qt",) if nd == 1 else tuple(f"qt{a}" for a in range(nd))
+    if nd > 1:
+        # Multi-dimensional tiles read CSR lists: one pipelined loop per tile class instead
+        # of a loop nest per combination of per-axis ranges (docs/BENCHMARKS.md).
+        return None
+    want = ("qt",)
     if tuple(b0.vars) != want or len(schedule.kv_grid.tile) != nd \
             or tuple(b0.q_counts) != schedule.q_grid.counts \
             or tuple(b0.kv_counts) != schedule.kv_grid.counts:
@@ -196,63 +204,107 @@ def _clip(expr, text: str, lo: Optional[int], hi: Optional[int]) -> str:
     return f"tl.minimum({text}, {hi})"
 
 
+def _segment_loop(kind: str, segments: list, kv_step, tail: bool, tag: str) -> list[str]:
+    """One loop over the key tiles of several half-open ranges `segments` [(lo, hi) texts],
+    visited in order: a plain `range(lo, hi)` for one range, else a flat counter `it` mapped
+    to the tile `n` of its range (so a class of tiles is one pipelined loop)."""
+    if not segments:
+        return []
+    if len(segments) == 1:
+        lo, hi = segments[0]
+        return kv_step(kind, f"for n in range({lo}, {hi}):", [], tail)
+    lines, ends = [], []
+    for i, (lo, hi) in enumerate(segments):
+        size = hi[len(lo) + 3:] if hi.startswith(f"{lo} + ") else f"tl.maximum({hi} - {lo}, 0)"
+        ends.append(f"{tag}_end{i}")
+        lines.append(f"{ends[i]} = " + (f"{ends[i - 1]} + {size}" if i else size))
+    text = f"{segments[-1][0]} + (it - {ends[-2]})"
+    for i in range(len(segments) - 2, -1, -1):
+        start = f"{segments[i][0]} + (it - {ends[i - 1]})" if i else f"{segments[0][0]} + it"
+        text = f"tl.where(it < {ends[i]}, {start}, {text})"
+    return lines + kv_step(kind, f"for it in range(0, {ends[-1]}):", [f"n = {text}"], tail)
+
+
+_TAIL = ["# Key tile n_tail reaches past KV_LEN when KV_LEN is not a multiple of BLOCK_N;",
+         "# FULL loops stop before it and, when it is FULL, it runs (masked) with the PARTIAL tiles.",
+         "n_tail = KV_LEN // BLOCK_N"]
+
+
+def _csr_loops(kv_step, peel: bool, full_tail: bool):
+    """(setup lines, {"FULL": lines, "PARTIAL": lines}) of the loops over CSR rows. With
+    `peel` (1-D tiles) the row's last FULL entry is the tail tile when it is n_tail (rows
+    are sorted), and it runs with the PARTIAL tiles."""
+    setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
+             f"row = {ROW_ID}"]
+    for kind in ("full", "partial"):
+        setup += [f"lo_{kind} = tl.load({kind.upper()}_OFFSETS + row)",
+                  f"hi_{kind} = tl.load({kind.upper()}_OFFSETS + row + 1)"]
+    if not peel:
+        return setup, {
+            "FULL": kv_step("FULL", "for it in range(lo_full, hi_full):",
+                            ["n = tl.load(FULL_INDICES + it)"], full_tail),
+            "PARTIAL": kv_step("PARTIAL", "for it in range(lo_partial, hi_partial):",
+                               ["n = tl.load(PARTIAL_INDICES + it)"], True)}
+    setup += _TAIL + [
+        "last_full = tl.load(FULL_INDICES + hi_full - 1, mask=hi_full > lo_full, other=-1)",
+        "tail_full = ((last_full == n_tail) & (KV_LEN % BLOCK_N != 0)).to(tl.int32)",
+        "hi_full = hi_full - tail_full"]
+    return setup, {
+        "FULL": kv_step("FULL", "for it in range(lo_full, hi_full):",
+                        ["n = tl.load(FULL_INDICES + it)"], False),
+        "PARTIAL": kv_step("PARTIAL", "for it in range(lo_partial, hi_partial + tail_full):",
+                           ["n = tl.load(PARTIAL_INDICES + it, mask=it < hi_partial, "
+                            "other=n_tail)"], True)}
+
+
 def _closed_form(bounds: list, qg, kg, kv_step):
-    """(prologue lines, {"FULL": lines, "PARTIAL": lines}, helpers) of the closed-form loops."""
+    """(prologue lines, {"FULL": lines, "PARTIAL": lines}, helpers) of the closed-form loops
+    of 1-D tiles: one loop per tile class over its ranges (adjacent ranges merged, statically
+    empty ones dropped); FULL ranges stop before the tail tile n_tail, which joins the
+    PARTIAL loop when a FULL range holds it."""
     from attncc.schedule.schedule import TileClass
 
-    nd = len(qg.tile)
-    if nd == 1:
-        scope = Scope(vars={"qt": "m"})
-        pro = ["# Closed-form key-tile ranges of query tile m."]
-    else:
-        scope = Scope(vars={f"qt{a}": f"qt{a}" for a in range(nd)})
-        pro = ["# Closed-form key-tile ranges: coordinates of query tile m on the tile grid."]
-        for a, ci, cnt, _, _ in _axis_terms(qg.counts, qg.tile):
-            text = "m" if ci == 1 else f"(m // {ci})"
-            pro.append(f"qt{a} = {text}" + (f" % {cnt}" if a > 0 else ""))
+    scope = Scope(vars={"qt": "m"})
+    pro = ["# Closed-form key-tile ranges of query tile m."]
     roots = [e for b in bounds for ax in b.axes for r in ax for e in (r.lo, r.hi)]
     rendered = Renderer(scope, "cb").render(roots)
     pro += rendered.hoisted
     if len(bounds) > 1:
         pro.append("hc = tl.load(HEAD_CLASS + h)")
     counts = kg.counts
-    names: list[list[tuple[str, str]]] = []
-    for a, ranges in enumerate(bounds[0].axes):
-        names.append([])
-        for i in range(len(ranges)):
-            lo_n, hi_n = f"kt{a}_lo{i}", f"kt{a}_hi{i}"
-            for attr, name, clip in (("lo", lo_n, (0, None)), ("hi", hi_n, (None, counts[a]))):
-                texts = [_clip(getattr(b.axes[a][i], attr),
-                               rendered.text(getattr(b.axes[a][i], attr)), *clip) for b in bounds]
-                text = texts[-1]
-                for c in range(len(bounds) - 2, -1, -1):
-                    text = f"tl.where(hc == {c}, {texts[c]}, {text})"
-                pro.append(f"{name} = {text}")
-            names[a].append((lo_n, hi_n))
-    loops = {"FULL": [], "PARTIAL": []}
-    combos = [()]
-    for a in range(nd):
-        combos = [c + (i,) for c in combos for i in range(len(bounds[0].axes[a]))]
-    for combo in combos:
-        classes = [bounds[0].axes[a][i].cls for a, i in enumerate(combo)]
-        kind = "FULL" if all(c == TileClass.FULL for c in classes) else "PARTIAL"
-        if any(c == TileClass.EMPTY for c in classes):
-            continue
-        if nd == 1:
-            lo_n, hi_n = names[0][combo[0]]
-            loops[kind] += kv_step(kind, f"for n in range({lo_n}, {hi_n}):", [])
-            continue
-        em = Emitter()
-        with ExitStack() as nest:
-            for a, i in enumerate(combo[:-1]):
-                lo_n, hi_n = names[a][i]
-                nest.enter_context(em.block(f"for kt{a} in range({lo_n}, {hi_n}):"))
-            a = nd - 1
-            lo_n, hi_n = names[a][combo[-1]]
-            flat = " + ".join(f"kt{x} * {math.prod(counts[x + 1:])}" if x < nd - 1 else f"kt{x}"
-                              for x in range(nd))
-            em.extend(kv_step(kind, f"for kt{a} in range({lo_n}, {hi_n}):", [f"n = {flat}"]))
-        loops[kind] += em.lines
+    ranges = []  # [cls, lo text, hi text]
+    for i in range(len(bounds[0].axes[0])):
+        rs = [b.axes[0][i] for b in bounds]
+        if all(isinstance(r.lo, Const) and isinstance(r.hi, Const)
+               and int(r.hi.value) <= int(r.lo.value) for r in rs):
+            continue  # empty for every query tile
+        texts = []
+        for attr, clip in (("lo", (0, None)), ("hi", (None, counts[0]))):
+            alts = [_clip(getattr(r, attr), rendered.text(getattr(r, attr)), *clip) for r in rs]
+            text = alts[-1]
+            for c in range(len(bounds) - 2, -1, -1):
+                text = f"tl.where(hc == {c}, {alts[c]}, {text})"
+            texts.append(text)
+        cls = rs[0].cls
+        if ranges and ranges[-1][0] == cls and ranges[-1][2] == texts[0]:
+            ranges[-1][2] = texts[1]  # adjacent ranges of one class: one range
+        else:
+            ranges.append([cls, *texts])
+    segs = {"FULL": [], "PARTIAL": []}
+    for cls, lo, hi in ranges:
+        kind = "FULL" if cls == TileClass.FULL else "PARTIAL"
+        i = len(segs[kind])
+        lo_n, hi_n = f"kt_lo_{kind.lower()}{i}", f"kt_hi_{kind.lower()}{i}"
+        pro += [f"{lo_n} = {lo}", f"{hi_n} = {hi}"]
+        segs[kind].append((lo_n, hi_n))
+    if segs["FULL"]:
+        pro += _TAIL
+        held = " | ".join(f"(({lo} <= n_tail) & (n_tail < {hi}))" for lo, hi in segs["FULL"])
+        pro.append(f"tail_full = ({held}).to(tl.int32)")
+        segs["FULL"] = [(lo, f"tl.minimum({hi}, n_tail)") for lo, hi in segs["FULL"]]
+        segs["PARTIAL"].append(("n_tail", "n_tail + tail_full"))
+    loops = {"FULL": _segment_loop("FULL", segs["FULL"], kv_step, False, "full"),
+             "PARTIAL": _segment_loop("PARTIAL", segs["PARTIAL"], kv_step, True, "partial")}
     return pro, loops, rendered.helpers
 
 
@@ -341,34 +393,66 @@ def generate_forward(pattern, schedule, options) -> str:
     _, q_tile = _tile_lines("q", qg, layout)
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
 
-    def kv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
-        """One key-tile step of the online softmax; `kind` FULL (no mask code) or PARTIAL."""
+    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
+        """One key-tile step of the online softmax.
+
+        kind FULL: no mask code; PARTIAL: the mask predicate per element and the empty-row
+        guard. `tail` masks the key slots past the sequence (`k_ok`); a FULL step without
+        it has no per-element select at all (every score is finite, so the running maximum
+        of every row is finite after the first step and needs no guard)."""
         masked = kind == "PARTIAL" and mask is not TRUE
+        guarded = kind == "PARTIAL" or score is not None
         need = ([score] if score is not None else []) + ([mask] if masked else [])
         if score is None:
-            scores = ["x = tl.dot(q_blk, k_blk) * qk_scale"] + rendered.loop_lines(need)
+            # Scores stay unscaled; the scale is folded into the exp2 argument (one FMA).
+            scores = ["x = tl.dot(q_blk, k_blk)"] + rendered.loop_lines(need)
+            scale = " * qk_scale"
         else:
             scores = ["s = tl.dot(q_blk, k_blk) * sm_scale"] + rendered.loop_lines(need)
             text = rendered.text(score)
             if "s" not in free_vars(score):
                 text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
             scores.append(f"x = {text} * {LOG2E}  # score modifier, then base 2")
-        keep = "keep = k_ok[None, :]" + (f" & {rendered.text(mask)}" if masked else "")
-        return fill(_template("kv_step.tmpl"), {
+            scale = ""
+        keep = (["k_ok[None, :]"] if tail else []) + ([rendered.text(mask)] if masked else [])
+        if keep:
+            scores += [f"keep = {' & '.join(keep)}", 'x = tl.where(keep, x, float("-inf"))']
+        softmax = [f"m_new = tl.maximum(m_i, tl.max(x, 1){scale})"]
+        if guarded:
+            softmax += ["# A row with no kept key so far has m = -inf: shift by 0, not by -inf.",
+                        'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)']
+        shift = "m_use" if guarded else "m_new"
+        softmax += [f"p = tl.exp2(x{scale} - {shift}[:, None])",
+                    f"alpha = tl.exp2(m_i - {shift})"]
+        d_k, d_v = "(offs_d[:, None] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
+        if len(kg.tile) == 1:  # 64-bit tile origin, 32-bit in-tile offsets (hoisted)
+            ptrs = ["k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs",
+                    "v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs"]
+        else:
+            ptrs = ["k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                    "v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+        template = "kv_step.tmpl"
+        if pattern.normalize == "none":  # no softmax: the step of codegen/none_step.py
+            from .none_step import TEMPLATE, none_step
+            scores, softmax = none_step(rendered, score, keep, need)
+            template = TEMPLATE
+        return fill(_template(template), {
+            "k_ptrs": ptrs[0], "v_ptrs": ptrs[1],
             "loop_header": loop_header, "tile_index": tile_index,
-            "kv_tile": kv_tile, "k_coords": _coord_lines("k", kg, layout, coords["k"]),
-            "scores": scores, "keep": keep})
+            "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+            "k_coords": ["k = k_idx[None, :]"] + _coord_lines("k", kg, layout, coords["k"]),
+            "k_mask": f"k_ok[None, :] & {d_k}" if tail else d_k,
+            "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
+            "scores": scores, "softmax": softmax})
 
+    # FULL tiles need the key-tail mask only where a tile can reach past the keys: the last
+    # tile of 1-D tiles (peeled: it runs with the PARTIAL tiles), and on multi-dimensional
+    # tiles every tile when an axis is not a multiple of its tile extent.
+    peel = len(kg.tile) == 1
+    full_tail = not peel and any(s % t for s, t in zip(kg.shape, kg.tile))
     bounds = usable_bounds(schedule)
     if bounds is None:
-        loop_setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
-                  f"row = {ROW_ID}"]
-        loops = {}
-        for kind in ("FULL", "PARTIAL"):
-            lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
-            loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
-                           f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + kv_step(
-                kind, f"for it in range({lo}, {hi}):", [f"n = tl.load({kind}_INDICES + it)"])
+        loop_setup, loops = _csr_loops(kv_step, peel, full_tail)
         list_kind = "key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL."
     else:
         loop_setup, loops, helpers_cf = _closed_form(bounds, qg, kg, kv_step)

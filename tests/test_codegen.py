@@ -140,20 +140,30 @@ def test_closed_form_reads_no_lists():
     p, sched = _golden_patterns()["causal_closed_form"]
     source = generate_forward(p, sched, OPTS)
     assert "FULL_INDICES +" not in source and "PARTIAL_INDICES +" not in source
-    assert "for n in range(kt0_lo0, kt0_hi0)" in source
+    assert "for n in range(kt_lo_full0, tl.minimum(kt_hi_full0, n_tail))" in source
     assert "'closed_form': True" in source
     csr = generate_forward(p, grid_schedule(p), OPTS)
     assert "tl.load(FULL_INDICES + it)" in csr and "'closed_form': False" in csr
 
 
-def test_multidim_closed_form_is_one_loop_nest_per_range_combination():
+def test_multidim_tiles_run_one_loop_per_tile_class():
+    """Multi-dimensional tiles read CSR lists even where closed-form bounds exist: one
+    pipelined loop per tile class, not one loop nest per combination of per-axis ranges."""
     p, sched = _golden_patterns()["natten2d_closed_form"]
     source = generate_forward(p, sched, OPTS)
-    # 3 ranges per axis → 9 nests, 1 of them FULL (both axes FULL).
-    assert source.count("for kt0 in range(") == 9 and source.count("for kt1 in range(") == 9
+    assert "for kt0 in range(" not in source and "'closed_form': False" in source
+    assert source.count("for it in range(") == 2
+
+
+def test_adjacent_ranges_of_one_class_are_one_loop():
+    """prefix_lm: the prefix tile [0, 1) and the causal FULL tiles [1, qt) are one FULL loop;
+    the statically empty ranges leave no code."""
+    p = attncc.load(os.path.join(os.path.dirname(__file__), "..", "specs", "prefix_lm.attn"))
+    sched = attncc.compile(p).schedule(256)
+    assert sched.classes[0].bounds is not None
+    source = generate_forward(p, sched, OPTS)
     full = source[source.index("# FULL key tiles"):source.index("# PARTIAL key tiles")]
-    assert full.count("for kt0 in range(kt0_lo1, kt0_hi1):") == 1
-    assert "n = kt0 * 3 + kt1" in full
+    assert full.count("for ") == 1 and "kt_lo_full1" not in source
 
 
 def test_full_loop_has_no_mask_code():
@@ -161,8 +171,9 @@ def test_full_loop_has_no_mask_code():
     source = generate_forward(p, grid_schedule(p), OPTS)
     full = source[source.index("# FULL key tiles"):source.index("# PARTIAL key tiles")]
     partial = source[source.index("# PARTIAL key tiles"):source.index("l_ok = ")]
-    assert "keep = k_ok[None, :]\n" in full
-    assert "keep = k_ok[None, :] & " in partial
+    assert "keep" not in full and "k_ok" not in full and "m_use" not in full
+    assert "p = tl.exp2(x * qk_scale - m_new[:, None])" in full  # scale folded: one FMA
+    assert "keep = k_ok[None, :] & " in partial and "m_use" in partial
 
 
 def test_shared_subexpression_is_one_local_and_invariants_are_hoisted():

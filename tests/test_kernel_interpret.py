@@ -271,7 +271,7 @@ BUILT = {
             {}, True),
     "natten2d_boxes": ("pattern n2(height = 12, width = 10, kernel = 5)\n"
                        "layout grid(y = height, x = width)\nmask neighborhood(kernel)",
-                       120, 120, 1, 1, {"q_tile": (4, 4), "kv_tile": (4, 4)}, True),
+                       120, 120, 1, 1, {"q_tile": (4, 4), "kv_tile": (4, 4)}, False),  # CSR
     "natten2d_dilated": ("pattern n2(height = 12, width = 10, kernel = 3, dilation = 2)\n"
                          "layout grid(y = height, x = width)\n"
                          "mask neighborhood(kernel, dilation = dilation)",

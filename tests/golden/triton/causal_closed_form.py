@@ -36,41 +36,42 @@ def attncc_fwd_causal_13065ae5a230(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    q_blk = tl.load(q_base + q_idx[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q_blk = tl.load(q_base + q_idx.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:  # matrix products in float32 (Triton's CPU interpreter has no bf16 dot)
         q_blk = q_blk.to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # softmax runs in base 2
     offs_n = tl.arange(0, BLOCK_N)
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     # Loop-invariant parts of the mask and score.
     t0 = q + (KV_LEN - Q_LEN)  # q + (KV_LEN - Q_LEN)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # Closed-form key-tile ranges of query tile m.
-    kt0_lo0 = 0
-    kt0_hi0 = tl.minimum(m, 8)
-    kt0_lo1 = tl.maximum(m, 0)
-    kt0_hi1 = tl.minimum((m + 1), 8)
-    # FULL key tiles: every pair kept (only the sequence tail is masked).
-    for n in range(kt0_lo0, kt0_hi0):
+    kt_lo_full0 = 0
+    kt_hi_full0 = tl.minimum(m, 8)
+    kt_lo_partial0 = tl.maximum(m, 0)
+    kt_hi_partial0 = tl.minimum((m + 1), 8)
+    # Key tile n_tail reaches past KV_LEN when KV_LEN is not a multiple of BLOCK_N;
+    # FULL loops stop before it and, when it is FULL, it runs (masked) with the PARTIAL tiles.
+    n_tail = KV_LEN // BLOCK_N
+    tail_full = (((kt_lo_full0 <= n_tail) & (n_tail < kt_hi_full0))).to(tl.int32)
+    # FULL key tiles: every pair kept; no per-element masks (key tail: see n_tail).
+    for n in range(kt_lo_full0, tl.minimum(kt_hi_full0, n_tail)):
         k_idx = n * BLOCK_N + offs_n
-        k_ok = k_idx < KV_LEN
         k = k_idx[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
+                        mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+        v_blk = tl.load(v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
-        x = tl.dot(q_blk, k_blk) * qk_scale
-        keep = k_ok[None, :]
-        x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(x - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        x = tl.dot(q_blk, k_blk)
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        p = tl.exp2(x * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
@@ -80,23 +81,26 @@ def attncc_fwd_causal_13065ae5a230(
             acc = tl.dot(p, v_blk, acc)
         m_i = m_new
     # PARTIAL key tiles: the mask predicate is evaluated per element.
-    for n in range(kt0_lo1, kt0_hi1):
+    partial_end0 = tl.maximum(kt_hi_partial0 - kt_lo_partial0, 0)
+    partial_end1 = partial_end0 + tail_full
+    for it in range(0, partial_end1):
+        n = tl.where(it < partial_end0, kt_lo_partial0 + it, n_tail + (it - partial_end0))
         k_idx = n * BLOCK_N + offs_n
         k_ok = k_idx < KV_LEN
         k = k_idx[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
                         mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs,
                         mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
-        x = tl.dot(q_blk, k_blk) * qk_scale
+        x = tl.dot(q_blk, k_blk)
         keep = k_ok[None, :] & (k <= t0)
         x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        # A row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(x - m_use[:, None])
+        p = tl.exp2(x * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -112,10 +116,10 @@ def attncc_fwd_causal_13065ae5a230(
     out = acc / l_safe[:, None]
     lse = tl.where(l_ok, m_i * 0.6931471805599453 + tl.log(l_safe), float("-inf"))
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + q_idx[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(o_base + q_idx.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    tl.store(l_base + q_idx * stride_lm, lse, mask=q_ok)
+    tl.store(l_base + q_idx.to(tl.int64) * stride_lm, lse, mask=q_ok)
 
 
 KERNEL = attncc_fwd_causal_13065ae5a230

@@ -45,12 +45,14 @@ def attncc_fwd_document_89dbb7209310(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    q_blk = tl.load(q_base + q_idx[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q_blk = tl.load(q_base + q_idx.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:  # matrix products in float32 (Triton's CPU interpreter has no bf16 dot)
         q_blk = q_blk.to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # softmax runs in base 2
     offs_n = tl.arange(0, BLOCK_N)
+    k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     # Loop-invariant parts of the mask and score.
     t0 = q + (KV_LEN - Q_LEN)  # q + (KV_LEN - Q_LEN)
     t1 = tl.load(in0 + b * in0_s0 + q * in0_s1, mask=((b < in0_n0) & (q < in0_n1)) != 0, other=0)  # doc[b, q]
@@ -59,26 +61,31 @@ def attncc_fwd_document_89dbb7209310(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # CSR row of this program: (head class of h [+ batch b], query tile m).
     row = (tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m
-    # FULL key tiles: every pair kept (only the sequence tail is masked).
     lo_full = tl.load(FULL_OFFSETS + row)
     hi_full = tl.load(FULL_OFFSETS + row + 1)
+    lo_partial = tl.load(PARTIAL_OFFSETS + row)
+    hi_partial = tl.load(PARTIAL_OFFSETS + row + 1)
+    # Key tile n_tail reaches past KV_LEN when KV_LEN is not a multiple of BLOCK_N;
+    # FULL loops stop before it and, when it is FULL, it runs (masked) with the PARTIAL tiles.
+    n_tail = KV_LEN // BLOCK_N
+    last_full = tl.load(FULL_INDICES + hi_full - 1, mask=hi_full > lo_full, other=-1)
+    tail_full = ((last_full == n_tail) & (KV_LEN % BLOCK_N != 0)).to(tl.int32)
+    hi_full = hi_full - tail_full
+    # FULL key tiles: every pair kept; no per-element masks (key tail: see n_tail).
     for it in range(lo_full, hi_full):
         n = tl.load(FULL_INDICES + it)
         k_idx = n * BLOCK_N + offs_n
-        k_ok = k_idx < KV_LEN
         k = k_idx[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
+                        mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+        v_blk = tl.load(v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
         s = tl.dot(q_blk, k_blk) * sm_scale
         x = (30.0 * _tanh(s / 30.0)) * 1.4426950408889634  # score modifier, then base 2
-        keep = k_ok[None, :]
-        x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_new = tl.maximum(m_i, tl.max(x, 1))
+        # A row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(x - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
@@ -91,16 +98,14 @@ def attncc_fwd_document_89dbb7209310(
             acc = tl.dot(p, v_blk, acc)
         m_i = m_new
     # PARTIAL key tiles: the mask predicate is evaluated per element.
-    lo_partial = tl.load(PARTIAL_OFFSETS + row)
-    hi_partial = tl.load(PARTIAL_OFFSETS + row + 1)
-    for it in range(lo_partial, hi_partial):
-        n = tl.load(PARTIAL_INDICES + it)
+    for it in range(lo_partial, hi_partial + tail_full):
+        n = tl.load(PARTIAL_INDICES + it, mask=it < hi_partial, other=n_tail)
         k_idx = n * BLOCK_N + offs_n
         k_ok = k_idx < KV_LEN
         k = k_idx[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
                         mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs,
                         mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
@@ -108,8 +113,8 @@ def attncc_fwd_document_89dbb7209310(
         x = (30.0 * _tanh(s / 30.0)) * 1.4426950408889634  # score modifier, then base 2
         keep = k_ok[None, :] & ((k <= t0) & (t1 == tl.load(in0 + b * in0_s0 + k * in0_s1, mask=((b < in0_n0) & (k < in0_n1)) != 0, other=0)))
         x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_new = tl.maximum(m_i, tl.max(x, 1))
+        # A row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(x - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
@@ -127,10 +132,10 @@ def attncc_fwd_document_89dbb7209310(
     out = acc / l_safe[:, None]
     lse = tl.where(l_ok, m_i * 0.6931471805599453 + tl.log(l_safe), float("-inf"))
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + q_idx[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(o_base + q_idx.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    tl.store(l_base + q_idx * stride_lm, lse, mask=q_ok)
+    tl.store(l_base + q_idx.to(tl.int64) * stride_lm, lse, mask=q_ok)
 
 
 KERNEL = attncc_fwd_document_89dbb7209310

@@ -43,7 +43,7 @@ def attncc_fwd_natten2d_5ded87b19172(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    q_blk = tl.load(q_base + q_idx[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q_blk = tl.load(q_base + q_idx.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:  # matrix products in float32 (Triton's CPU interpreter has no bf16 dot)
         q_blk = q_blk.to(tl.float32)
@@ -61,9 +61,11 @@ def attncc_fwd_natten2d_5ded87b19172(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # CSR row of this program: (head class of h [+ batch b], query tile m).
     row = (tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m
-    # FULL key tiles: every pair kept (only the sequence tail is masked).
     lo_full = tl.load(FULL_OFFSETS + row)
     hi_full = tl.load(FULL_OFFSETS + row + 1)
+    lo_partial = tl.load(PARTIAL_OFFSETS + row)
+    hi_partial = tl.load(PARTIAL_OFFSETS + row + 1)
+    # FULL key tiles: every pair kept; no per-element masks (key tail: see n_tail).
     for it in range(lo_full, hi_full):
         n = tl.load(FULL_INDICES + it)
         kc0 = (n // 2) * 4 + ks0
@@ -73,20 +75,18 @@ def attncc_fwd_natten2d_5ded87b19172(
         k = k_idx[None, :]
         k_c0 = kc0[None, :]
         k_c1 = kc1[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                         mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
-        x = tl.dot(q_blk, k_blk) * qk_scale
+        x = tl.dot(q_blk, k_blk)
         keep = k_ok[None, :]
         x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(x - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        p = tl.exp2(x * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
@@ -96,8 +96,6 @@ def attncc_fwd_natten2d_5ded87b19172(
             acc = tl.dot(p, v_blk, acc)
         m_i = m_new
     # PARTIAL key tiles: the mask predicate is evaluated per element.
-    lo_partial = tl.load(PARTIAL_OFFSETS + row)
-    hi_partial = tl.load(PARTIAL_OFFSETS + row + 1)
     for it in range(lo_partial, hi_partial):
         n = tl.load(PARTIAL_INDICES + it)
         kc0 = (n // 2) * 4 + ks0
@@ -107,19 +105,19 @@ def attncc_fwd_natten2d_5ded87b19172(
         k = k_idx[None, :]
         k_c0 = kc0[None, :]
         k_c1 = kc1[None, :]
-        k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                         mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
-        x = tl.dot(q_blk, k_blk) * qk_scale
+        x = tl.dot(q_blk, k_blk)
         keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
         x = tl.where(keep, x, float("-inf"))
-        # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        # A row with no kept key so far has m = -inf: shift by 0, not by -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(x - m_use[:, None])
+        p = tl.exp2(x * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -135,10 +133,10 @@ def attncc_fwd_natten2d_5ded87b19172(
     out = acc / l_safe[:, None]
     lse = tl.where(l_ok, m_i * 0.6931471805599453 + tl.log(l_safe), float("-inf"))
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + q_idx[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(o_base + q_idx.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    tl.store(l_base + q_idx * stride_lm, lse, mask=q_ok)
+    tl.store(l_base + q_idx.to(tl.int64) * stride_lm, lse, mask=q_ok)
 
 
 KERNEL = attncc_fwd_natten2d_5ded87b19172

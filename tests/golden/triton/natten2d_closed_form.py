@@ -3,7 +3,7 @@
 # options: block_m=16 block_n=16 num_warps=4 num_stages=2
 # query tiles: 4x4 over grid 8x12
 # key tiles:   4x4 over grid 8x12
-# key-tile loops: closed-form bounds (no index arrays).
+# key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL.
 import triton
 import triton.language as tl
 
@@ -43,7 +43,7 @@ def attncc_fwd_natten2d_87053c375627(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    q_blk = tl.load(q_base + q_idx[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q_blk = tl.load(q_base + q_idx.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if DOT_FP32:  # matrix products in float32 (Triton's CPU interpreter has no bf16 dot)
         q_blk = q_blk.to(tl.float32)
@@ -59,324 +59,82 @@ def attncc_fwd_natten2d_87053c375627(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Closed-form key-tile ranges: coordinates of query tile m on the tile grid.
-    qt0 = (m // 3)
-    qt1 = m % 3
-    cb0 = qt0 + 1  # qt0 + 1
-    cb1 = qt1 + 1  # qt1 + 1
-    kt0_lo0 = tl.maximum((qt0 + (-1)), 0)
-    kt0_hi0 = tl.minimum(qt0, 2)
-    kt0_lo1 = tl.maximum(qt0, 0)
-    kt0_hi1 = tl.minimum(cb0, 2)
-    kt0_lo2 = tl.maximum(cb0, 0)
-    kt0_hi2 = tl.minimum((qt0 + 2), 2)
-    kt1_lo0 = tl.maximum((qt1 + (-1)), 0)
-    kt1_hi0 = tl.minimum(qt1, 3)
-    kt1_lo1 = tl.maximum(qt1, 0)
-    kt1_hi1 = tl.minimum(cb1, 3)
-    kt1_lo2 = tl.maximum(cb1, 0)
-    kt1_hi2 = tl.minimum((qt1 + 2), 3)
-    # FULL key tiles: every pair kept (only the sequence tail is masked).
-    for kt0 in range(kt0_lo1, kt0_hi1):
-        for kt1 in range(kt1_lo1, kt1_hi1):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :]
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
+    # CSR row of this program: (head class of h [+ batch b], query tile m).
+    row = (tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m
+    lo_full = tl.load(FULL_OFFSETS + row)
+    hi_full = tl.load(FULL_OFFSETS + row + 1)
+    lo_partial = tl.load(PARTIAL_OFFSETS + row)
+    hi_partial = tl.load(PARTIAL_OFFSETS + row + 1)
+    # FULL key tiles: every pair kept; no per-element masks (key tail: see n_tail).
+    for it in range(lo_full, hi_full):
+        n = tl.load(FULL_INDICES + it)
+        kc0 = (n // 3) * 4 + ks0
+        kc1 = (n % 3) * 4 + ks1
+        k_idx = kc0 * 12 + kc1
+        k = k_idx[None, :]
+        k_c0 = kc0[None, :]
+        k_c1 = kc1[None, :]
+        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if DOT_FP32:
+            k_blk = k_blk.to(tl.float32)
+        x = tl.dot(q_blk, k_blk)
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        p = tl.exp2(x * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
+        if DOT_FP32:
+            acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p, v_blk, acc)
+        m_i = m_new
     # PARTIAL key tiles: the mask predicate is evaluated per element.
-    for kt0 in range(kt0_lo0, kt0_hi0):
-        for kt1 in range(kt1_lo0, kt1_hi0):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo0, kt0_hi0):
-        for kt1 in range(kt1_lo1, kt1_hi1):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo0, kt0_hi0):
-        for kt1 in range(kt1_lo2, kt1_hi2):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo1, kt0_hi1):
-        for kt1 in range(kt1_lo0, kt1_hi0):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo1, kt0_hi1):
-        for kt1 in range(kt1_lo2, kt1_hi2):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo2, kt0_hi2):
-        for kt1 in range(kt1_lo0, kt1_hi0):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo2, kt0_hi2):
-        for kt1 in range(kt1_lo1, kt1_hi1):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
-    for kt0 in range(kt0_lo2, kt0_hi2):
-        for kt1 in range(kt1_lo2, kt1_hi2):
-            n = kt0 * 3 + kt1
-            kc0 = (n // 3) * 4 + ks0
-            kc1 = (n % 3) * 4 + ks1
-            k_idx = kc0 * 12 + kc1
-            k_ok = (kc0 < 8) & (kc1 < 12)
-            k = k_idx[None, :]
-            k_c0 = kc0[None, :]
-            k_c1 = kc1[None, :]
-            k_blk = tl.load(k_base + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v_blk = tl.load(v_base + k_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_FP32:
-                k_blk = k_blk.to(tl.float32)
-            x = tl.dot(q_blk, k_blk) * qk_scale
-            keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
-            x = tl.where(keep, x, float("-inf"))
-            # Online softmax; a row with no kept key so far has m = -inf: shift by 0, not by -inf.
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(x - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
-            if DOT_FP32:
-                acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p, v_blk, acc)
-            m_i = m_new
+    for it in range(lo_partial, hi_partial):
+        n = tl.load(PARTIAL_INDICES + it)
+        kc0 = (n // 3) * 4 + ks0
+        kc1 = (n % 3) * 4 + ks1
+        k_idx = kc0 * 12 + kc1
+        k_ok = (kc0 < 8) & (kc1 < 12)
+        k = k_idx[None, :]
+        k_c0 = kc0[None, :]
+        k_c1 = kc1[None, :]
+        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if DOT_FP32:
+            k_blk = k_blk.to(tl.float32)
+        x = tl.dot(q_blk, k_blk)
+        keep = k_ok[None, :] & (((t0 <= k_c0) & (k_c0 < t1)) & ((t2 <= k_c1) & (k_c1 < t3)))
+        x = tl.where(keep, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1) * qk_scale)
+        # A row with no kept key so far has m = -inf: shift by 0, not by -inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(x * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = p.to(V.dtype.element_ty)  # P·V in the input dtype, as flash attention does
+        if DOT_FP32:
+            acc = tl.dot(p.to(tl.float32), v_blk.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p, v_blk, acc)
+        m_i = m_new
     # Rows that saw no key output 0 and log-sum-exp -inf.
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_ok, m_i * 0.6931471805599453 + tl.log(l_safe), float("-inf"))
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + q_idx[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(o_base + q_idx.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    tl.store(l_base + q_idx * stride_lm, lse, mask=q_ok)
+    tl.store(l_base + q_idx.to(tl.int64) * stride_lm, lse, mask=q_ok)
 
 
 KERNEL = attncc_fwd_natten2d_87053c375627
-META = {'kernel': 'attncc_fwd_natten2d_87053c375627', 'block_m': 16, 'block_n': 16, 'q_tile': (4, 4), 'kv_tile': (4, 4), 'q_grid': (8, 12), 'kv_grid': (8, 12), 'inputs': (), 'input_dims': (), 'num_warps': 4, 'num_stages': 2, 'closed_form': True}
+META = {'kernel': 'attncc_fwd_natten2d_87053c375627', 'block_m': 16, 'block_n': 16, 'q_tile': (4, 4), 'kv_tile': (4, 4), 'q_grid': (8, 12), 'kv_grid': (8, 12), 'inputs': (), 'input_dims': (), 'num_warps': 4, 'num_stages': 2, 'closed_form': False}
