@@ -1,6 +1,6 @@
 """`attncc` command line: a thin layer over the library.
 
-    attncc inspect SPEC --stage ast|ir|opt|schedule|triton [-p name=value ...]
+    attncc inspect SPEC --stage ast|ir|opt|schedule|triton|triton-bwd [-p name=value ...]
     attncc compile SPEC [-p name=value ...] [-o DIR]
     attncc verify  SPEC [-p name=value ...] [--backend B] [--dtype float32] ...
     attncc show    SPEC [-p name=value ...] [-o tiles.png]
@@ -156,6 +156,8 @@ def _cmd_compile(args) -> int:
              f"{pattern.name}.opt.txt": dump("opt", pattern, params, shape, options),
              f"{pattern.name}.schedule.txt": dump("schedule", pattern, params, shape, options),
              f"{pattern.name}_fwd.py": source}
+    if pattern.normalize == "softmax":  # the generated backward (dQ, dK/dV kernels)
+        files[f"{pattern.name}_bwd.py"] = dump("triton-bwd", pattern, params, shape, options)
     for name, text in files.items():
         path = os.path.join(args.out, name)
         tmp = path + ".tmp"

@@ -5,6 +5,7 @@
     opt       simplified IR                              attncc.passes.simplify.opt_text
     schedule  tile classification and loop bounds        attncc.schedule.build.schedule_text
     triton    generated Triton forward kernel            attncc.codegen.forward.generate_forward
+    triton-bwd  generated Triton backward kernels (dQ, dK/dV)  attncc.codegen.backward.generate_backward
 
 `attncc inspect SPEC --stage NAME` prints `dump(NAME, ...)`; `attncc compile -o DIR` writes
 every stage's dump to DIR. Stages import their modules lazily, so dumping the AST never
@@ -16,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-STAGE_NAMES = ("ast", "ir", "opt", "schedule", "triton")
+STAGE_NAMES = ("ast", "ir", "opt", "schedule", "triton", "triton-bwd")
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,20 @@ def _triton(spec, params, shape, options):
     return generate_forward(p, build_schedule(p, q_len, kv_len, heads, options=options), options)
 
 
+def _triton_bwd(spec, params, shape, options):
+    from .runtime.autograd import kernel_backward_source
+    from .runtime.compile import Kernel
+    p = load_pattern(spec, params)
+    if p.normalize != "softmax":
+        raise ValueError(f"pattern '{p.name}' has `normalize {p.normalize}`: the generated "
+                         "backward kernels are for softmax attention")
+    q_len, kv_len, heads = resolve_shape(p, shape)
+    kern = Kernel(p, options)
+    return kernel_backward_source(kern, kern.schedule(q_len, kv_len, heads))
+
+
 STAGES: dict[str, Callable] = {"ast": _ast, "ir": _ir, "opt": _opt, "schedule": _schedule,
-                               "triton": _triton}
+                               "triton": _triton, "triton-bwd": _triton_bwd}
 
 
 def dump(stage: str, spec, params: Optional[dict] = None, shape: Shape = Shape(), options=None) -> str:

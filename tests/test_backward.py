@@ -227,3 +227,12 @@ def test_backward_source_is_valid_python(path):
     src = attncc.compile(path).backward_source
     ast.parse(src)
     assert "KERNEL_DKV" in src and "atomic" not in src
+
+
+def test_cli_inspect_prints_the_backward_source(capsys):
+    from attncc.cli import main
+    assert main(["inspect", "specs/sliding_window.attn", "--stage", "triton-bwd",
+                 "--q-len", "512"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# attncc backward attention kernels")
+    assert "closed-form bounds" in out and "KERNEL_DKV" in out

@@ -77,7 +77,8 @@ def test_compile_writes_source_and_dumps(tmp_path, capsys):
     assert code == 0
     names = sorted(os.listdir(out_dir))
     assert names == ["natten2d.ast.txt", "natten2d.ir.txt", "natten2d.opt.txt",
-                     "natten2d.schedule.txt", "natten2d_fwd.py"]
+                     "natten2d.schedule.txt", "natten2d_bwd.py", "natten2d_fwd.py"]
+    assert "KERNEL_DKV" in (out_dir / "natten2d_bwd.py").read_text()
     source = (out_dir / "natten2d_fwd.py").read_text()
     tree = ast.parse(source)
     assert any(isinstance(n, ast.FunctionDef) for n in tree.body)
