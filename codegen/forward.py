@@ -128,9 +128,7 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
     if len(grid.tile) == 1:
         if side == "q":
             return [], ["q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
-        return (["offs_n = tl.arange(0, BLOCK_N)",
-                 "k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-                 "v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"],
+        return (["offs_n = tl.arange(0, BLOCK_N)"],
                 ["k_idx = n * BLOCK_N + offs_n", "k_ok = k_idx < KV_LEN"])
     if layout is None or tuple(grid.shape) != tuple(layout.shape):
         raise CodegenError(f"multi-dimensional {side} tiles {grid} need the pattern's grid layout")
@@ -392,6 +390,9 @@ def generate_forward(pattern, schedule, options) -> str:
 
     _, q_tile = _tile_lines("q", qg, layout)
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
+    if len(kg.tile) == 1:  # in-tile offsets of K and V (32-bit; the tile origin is 64-bit)
+        kv_hoist = kv_hoist + ["k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                               "v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
 
     def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
         """One key-tile step of the online softmax.
