@@ -73,6 +73,23 @@ def test_library_spec_matches_reference(spec, params, shape):
     _compare(attncc.load(f"specs/{spec}.attn", **params), **shape)
 
 
+def test_box_tiles_with_padding_slots():
+    """natten2d on 12×11 with 4×8 boxes: tiles hang over the grid's edge (padding slots)."""
+    from attncc.runtime.options import CompileOptions
+    p = attncc.load("specs/natten2d.attn", height=12, width=11, kernel=5)
+    q, k, v = _tensors(1, 2, 1, 132, 132, 8)
+    out, _, stats = torch_attention(p, q, k, v, options=CompileOptions(q_tile=(4, 8),
+                                                                        kv_tile=(4, 8)))
+    assert stats["q_tile"] == "4×8"
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    rl = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = attncc.reference(p, *rl)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    for g, r in zip(grads, torch.autograd.grad(ref, rl, dout)):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9)
+
+
 def test_document_with_padding():
     doc = torch.tensor([[0] * 50 + [1] * 60 + [2] * 30 + [-1] * 10, [0] * 150])
     _compare(attncc.load("specs/document.attn"), B=2, Hq=2, Hkv=1, Lq=150, inputs={"doc": doc})
@@ -205,11 +222,33 @@ def test_memory_is_o_kept_tiles(monkeypatch):
 @settings(max_examples=15)
 @given(lo=st.integers(0, 40), hi=st.integers(0, 40), dil=st.integers(1, 3),
        Lq=st.integers(1, 140), Lkv=st.integers(1, 140), ratio=st.sampled_from([1, 2, 3]),
-       Hkv=st.integers(1, 2), B=st.integers(1, 2), softcap=st.booleans())
-def test_random_bands_match_reference(lo, hi, dil, Lq, Lkv, ratio, Hkv, B, softcap):
-    text = (f"pattern band\nmask q - k <= {lo} & k - q <= {hi} & (q - k) % {dil} == 0"
-            + ("\nscore softcap(s, 3.0)" if softcap else ""))
-    _compare(attncc.parse(text), B=B, Hq=Hkv * ratio, Hkv=Hkv, Lq=Lq, Lkv=Lkv, D=8)
+       Hkv=st.integers(1, 2), B=st.integers(1, 2), softcap=st.booleans(), docs=st.booleans(),
+       weights=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_bands_match_reference(lo, hi, dil, Lq, Lkv, ratio, Hkv, B, softcap, docs,
+                                      weights, seed):
+    """Bands with dilation, optionally ∧ packed documents, a softcap and a learned output
+    scale (some head tiles all zero), odd lengths, Lq ≠ Lkv, GQA."""
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * ratio
+    docs = docs and Lq <= Lkv
+    lines = ["pattern band"]
+    inputs, grad_inputs = {}, ()
+    if docs:
+        lines.append("input doc: int[b, k]")
+        inputs["doc"] = torch.randint(0, 4, (B, Lkv), generator=g).sort(-1).values
+    if weights:
+        lines.append("input w: float[b, q, h]")
+        w = torch.rand(B, Lq, Hq, generator=g, dtype=torch.float64)
+        w[:, :, 0] = 0
+        inputs["w"], grad_inputs = w, ("w",)
+    lines.append(f"mask q - k <= {lo} & k - q <= {hi} & (q - k) % {dil} == 0"
+                 + (" & doc[b, q] == doc[b, k]" if docs else ""))
+    if softcap:
+        lines.append("score softcap(s, 3.0)")
+    if weights:
+        lines.append("output scale w[b, q, h]")
+    _compare(attncc.parse("\n".join(lines)), B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lkv=Lkv, D=8,
+             inputs=inputs, grad_inputs=grad_inputs, seed=seed)
 
 
 def test_torch_backend_is_registered():
