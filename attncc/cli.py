@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=2)
     s.add_argument("--head-dim", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--grad", action=argparse.BooleanOptionalAction, default=None,
+                   help="check gradients too (default: on for patterns with float inputs)")
 
     s = subs.add_parser("show", help="draw the tile map (text, or PNG with -o)")
     _common(s)
@@ -180,7 +182,7 @@ def _cmd_verify(args) -> int:
                     q_len=q_len if (args.q_len or pattern.layout) else VERIFY_1D_LEN,
                     kv_len=kv_len if (args.kv_len or pattern.layout) else None,
                     head_dim=args.head_dim, dtype=getattr(torch, args.dtype), seed=args.seed,
-                    options=_options(args))
+                    options=_options(args), grad=args.grad)
     print(report)
     for w in report.warnings:
         print(f"attncc: warning: {w}", file=sys.stderr)

@@ -12,6 +12,12 @@ kernel's arithmetic is measured.
 
 Pass criterion: |out - ref| <= atol + rtol·|ref| everywhere, no NaN, the same rows have
 lse = -inf (queries that see no key), and |lse - ref_lse| <= lse_tol on the others.
+
+Gradients (`grad=True`; by default on for patterns with float runtime inputs, i.e. learnable
+score tables, head weights or gates): out.backward(dO) with random dO, compared with
+torch.autograd through the reference for q, k, v and every float input; the error of each
+is max |g - g_ref| / max(1, max |g_ref|) and must stay within GRAD_TOLERANCES[dtype]
+(inputs the reference gives no gradient, e.g. the block scores of `blocks`, must get none).
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ TOLERANCES = {
     torch.float16: (1e-2, 1e-2, 1e-2),
     torch.bfloat16: (3e-2, 3e-2, 3e-2),
 }
+# Normalized gradient error allowed by input dtype (float32 allows for TF32 on GPUs).
+GRAD_TOLERANCES = {torch.float64: 1e-6, torch.float32: 5e-3, torch.float16: 2e-2,
+                   torch.bfloat16: 6e-2}
 DEFAULT_1D_LEN = 100  # not a tile multiple: sequence tails are exercised
 INT_INPUT_RANGE = 4
 
@@ -59,6 +68,9 @@ class VerifyReport:
     ok: bool
     # Things a PASS does not show, e.g. a mask that keeps no pair (so only zeros were checked).
     warnings: tuple[str, ...] = ()
+    # Gradient check (None: not run): worst normalized error over q, k, v and float inputs.
+    grad_err: Optional[float] = None
+    grad_tol: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -76,6 +88,9 @@ class VerifyReport:
             ("lse error", f"{self.lse_err:.3e}  (tol {self.lse_tol:.0e})"),
             ("empty rows", f"{self.empty_rows}" + ("" if self.empty_rows_match else "  (MISMATCH)")),
         ]
+        if self.grad_err is not None:
+            rows.append(("grad error", f"{self.grad_err:.3e}  (tol {self.grad_tol:.0e}, "
+                                       "q, k, v and float inputs)"))
         if self.has_nan:
             rows.append(("NaN", "kernel output contains NaN"))
         width = max(len(r[0]) for r in rows)
@@ -106,7 +121,8 @@ def random_inputs(pattern: Pattern, *, batch: int, heads: int, q_len: int, kv_le
 def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Optional[int] = None,
            kv_heads: Optional[int] = None, q_len: Optional[int] = None,
            kv_len: Optional[int] = None, head_dim: int = 32, dtype: torch.dtype = torch.float32,
-           seed: int = 0, device=None, options=None, inputs: Optional[dict] = None) -> VerifyReport:
+           seed: int = 0, device=None, options=None, inputs: Optional[dict] = None,
+           grad: Optional[bool] = None) -> VerifyReport:
     """Compare `pattern`'s kernel with the float64 reference on random data.
 
     pattern   a Pattern, a spec path or text, or a Kernel (then `backend`/`options` are its own
@@ -117,7 +133,8 @@ def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Opt
     device    default: CUDA when available, else CPU
 
     q [batch, heads, q_len, head_dim], k, v [batch, kv_heads, kv_len, head_dim] ~ N(0, 1) in
-    `dtype`; `inputs` overrides the random runtime inputs. Returns a VerifyReport.
+    `dtype`; `inputs` overrides the random runtime inputs. `grad` checks gradients too
+    (default: when the pattern declares float inputs). Returns a VerifyReport.
     """
     from ..reference import reference
     from .compile import Kernel, compile
@@ -153,12 +170,51 @@ def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Opt
                          generator=gen)
     rand.update(inputs or {})
 
-    from .compile import resolve_backend
-    used = resolve_backend(kern.backend, device)
+    from .compile import interpreter_enabled
+    if kern.backend is None and device.type != "cuda" and interpreter_enabled():
+        # Verification is of the generated kernels: on CPU through Triton's interpreter.
+        kern = compile(p, backend="interpret", options=kern.options)
     out, lse = kern(q, k, v, return_lse=True, **rand)
+    used = kern.last_backend
     ref, ref_lse = reference(p, q, k, v, return_lse=True, **rand)
-    return compare(p.name, used, (batch, heads, kv_heads, q_len, kv_len, head_dim), dtype,
-                   out, lse, ref, ref_lse)
+    report = compare(p.name, used, (batch, heads, kv_heads, q_len, kv_len, head_dim), dtype,
+                     out, lse, ref, ref_lse)
+    if grad is None:
+        grad = any(d.dtype == "float" for d in p.inputs)
+    if not grad:
+        return report
+    import dataclasses
+    err = grad_error(kern, q, k, v, rand, gen)
+    tol = GRAD_TOLERANCES[dtype]
+    return dataclasses.replace(report, grad_err=err, grad_tol=tol,
+                               ok=report.ok and err <= tol)
+
+
+def grad_error(kern, q, k, v, inputs: dict, gen: torch.Generator) -> float:
+    """Worst normalized gradient error of `kern` against autograd through the reference
+    (q, k, v and float inputs; inf when a gradient is missing, extra, or not finite)."""
+    from ..reference import reference
+    names = [n for n, t in inputs.items() if t.is_floating_point()]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)] + \
+        [inputs[n].detach().clone().requires_grad_(True) for n in names]
+    out = kern(*leaves[:3], **dict(inputs, **dict(zip(names, leaves[3:]))))
+    dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    got = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+    ref_leaves = [t.detach().to(torch.float64).requires_grad_(True) for t in leaves]
+    ref = reference(kern.pattern, *ref_leaves[:3],
+                    **dict(inputs, **dict(zip(names, ref_leaves[3:]))))
+    want = torch.autograd.grad(ref, ref_leaves, dout.to(torch.float64), allow_unused=True)
+    worst = 0.0
+    for g, w in zip(got, want):
+        if w is None or g is None:
+            if (w is None) != (g is None or not bool(g.any())):
+                return float("inf")
+            continue
+        g64 = g.detach().to(torch.float64)
+        if not bool(torch.isfinite(g64).all()):
+            return float("inf")
+        worst = max(worst, float((g64 - w).abs().max()) / max(1.0, float(w.abs().max())))
+    return worst
 
 
 def compare(name: str, backend: str, shape: tuple, dtype: torch.dtype, out, lse, ref,
