@@ -157,7 +157,11 @@ def _reference_of(case: str, seed: int):
     inputs = make_inputs(L) if make_inputs else {}
     out = attncc.reference(kern.pattern, q, k, v, **inputs)
     out.backward(dout)
-    # the single-process ContextParallel call (no process group) runs the same local path
+    # the single-process kernel (block-sparse torch backend) and ContextParallel without a
+    # process group (one rank, the same local path as every rank)
+    torch_kern = attncc.compile(spec(name), params=params or None, backend="torch", **TILE)
+    single = torch_kern(q.detach(), k.detach(), v.detach(), **inputs)
+    torch.testing.assert_close(single, out.detach(), rtol=1e-9, atol=1e-9)
     single = ContextParallel(kern)(q.detach(), k.detach(), v.detach(), **inputs)
     return out.detach(), q.grad, k.grad, v.grad, single, kern, L, inputs
 
@@ -209,6 +213,14 @@ def test_two_ranks_outputs_gradients_and_bytes(tmp_path):
                  "sharded_inputs": True})
     results = _launch(2, jobs, tmp_path)
     _check(2, jobs, results)
+
+
+@pytest.mark.slow
+def test_eight_ranks(tmp_path):
+    jobs = [{"id": f"{case}-auto", "case": case, "balance": "auto", "seed": i}
+            for i, case in enumerate(("causal", "sliding_window", "document", "natten2d"))]
+    results = _launch(8, jobs, tmp_path)
+    _check(8, jobs, results)
 
 
 def test_four_ranks_balanced(tmp_path):

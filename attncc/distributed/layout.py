@@ -7,9 +7,10 @@ and shards of contiguous pieces stay contiguous). Balance choices:
     contiguous  rank r holds [r·L/W, (r+1)·L/W) (the first L mod W ranks one token more)
     headtail    the sequence cut into 2W near-equal chunks; rank r holds chunks r and 2W-1-r
                 (zig-zag: evens causal work)
-    document    per-document: documents longer than L/W are cut head-tail across all ranks,
-                shorter ones are kept whole and placed greedily on the least-loaded rank
-                (load = the document's causal pairs, n(n+1)/2); needs the document ids
+    document    per-document: contiguous pieces whose cut points split the causal work
+                within documents (Σ over tokens of their position in their document + 1)
+                evenly, snapped to a document boundary when one is within L/(8W) tokens, and
+                at most 2·⌈L/W⌉ tokens per rank; needs the document ids
     grid        a tiling of a grid layout: the world is factored into per-axis rank counts
                 (the fewest tokens in the largest box, then the smallest total cut area)
                 and each rank holds one box of the grid
@@ -18,7 +19,6 @@ All functions are pure and deterministic: every rank computes the same layout.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -113,20 +113,26 @@ def document_segments(doc: torch.Tensor) -> torch.Tensor:
 
 def document(length: int, world: int, doc: torch.Tensor) -> Layout:
     """Per-document balance (see the module docstring); `doc` int [B, ≥length]."""
-    bounds = document_segments(doc[:, :length]).tolist()
-    owner = torch.empty(length, dtype=torch.int64)
-    long_cut = max(1, length // world)
-    small = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b - a > long_cut:   # evenly over every rank: adds the same load to each
-            owner[a:b] = _headtail_owner(b - a, world)
-        else:
-            small.append((b - a, a))
-    load = [(0, r) for r in range(world)]
-    for n, a in sorted(small, key=lambda t: (-t[0], t[1])):
-        w, r = heapq.heappop(load)   # least loaded, ties to the lower rank
-        owner[a:a + n] = r
-        heapq.heappush(load, (w + n * (n + 1) // 2, r))
+    bounds = document_segments(doc[:, :length])
+    pos = torch.arange(length)
+    seg = torch.searchsorted(bounds, pos, right=True) - 1
+    cum = torch.cumsum((pos - bounds[seg] + 1).to(torch.float64), 0)   # causal pairs so far
+    total = float(cum[-1]) if length else 0.0
+    cap = 2 * -(-length // world)
+    tol = max(1, length // (8 * world))
+    cuts = [0]
+    for r in range(1, world):
+        c = int(torch.searchsorted(cum, total * r / world)) + 1
+        near = bounds[(bounds - c).abs().argmin()].item()
+        if abs(near - c) <= tol:
+            c = near                                  # snap to a document boundary
+        rest = world - r                              # ranks still to fill
+        lo = max(cuts[-1] + (1 if length - cuts[-1] > rest else 0), length - rest * cap)
+        hi = min(cuts[-1] + cap, length - (rest if length - cuts[-1] > rest else 0))
+        cuts.append(min(max(c, lo), hi))
+    cuts.append(length)
+    sizes = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
+    owner = torch.repeat_interleave(torch.arange(world), sizes)
     return _from_owner("document", owner, world)
 
 

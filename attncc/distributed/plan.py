@@ -26,9 +26,10 @@ from . import layout as lay
 from .layout import Layout, range_bounds
 from .visits import EXACT_LIMIT, PlanError, TileVisits, build_visits
 
-# Refinement (token-granular PARTIAL tiles) is skipped past this many mask evaluations
-# unless exact=True; the plan then fetches whole key tiles (granularity "tile").
-REFINE_LIMIT = 1 << 25
+# Refinement (token-granular PARTIAL tiles) is skipped on a rank whose cross-rank PARTIAL tiles
+# need more than this many mask evaluations, unless exact=True; that rank then fetches whole
+# key tiles (granularity "tile", or "mixed" when only some ranks do).
+REFINE_RANK_LIMIT = 1 << 22
 BALANCE_TOLERANCE = 1.05
 
 
@@ -88,7 +89,7 @@ class Plan:
     balance        the layout kind chosen; `candidates` every kind compared, as
                    {kind: (max load / mean load, total bytes)}
     bytes_per_token  batch × kv_heads × (head_dim + v_dim) × itemsize
-    granularity    "token" (PARTIAL tiles refined to the keys kept) or "tile"
+    granularity    "token" (PARTIAL tiles refined to the keys kept), "tile" or "mixed"
     load_kind      "kept" or "computed" (what `RankPlan.load` counts)
     """
     world: int
@@ -213,6 +214,9 @@ def _needed_ranges(v: TileVisits, rank: int, rows_pos: torch.Tensor, owner_q: to
     idx, qt = v.rows_of(tiles)
     kt, full = v.kt[idx], v.full[idx]
     foreign = k_tile_owner[kt] != rank
+    if refine is None:   # token granularity unless this rank's refinement is too costly
+        area = v.q_tokens.shape[1] * v.kv_tokens.shape[1] * v.batch * len(v.heads)
+        refine = int((foreign & ~full).sum()) * area <= REFINE_RANK_LIMIT
     whole = foreign & (full | (not refine))
     part = foreign & ~whole
     starts, ends = [], []
@@ -230,9 +234,9 @@ def _needed_ranges(v: TileVisits, rank: int, rows_pos: torch.Tensor, owner_q: to
         starts.append(s), ends.append(e)
     if not starts:
         z = torch.zeros(0, dtype=torch.int64)
-        return z, z, computed
+        return z, z, computed, refine
     s, e = merge_ranges(torch.cat(starts), torch.cat(ends))
-    return s, e, computed
+    return s, e, computed, refine
 
 
 def _tile_token_ranges(v: TileVisits, kt: torch.Tensor):
@@ -247,13 +251,6 @@ def _tile_token_ranges(v: TileVisits, kt: torch.Tensor):
     return range_bounds(tok)
 
 
-def refine_cost(v: TileVisits) -> int:
-    """Mask evaluations a token-granular refinement of every PARTIAL pair would cost (an upper
-    bound on what planning spends)."""
-    area = v.q_tokens.shape[1] * v.kv_tokens.shape[1]
-    return int((~v.full).sum()) * area * v.batch * len(v.heads)
-
-
 def plan_layouts(v: TileVisits, q_layout: Layout, kv_layout: Layout, bytes_per_token: int,
                  refine: bool) -> tuple[list[RankPlan], str]:
     """Per-rank plans for fixed layouts."""
@@ -261,10 +258,13 @@ def plan_layouts(v: TileVisits, q_layout: Layout, kv_layout: Layout, bytes_per_t
     runs = owner_runs(kv_layout)
     k_tile_owner = _tile_owner(v.kv_tokens, kv_layout.owner)
     ranks = []
-    send = [0] * world
+    grans = set()
+    send = torch.zeros(world, dtype=torch.int64)
     for r in range(world):
         rows_pos = q_layout.owned[r]
-        s, e, computed = _needed_ranges(v, r, rows_pos, q_layout.owner, k_tile_owner, refine)
+        s, e, computed, refined = _needed_ranges(v, r, rows_pos, q_layout.owner, k_tile_owner,
+                                                 refine)
+        grans.add("token" if refined else "tile")
         a, b, src = cut_by_owner(s, e, runs)
         keep = src != r
         a, b, src = a[keep], b[keep], src[keep]
@@ -272,19 +272,18 @@ def plan_layouts(v: TileVisits, q_layout: Layout, kv_layout: Layout, bytes_per_t
         a, b, src = a[order], b[order], src[order]
         n = b - a
         tokens = int(n.sum())
-        per_src = torch.zeros(world, dtype=torch.int64).index_add_(0, src, n)
-        for s_rank in torch.nonzero(per_src).flatten().tolist():
-            send[s_rank] += int(per_src[s_rank])
+        send.index_add_(0, src, n)
         kept = None if v.row_kept is None else int(v.row_kept[rows_pos].sum())
         ranks.append(RankPlan(r, lay.to_ranges(rows_pos), lay.to_ranges(kv_layout.owned[r]),
                               int(rows_pos.numel()), src, a, b, tokens,
                               tokens * bytes_per_token, kept, computed))
     out = []
+    send = send.tolist()
     for rp in ranks:
         object.__setattr__(rp, "send_tokens", send[rp.rank])
         object.__setattr__(rp, "send_bytes", send[rp.rank] * bytes_per_token)
         out.append(rp)
-    return out, ("token" if refine else "tile")
+    return out, (grans.pop() if len(grans) == 1 else "mixed")
 
 
 def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *, world: int,
@@ -301,7 +300,8 @@ def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *
     heads, kv_heads, batch, head_dim, v_dim, dtype   the call's shape (bytes and load)
     inputs           global runtime inputs (document ids) for patterns whose mask reads them
     exact            True: token-granular fetch lists always; False: whole key tiles; None:
-                     token-granular unless that costs more than REFINE_LIMIT mask evaluations
+                     token-granular except on ranks where that costs more than
+                     REFINE_RANK_LIMIT mask evaluations
     layouts          (q_layout, kv_layout) to plan for, bypassing `balance`
     """
     if q_len is None:
@@ -317,7 +317,7 @@ def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *
     bpt = batch * kv_heads * (head_dim + v_dim) * itemsize
     v = build_visits(kern, q_len, kv_len, heads=heads, batch=batch, inputs=inputs,
                      exact_limit=exact_limit)
-    refine = exact if exact is not None else refine_cost(v) <= REFINE_LIMIT
+    refine = exact
     if layouts is not None:
         ranks, gran = plan_layouts(v, layouts[0], layouts[1], bpt, refine)
         return Plan(world, q_len, kv_len, layouts[0].kind, layouts[0], layouts[1], tuple(ranks),

@@ -209,7 +209,8 @@ def build_visits(kern, q_len: int, kv_len: int, *, heads: int = 1, batch: int = 
 def _row_kept(v: TileVisits, sched, partial_parts, q_len, batch, heads, dynamic, limit):
     """Exact kept keys per query row (Σ batch, heads), or None past `limit` evaluations."""
     area = v.q_tokens.shape[1] * v.kv_tokens.shape[1]
-    n_eval = sum(p[0].numel() for p in partial_parts) * area * v.batch * len(v.heads)
+    pairs = v.nnz if dynamic else sum(p[0].numel() for p in partial_parts)
+    n_eval = pairs * area * v.batch * len(v.heads)
     if n_eval > limit:
         return None
     row = torch.zeros(q_len, dtype=torch.float64)
