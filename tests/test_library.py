@@ -17,7 +17,9 @@ SPECS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ["causal", "sliding_window", "chunked", "prefix_lm", "streaming_sinks", "dilated_1d",
            "natten1d", "natten2d", "natten3d", "gna", "maxvit_block", "maxvit_grid",
            "longformer", "bigbird", "document", "moa", "biformer", "seer_gate", "moh", "alibi",
-           "softcap"]
+           "softcap",
+           # issue 12 (mask and score formulas in tests/test_specs_extra.py)
+           "lightning", "music_transformer", "t5_bias", "s2_attention", "swin", "swin_shifted"]
 
 
 def spec(name, **params):
