@@ -15,7 +15,8 @@ from attncc.runtime.torch_backend import torch_attention
 
 def _tensors(B, Hq, Hkv, Lq, Lkv, D, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
+    def mk(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     return mk(B, Hq, Lq, D), mk(B, Hkv, Lkv, D), mk(B, Hkv, Lkv, D)
 
 

@@ -163,7 +163,8 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
                                heads=Hq, float_dtype=_cdtype(q.dtype))
     counts = [int(sg.valid.sum()) * (B if sg.valid.shape[0] == 1 else 1)
               * (Hq if sg.valid.shape[1] == 1 else 1) for sg in segments]
-    stats = {"q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile)),
+    stats = {"q_tile": "×".join(map(str, q_grid.tile)),
+             "kv_tile": "×".join(map(str, kv_grid.tile)),
              "full_tiles": counts[0], "partial_tiles": counts[1]}
     q_tok, k_tok = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
     return TorchPlan(q_tok, k_tok, segments, mask_mod, stats, _contiguous_tiles(q_tok, Lq),
@@ -178,7 +179,8 @@ def _contiguous_tiles(tok: torch.Tensor, L: int) -> bool:
     """True when tiles are runs of consecutive tokens (1-D tiles): slot i of the flattened
     tiling holds token i, and only the tail is padding."""
     flat = tok.flatten()
-    return bool((flat[:L] == torch.arange(L, device=tok.device)).all()) and bool((flat[L:] < 0).all())
+    return bool((flat[:L] == torch.arange(L, device=tok.device)).all()) \
+        and bool((flat[L:] < 0).all())
 
 
 def _tiles(x: torch.Tensor, tok: torch.Tensor, dtype, contiguous: bool = False) -> torch.Tensor:
@@ -324,7 +326,8 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
         ok = l_i > 0
         safe_l = torch.where(ok, l_i, torch.ones_like(l_i))
         o_t[:, :, t0:t1] = acc / safe_l[..., None]
-        lse_t[:, :, t0:t1] = torch.where(ok, m_i + torch.log(safe_l), torch.full_like(m_i, -math.inf))
+        lse_t[:, :, t0:t1] = torch.where(ok, m_i + torch.log(safe_l),
+                                         torch.full_like(m_i, -math.inf))
     return (_untile(o_t, plan.q_tok, Lq, 0.0, plan.q_contig),
             _untile(lse_t, plan.q_tok, Lq, -math.inf, plan.q_contig))
 
@@ -488,7 +491,8 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"has `normalize {pattern.normalize}`")
     inputs = dict(inputs or {})
     if validate:
-        if pattern.layout is not None and (Lq != pattern.layout.numel or Lkv != pattern.layout.numel):
+        n = None if pattern.layout is None else pattern.layout.numel
+        if n is not None and (Lq != n or Lkv != n):
             raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
                              f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
         inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
@@ -499,7 +503,7 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return (q.new_zeros(B, Hq, Lq, Dv),
                 torch.full((B, Hq, Lq), -math.inf, dtype=cdt, device=q.device), {})
     plan = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
-                         options=options, schedule=schedule)
+                      options=options, schedule=schedule)
     w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=q.device,
                      float_dtype=cdt)
     if w is not None:
@@ -507,7 +511,8 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     names = _score_tables(pattern)
     fixed = {n: t.detach() for n, t in inputs.items() if n not in names}
     make_score = None
-    if pattern.score is not None and not (isinstance(pattern.score, Var) and pattern.score.name == "s"):
+    identity = isinstance(pattern.score, Var) and pattern.score.name == "s"
+    if pattern.score is not None and not identity:
         def make_score(tabs, _p=pattern):
             return to_score_mod(_p, tabs, q_len=Lq, kv_len=Lkv, heads=Hq, float_dtype=cdt)
     tables = [inputs[n] for n in names]
@@ -518,7 +523,8 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          w, *tables)
     else:
         with torch.no_grad():
-            score_fn = make_score({**fixed, **{n: inputs[n] for n in names}}) if make_score else None
+            tabs = {**fixed, **{n: inputs[n] for n in names}}
+            score_fn = make_score(tabs) if make_score else None
             rows = None if w is None else _active(w, plan)
             o, lse = _forward_core(plan, q, k, v, scale, score_fn, rows)
             out = (o if w is None else o * w[..., None]).to(q.dtype)
