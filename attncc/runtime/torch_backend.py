@@ -23,8 +23,9 @@ The forward and the backward visit only the kept tiles of attncc's schedule:
   and table lookups all differentiate, and floating-point tables read in `score` get their
   gradients, summed chunk after chunk in a fixed order. dK / dV of each visited tile are
   accumulated per (batch, KV head, key tile) with `index_add_` in a fixed order (serial on
-  CPU: two runs are bit-identical); GQA sums the query heads of a group there. dQ rows belong
-  to one query tile, so they are written, not accumulated.
+  CPU: two runs are bit-identical; on CUDA `index_add_` uses atomics, so bit-identical
+  gradients are a CPU property of this backend); GQA sums the query heads of a group there.
+  dQ rows belong to one query tile, so they are accumulated per tile, never scattered.
 * *Output scale* `w[b, q, h]`: out = w · O. dO reaching the attention is w · dO and
   dW = rowsum(O ⊙ dO); (batch, head, query tile) triples the forward skipped (all weights
   zero) are recomputed in the backward when w needs a gradient, so they get their true dW.
