@@ -171,6 +171,11 @@ def generate_backward(pattern, schedule, options) -> str:
         return out + ["n_visit += 1"]
 
     _, q_tile = _tile_lines("q", qg, layout)
+    # dK/dV walks each query tile in slices of SUB_M slots (sub = slice index).
+    q_tile_sub = [ln.replace("tl.arange(0, BLOCK_M)", "(sub * SUB_M + tl.arange(0, SUB_M))")
+                  for ln in q_tile]
+    if q_tile_sub == q_tile:
+        raise CodegenError("query tile lines have no slot range to slice")
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
     k_coords = _coord_lines("k", kg, layout, coords["k"])
     q_coords = _coord_lines("q", qg, layout, coords["q"])
@@ -191,9 +196,12 @@ def generate_backward(pattern, schedule, options) -> str:
         """One query-tile step of dK/dV. Query slots past Q_LEN have lse = +inf (P = 0) and
         key slots past KV_LEN are never stored, so FULL steps need no select at all."""
         masked = kind == "PARTIAL" and mask is not TRUE
+        sub_scores = [ln.replace("tl.zeros([BLOCK_M, BLOCK_N]", "tl.zeros([SUB_M, BLOCK_N]")
+                      for ln in scores(r_kv, masked)]
         return fill(_template("bwd_dkv_step.tmpl"), {
-            "loop_header": loop_header, "tile_index": tile_index, "q_tile": q_tile,
-            "q_coords": q_coords, "scores": scores(r_kv, masked),
+            "loop_header": loop_header, "tile_index": tile_index, "kind": kind,
+            "q_tile": q_tile_sub,
+            "q_coords": q_coords, "scores": sub_scores,
             "probs": probs(r_kv, masked, False), "chain": chain(r_kv)})
 
     # dQ loops: the forward's key-tile loops (closed form or CSR rows).

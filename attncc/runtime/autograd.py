@@ -227,8 +227,25 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
         rows_t["full_offsets"], rows_t["full_indices"], rows_t["partial_offsets"],
         rows_t["partial_indices"], rows_t["head_class"], rows_per_batch,
         *in_args,
-        Lq, Lkv, Hq, Hq // Hkv, nkt, D, Dv, float(scale), **common)
+        Lq, Lkv, Hq, Hq // Hkv, nkt, D, Dv, float(scale),
+        SUB_M=_sub_m(meta["block_m"], D, Dv),
+        **dict(common, num_warps=_dkv_warps(common["num_warps"], D, Dv)))
     return dq, dk, dv, scratch
+
+
+def _dkv_warps(warps: int, D: int, Dv: int) -> int:
+    """Warps of the dK/dV kernel: it holds two float32 accumulators [BLOCK_N, head dim]
+    (dK and dV) across its loops, so head dims above 64 get at least 8 warps (at 4 warps
+    and d128 ptxas spills; docs/BENCHMARKS.md, backward AOT figures)."""
+    from .launch import _block_d
+    return max(warps, 8) if max(_block_d(D), _block_d(Dv)) > 64 else warps
+
+
+def _sub_m(block_m: int, D: int, Dv: int) -> int:
+    """Query slots per dK/dV inner step: the whole tile up to head dim 64, 32-row slices
+    above (the dK/dV program keeps K, V and both accumulators live across the loop)."""
+    from .launch import _block_d
+    return min(block_m, 32) if max(_block_d(D), _block_d(Dv)) > 64 else block_m
 
 
 def reduce_table_grad(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
@@ -309,3 +326,38 @@ class GeneratedAttention(torch.autograd.Function):
             g = grads.get(n) if wanted[n] else None
             result.append(None if g is None else g.to(t.dtype))
         return (None, None, None, None, None, *result)
+
+
+def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 64,
+                  dtype: str = "bfloat16", batch: int = 2, q_len: Optional[int] = None,
+                  heads: Optional[int] = None, options: Optional[dict] = None,
+                  seed: int = 0) -> None:
+    """Launch path of the generated backward on CPU tensors, for ahead-of-time compilation
+    (`attncc.runtime.aot.run_jobs` entry "attncc.runtime.autograd:backward_case", which
+    captures the launches instead of running them): q/k/v [batch, heads, q_len, head_dim]
+    of `dtype`, the pattern's random runtime inputs, lengths and heads by
+    `Kernel.default_shape()` unless given; the dQ kernel is launched with TABLE_GRAD on when
+    the score reads float tables."""
+    import os
+
+    from .. import api
+    from .compile import CompileOptions, Kernel
+    from .launch import load_kernel
+    from .verify import random_inputs
+    pattern = api.load(spec, **(params or {})) if os.path.exists(str(spec)) \
+        else api.parse(spec, **(params or {}))
+    kern = Kernel(pattern, CompileOptions(**(options or {})))
+    n, _, h = kern.default_shape()
+    q_len, heads = q_len or n, heads or h
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
+                     for _ in range(4))
+    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=q_len,
+                           generator=gen)
+    plan = _plan(kern, q, k, inputs)
+    module = load_kernel(_source("bwd", plan.pattern, plan.schedule, plan.options))
+    lse = torch.zeros(batch, heads, q_len, dtype=torch.float32)
+    run_backward(module, plan, q, k, v, dout, lse, torch.zeros_like(lse),
+                 {**inputs, **plan.extra}, head_dim ** -0.5,
+                 tuple(range(len(module.META["tables"]))))
