@@ -266,10 +266,12 @@ class Kernel:
     q's dtype, and with `return_lse=True` also the log-sum-exp float32 [B, Hq, Lq] (natural
     log; -inf for a query that sees no key, whose output row is 0).
 
-    Autograd: forward kernels only in this release. When q, k, v or a floating-point runtime
-    input require grad, the backward pass recomputes attention densely with `attncc.reference`
-    (float64) and differentiates it: correct, but O(B·Hq·Lq·Lkv) memory and time. Selections
-    (`route`, `blocks` top-k) are piecewise constant: no gradient flows through them.
+    Autograd: on "triton" and "interpret" the generated backward kernels run
+    (`runtime.autograd`: dQ over the forward's key-tile loops, dK/dV over the transposed
+    schedule, P recomputed from the saved log-sum-exp; gradients of float inputs read in
+    `score` or `output scale` are deterministic); other backends differentiate themselves or
+    the dense float64 `attncc.reference`. Selections (`route`, `blocks` top-k) are piecewise
+    constant: no gradient flows through them.
 
     Attributes: `pattern`, `options`, `backend` (the requested backend; None = by device),
     `source` (generated source for the default shape), `schedule(q_len, kv_len, heads)`.
