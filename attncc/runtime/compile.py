@@ -390,7 +390,13 @@ class Kernel:
 
     # ---- calls -----------------------------------------------------------------------------
     def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False,
+                 return_block_scores: Optional[int] = None, block_scores_pool: str = "max",
                  **inputs):
+        if return_block_scores is not None:
+            # SeerAttention gate targets: pooled softmax probabilities (runtime/block_scores.py)
+            from .block_scores import call_with_block_scores
+            return call_with_block_scores(self, q, k, v, scale, return_lse, return_block_scores,
+                                          block_scores_pool, inputs)
         B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
         self._check_lengths(Lq, Lkv)
         inputs = check_inputs(self.pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
