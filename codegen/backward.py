@@ -187,8 +187,12 @@ def generate_backward(pattern, schedule, options) -> str:
         masked = kind == "PARTIAL" and mask is not TRUE
         score_lines = scores(r_dq, masked)
         tab = [ln for ln in table_lines(r_dq, masked, tail) if ln[4:] not in score_lines]
+        d_k, d_v = "(offs_d[None, :] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
         return fill(_template("bwd_dq_step.tmpl"), {
-            "loop_header": loop_header, "tile_index": tile_index, "kv_tile": kv_tile,
+            "loop_header": loop_header, "tile_index": tile_index,
+            "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+            "k_mask": f"k_ok[:, None] & {d_k}" if tail else d_k,
+            "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
             "k_coords": k_coords, "scores": score_lines, "probs": probs(r_dq, masked, tail),
             "chain": chain(r_dq), "table_grads": tab})
 
