@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--decode", action="store_true",
+                   help="time one decode step against a KV cache of --kv-len tokens (default "
+                        "4096) with --q-len new tokens per sequence (default 1)")
+    s.add_argument("--kv-heads", type=int, default=None, help="key/value heads for --decode")
+    s.add_argument("--page-size", type=int, default=None, help="paged cache for --decode")
+    s.add_argument("--no-flex", action="store_true",
+                   help="--decode without the FlexAttention baseline (compiling it takes "
+                        "tens of seconds on CPU)")
     return ap
 
 
@@ -214,6 +222,10 @@ def _cmd_bench(args) -> int:
     from .pipeline import load_pattern
     from .runtime.bench import bench_cli
     pattern = load_pattern(args.spec, dict(args.param))
+    if args.decode:
+        from .runtime.bench_decode import bench_decode_cli
+        print(bench_decode_cli(pattern, args))
+        return 0
     print(bench_cli(pattern, args))
     return 0
 

@@ -14,14 +14,15 @@ Kernel contract (what `attncc.runtime.decode_launch.run_decode` passes):
     O, LSE            float32 partial results [B, Hq, LQ, N_SPLITS, Dv] and [B, Hq, LQ, N_SPLITS]
                       (each split normalized by itself; merged by log-sum-exp on the host)
     SEQLENS           int32 [B]: L of each sequence (new rows at L − LQ … L − 1)
-    RANGES            int32 [B, Hkv, N_RANGES, 2]: sorted disjoint key ranges [lo, hi)
-    TILE_START        int32 [B, Hkv, N_RANGES + 1]: key tiles (BLOCK_N-aligned) before each
-                      range; the last entry is the total, which the splits share evenly
+    TILES             int32 [B, Hkv, T, 2]: the key tiles to visit, in key order, each as
+                      the keys [lo, hi) it covers (within one BLOCK_N-aligned tile)
+    TILE_COUNT        int32 [B, Hkv]: tiles of each (sequence, key head), shared evenly
+                      by the N_SPLITS programs
     BLOCK_TABLE       int32 [B, max_pages] when PAGED (else any int32 tensor)
     strides           4 each for Q, K, V (K/V's first stride is per batch or per page),
-                      5 for O, 4 for LSE, 3 for RANGES, 2 for TILE_START, 1 for BLOCK_TABLE
+                      5 for O, 4 for LSE, 3 for TILES, 2 for TILE_COUNT, 1 for BLOCK_TABLE
     per input j       pointer `in{j}`, strides `in{j}_s{i}`, sizes `in{j}_n{i}`
-    HEADS, KV_HEADS, GROUP (= Hq / Hkv), LQ, N_RANGES, N_SPLITS, PAGE_SIZE, HEAD_DIM,
+    HEADS, KV_HEADS, GROUP (= Hq / Hkv), LQ, N_SPLITS, PAGE_SIZE, HEAD_DIM,
     HEAD_DIM_V, sm_scale; constexprs BLOCK_M (rows: GROUP · LQ slots), BLOCK_N, BLOCK_D,
     BLOCK_DV, PAGED, DOT_FP32.
 Every visited key is checked against its range, the sequence and the full mask predicate, so

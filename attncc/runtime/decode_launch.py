@@ -1,7 +1,7 @@
 """Launching the generated split-KV decode kernel (`codegen/decode.py`) and merging its splits.
 
 `run_decode` turns the key ranges of a decode step (`schedule.decode.key_ranges`) into the
-kernel's launch tensors (ranges and per-range tile prefix sums, int32), picks the number of
+kernel's launch tensors (the list of key tiles to visit, int32), picks the number of
 splits, launches one program per (sequence · key head, split, row block) and merges the
 per-split results by log-sum-exp:
 
@@ -43,11 +43,22 @@ def decode_module(kern, pattern):
 
 
 def decode_launch_tensors(ranges: torch.Tensor, block_n: int):
-    """(ranges int32 [B, Hkv, R, 2], tile_start int32 [B, Hkv, R + 1]) for the kernel."""
-    tc = tile_counts(ranges, block_n)
-    start = torch.zeros(*tc.shape[:-1], tc.shape[-1] + 1, dtype=torch.int64, device=tc.device)
-    start[..., 1:] = torch.cumsum(tc, -1)
-    return ranges.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
+    """(tiles int32 [B, Hkv, T, 2], counts int32 [B, Hkv]) for the kernel: the key tiles of
+    `ranges` [B, Hkv, R, 2] (BLOCK_N-aligned; a tile shared by two ranges appears once per
+    range), each as the keys [lo, hi) of its range inside it, in key order."""
+    tc = tile_counts(ranges, block_n)                                     # [B, Hkv, R]
+    cum = torch.cumsum(tc, -1)
+    total = cum[..., -1] if cum.shape[-1] else torch.zeros(tc.shape[:2], dtype=torch.int64)
+    T = max(int(total.max()) if total.numel() else 0, 1)
+    j = torch.arange(T, device=ranges.device).expand(*tc.shape[:2], T).contiguous()
+    r = torch.searchsorted(cum, j, right=True).clamp(max=tc.shape[-1] - 1)
+    lo, hi = ranges[..., 0].gather(-1, r), ranges[..., 1].gather(-1, r)
+    n = lo // block_n + (j - (cum.gather(-1, r) - tc.gather(-1, r)))
+    t_lo = torch.maximum(lo, n * block_n)
+    t_hi = torch.minimum(hi, (n + 1) * block_n)
+    valid = j < total[..., None]
+    tiles = torch.stack([torch.where(valid, t_lo, 0), torch.where(valid, t_hi, 0)], -1)
+    return tiles.to(torch.int32).contiguous(), total.to(torch.int32).contiguous()
 
 
 def pick_splits(max_tiles: int, programs: int, device: torch.device) -> int:
@@ -85,13 +96,13 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
     Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
     G = Hq // Hkv
     block_n, warps = decode_config(kern.options, D, Dv)
-    rng, tstart = decode_launch_tensors(ranges, block_n)
-    kern.last_decode = {"key_ranges": ranges, "tiles": int(tstart[..., -1].sum()),
+    tiles, counts = decode_launch_tensors(ranges, block_n)
+    kern.last_decode = {"key_ranges": ranges, "tiles": int(counts.sum()),
                         "block_n": block_n,
                         "keys_read": int((ranges[..., 1] - ranges[..., 0]).sum())}
     block_m = max(16, min(128, 1 << max(0, (G * Lq - 1).bit_length())))
     m_blocks = -(-G * Lq // block_m)
-    max_tiles = int(tstart[..., -1].max()) if tstart.numel() else 0
+    max_tiles = int(counts.max()) if counts.numel() else 0
     S = splits or pick_splits(max_tiles, B * Hkv * m_blocks, q.device)
     o_part = torch.empty(B, Hq, Lq, S, Dv, dtype=torch.float32, device=q.device)
     l_part = torch.empty(B, Hq, Lq, S, dtype=torch.float32, device=q.device)
@@ -106,11 +117,11 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
     page_size = k_cache.shape[2] if paged else 1
     grid = (B * Hkv, S, m_blocks)
     module.KERNEL[grid](
-        q, k_cache, v_cache, o_part, l_part, seqlens, rng, tstart, table,
+        q, k_cache, v_cache, o_part, l_part, seqlens, tiles, counts, table,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_part.stride(), *l_part.stride(),
-        *rng.stride()[:3], *tstart.stride()[:2], table.stride()[0],
+        *tiles.stride()[:3], *counts.stride(), table.stride()[0],
         *in_args,
-        Hq, Hkv, G, Lq, rng.shape[2], S, page_size, D, Dv, float(scale),
+        Hq, Hkv, G, Lq, S, page_size, D, Dv, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
         PAGED=paged, DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
         num_warps=warps, num_stages=meta["num_stages"])
