@@ -517,57 +517,85 @@ def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
     and return, per job, the list of report dicts (`AOTReport.as_dict()`; rebuild with
     `AOTReport.from_dict`). A job is a JSON-able dict: "arch" (80, 90), "entry"
     ("module:function", default `forward_case`), "kwargs" for the entry, optional "num_warps",
-    "num_stages", "launch_options" (other Triton options, e.g. maxnreg), "sass", "sys_path" (folders to import the entry's module from). Raises AOTError if a worker dies."""
+    "num_stages", "launch_options" (other Triton options, e.g. maxnreg), "sass", "sys_path"
+    (folders to import the entry's module from). Workers take the next job when they finish
+    one. `timeout` bounds each job. Raises AOTError if a worker dies."""
     jobs = list(jobs)
+    if not jobs:
+        return []
     workers = max(1, min(workers, len(jobs)))
-    chunks = [list(range(i, len(jobs), workers)) for i in range(workers)]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    procs = []
     cache = tempfile.mkdtemp(prefix="attncc-aot-")
-    try:
-        for w, idx in enumerate(chunks):
-            wenv = dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(w)))
+    results: list = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    lock = threading.Lock()
+    errors: list = []
+    procs: list = []
+
+    def serve(w):  # one thread per worker process: send a job, read its answer, repeat
+        wenv = dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(w)))
+        with tempfile.TemporaryFile(mode="w+") as err:
             p = subprocess.Popen([sys.executable, "-m", "attncc.runtime.aot"], env=wenv,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-            procs.append((p, idx))
-        answers: list = [None] * len(procs)
-
-        def talk(w):  # one thread per worker: all of them compile at once
-            p, idx = procs[w]
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                 text=True, bufsize=1)
+            with lock:
+                procs.append(p)
+            timer = None
             try:
-                answers[w] = p.communicate(json.dumps([jobs[i] for i in idx]), timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                answers[w] = ("", f"timed out after {timeout} s")
+                while not errors:
+                    with lock:
+                        if not pending:
+                            break
+                        i = pending.pop(0)
+                    timer = threading.Timer(timeout, p.kill)
+                    timer.start()
+                    p.stdin.write(json.dumps(jobs[i]) + "\n")
+                    p.stdin.flush()
+                    line = p.stdout.readline()
+                    timer.cancel()
+                    if not line:
+                        p.wait()
+                        err.seek(0)
+                        errors.append(f"AOT worker failed (exit {p.returncode}) on job {i}:\n"
+                                      f"{err.read()[-3000:]}")
+                        return
+                    results[i] = json.loads(line)
+            except (OSError, ValueError) as e:
+                errors.append(f"AOT worker failed: {e}")
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if p.poll() is None:
+                    p.stdin.close()
+                    try:
+                        p.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
 
-        threads = [threading.Thread(target=talk, args=(w,)) for w in range(len(procs))]
+    try:
+        threads = [threading.Thread(target=serve, args=(w,)) for w in range(workers)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        results: list = [None] * len(jobs)
-        for (p, idx), (out, err) in zip(procs, answers):
-            if p.returncode != 0:
-                raise AOTError(f"AOT worker failed (exit {p.returncode}):\n{err[-3000:]}")
-            for i, rep in zip(idx, json.loads(out)):
-                results[i] = rep
-        return results
     finally:
-        for p, _ in procs:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
         shutil.rmtree(cache, ignore_errors=True)
+    if errors:
+        raise AOTError(errors[0])
+    return results
 
 
 def main() -> int:
-    """Worker: read a JSON list of jobs on stdin, write the JSON list of report lists."""
-    jobs = json.load(sys.stdin)
+    """Worker: read one JSON job per line on stdin, answer one JSON line of reports each."""
     real_stdout = sys.stdout
-    sys.stdout = sys.stderr  # keep stray prints out of the JSON answer
-    results = [_run_job(job) for job in jobs]
-    sys.stdout = real_stdout
-    json.dump(results, real_stdout)
+    sys.stdout = sys.stderr  # keep stray prints out of the answers
+    for line in sys.stdin:
+        if line.strip():
+            real_stdout.write(json.dumps(_run_job(json.loads(line))) + "\n")
+            real_stdout.flush()
     return 0
 
 
