@@ -117,6 +117,16 @@ def test_output_scale_skipped_head_gets_its_gradient():
                                 v.double())
     torch.testing.assert_close(dw[:, :, 1].double(), unscaled[:, 1].sum(-1), atol=1e-5, rtol=0)
     assert dw[:, :, 1].abs().min() > 0
+    assert kern.last_stats["skipped_head_tiles"] == 0  # dW needs head 1's unscaled output
+    # Weights without a gradient: head 1's query tiles are skipped in forward and backward.
+    out = kern(q, k, v, weight=w.detach())
+    assert kern.last_stats["skipped_head_tiles"] == 2
+    got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = attncc.reference(kern.pattern, *refs, weight=w.detach().double())
+    want = torch.autograd.grad(ref, refs, torch.ones_like(ref))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
 
 
 def test_bfloat16():

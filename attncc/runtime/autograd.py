@@ -16,10 +16,12 @@ classes of the call are kept from the forward (the selection is held fixed; `rou
 are piecewise constant, so no gradient flows through the selection — the block-score input
 of `blocks` gets none — while the kept scores do), and the dK/dV lists are their transpose.
 
-`output scale w[b, q, h]`: under autograd the forward computes the unscaled output O_u of
-every head (heads with zero weight included, since dW needs them) and returns w·O_u; the
-backward runs the kernels on dO_u = w·dO and gives dW = rowsum(O_u ⊙ dO), differentiated
-through the scale expression to the float inputs it reads (torch autograd on B·Hq·Lq values).
+`output scale w[b, q, h]`: the kernels run the unscaled pattern, the forward returns w·O_u
+and the backward runs on dO_u = w·dO. When the weights need a gradient, O_u is computed for
+every head (heads with zero weight included: dW = rowsum(O_u ⊙ dO) is not zero there),
+differentiated through the scale expression to the float inputs it reads (torch autograd on
+B·Hq·Lq values); otherwise (batch, head, query tile) triples with all-zero weights are
+skipped in forward and backward, as in the forward-only kernels.
 
 Memory: O(kept tiles) besides q, k, v, out, lse, Δ and the gradients; table gradients add
 scratch of (visited tile pairs × tile area) values per table read while they are reduced.
@@ -32,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ..ir.nodes import Route
+from ..ir.nodes import Load, Route, walk
 from ..schedule.transpose import forward_rows, max_visits, transpose_classes, transposed_rows
 
 __all__ = ["GeneratedAttention", "backward_source", "kernel_backward_source", "run_backward", "reduce_table_grad"]
@@ -75,7 +77,7 @@ def kernel_backward_source(kern, schedule) -> str:
     Patterns with runtime pre-pass lists run it with their selectors lowered to selection
     loads, over per-(batch, head) lists (no closed-form loops) and, with `route` on a grid,
     region-aligned tiles; the source does not depend on the selection itself."""
-    from ..ir.nodes import Blocks, walk
+    from ..ir.nodes import Blocks
     from .prepass_kernel import lower_selectors, needs_prepass, region_aligned_options
     pattern = unscaled(kern.pattern)
     if not needs_prepass(pattern):
@@ -117,16 +119,22 @@ class _Plan:
     lists_t: Optional[dict]   # per-(b, h, key tile) CSR or None
     extra: dict               # selection tensors read by the lowered mask
     visits: int               # max key tiles per query-tile row
+    stats: Optional[dict] = None  # work counts of pre-pass lists (`Kernel.last_stats`)
 
 
-def _plan(kern, q, k, inputs) -> _Plan:
+def _plan(kern, q, k, inputs, skip: bool = False) -> _Plan:
+    """What a differentiable call runs. `skip`: (batch, head, query tile) triples whose
+    output-scale weights are all zero are left out (their rows get out 0 and lse -inf; only
+    valid when the weights need no gradient, since dW needs the unscaled output there)."""
     from ..schedule.build import build_schedule
+    from .prepass import _active_tiles, head_weights
     from .prepass_kernel import (lower_selectors, needs_prepass, program_lists,
                                  region_aligned_options, runtime_classes)
     pattern = unscaled(kern.pattern)
     B, Hq, Lq, _ = q.shape
     Lkv = k.shape[2]
-    if not needs_prepass(pattern):
+    skip = skip and kern.pattern.output_scale is not None
+    if not needs_prepass(pattern) and not skip:
         if pattern is kern.pattern:
             sched = kern.schedule(Lq, Lkv, Hq)
         else:
@@ -135,16 +143,30 @@ def _plan(kern, q, k, inputs) -> _Plan:
             if sched is None:
                 sched = _STATIC_SCHEDULES[key] = build_schedule(pattern, Lq, Lkv, Hq,
                                                                 options=kern.options)
-        return _Plan(pattern, sched, kern.options, None, None, {}, max_visits(sched))
+        stats = {"head_tiles": B * Hq * sched.n_q_tiles, "skipped_head_tiles": 0,
+                 "full_tiles": B * sum(sched.for_head(h).full.nnz for h in range(Hq)),
+                 "partial_tiles": B * sum(sched.for_head(h).partial.nnz for h in range(Hq)),
+                 "backward": True}
+        return _Plan(pattern, sched, kern.options, None, None, {}, max_visits(sched), stats)
     options = region_aligned_options(pattern, kern.options)
     sched, cls, selections = runtime_classes(pattern, q, k, inputs, options=options)
+    skipped = 0
+    if skip:
+        weights = head_weights(kern.pattern, inputs, B, Hq, Lq, Lkv, q.device)
+        active = _active_tiles(weights, sched.q_grid, (B, Hq), q.device)
+        cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
+        skipped = int((~active).sum())
     lowered, sel_inputs = lower_selectors(pattern, selections)
     kinds = tuple(dict.fromkeys(
         "route" if isinstance(n, Route) else "blocks" for n in selections)) or ("lists",)
     ksched = dataclasses.replace(sched, pattern=lowered, runtime=kinds, classes=tuple(
         dataclasses.replace(c, bounds=None) for c in sched.classes))
+    stats = {"head_tiles": B * Hq * sched.n_q_tiles, "skipped_head_tiles": skipped,
+             "full_tiles": int((cls == 2).sum()), "partial_tiles": int((cls == 1).sum()),
+             "backward": True}
     return _Plan(lowered, ksched, options, program_lists(cls),
-                 program_lists(transpose_classes(cls)), sel_inputs, max_visits(classes=cls))
+                 program_lists(transpose_classes(cls)), sel_inputs, max_visits(classes=cls),
+                 stats)
 
 
 def _forward(kern, backend, plan: _Plan, q, k, v, inputs, scale):
@@ -271,7 +293,13 @@ class GeneratedAttention(torch.autograd.Function):
     def forward(ctx, kern, backend, scale, need_lse, names, q, k, v, *values):
         from .prepass import head_weights
         inputs = dict(zip(names, values))
-        plan = _plan(kern, q, k, inputs)
+        # Heads with all-zero weights are skipped unless the weights need a gradient.
+        oscale = kern.pattern.output_scale
+        read = set() if oscale is None else {n.input for n in walk(oscale) if isinstance(n, Load)}
+        skip = not any(w for n, w in zip(names, ctx.needs_input_grad[8:]) if n in read)
+        plan = _plan(kern, q, k, inputs, skip)
+        if plan.lists is not None or oscale is not None:  # as the forward-only calls do
+            kern.last_stats = plan.stats
         out_u, lse = _forward(kern, backend, plan, q, k, v, inputs, scale)
         out = out_u
         if kern.pattern.output_scale is not None:
