@@ -196,3 +196,45 @@ def test_swin_unshifted_equals_blocked():
     a = spec("swin", height=8, width=8, window=4).dense_mask()
     b = attncc.parse("pattern b\nlayout grid(y = 8, x = 8)\nmask blocked(4)\n").dense_mask()
     assert torch.equal(a, b)
+
+
+# ---- Routing Transformer ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal_mask", [False, True])
+def test_routing_mask_and_kernel(causal_mask):
+    from attncc.helpers import cluster_ids
+    p = spec("routing", causal_mask=causal_mask)
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = qkv(2, 2, 96, seed=8)
+    centroids = torch.randn(2, 3, 8, generator=gen)
+    qc, kc = cluster_ids(q, centroids), cluster_ids(k, centroids)
+    # the helper: nearest centroid by cosine similarity, written out
+    cos = torch.nn.functional.cosine_similarity(q[:, :, :, None, :], centroids[None, :, None], -1)
+    assert torch.equal(qc, cos.argmax(-1))
+    i, j = torch.arange(96).view(-1, 1), torch.arange(96).view(1, -1)
+    expect = qc[:, :, :, None] == kc[:, :, None, :]
+    if causal_mask:
+        expect = expect & (j <= i)
+    assert torch.equal(p.dense_mask(96, 96, heads=2, batch=2, inputs={"qc": qc, "kc": kc}), expect)
+    kernel_vs_reference(p, q, k, v, qc=qc, kc=kc)
+
+
+def test_routing_tiles_from_cluster_sets():
+    """Tokens grouped by cluster: tiles whose id sets are disjoint are skipped, tiles of one
+    shared id run without mask code."""
+    from attncc.runtime.clusters import cluster_classes
+    from attncc.schedule.schedule import TileGrid
+    ids = ((torch.arange(128) // 32) % 3).view(1, 1, 128).expand(1, 2, 128)
+    cls = cluster_classes(ids, ids, TileGrid((128,), (16,)), TileGrid((128,), (16,)))
+    tile_id = (torch.arange(8) * 16 // 32) % 3
+    same = tile_id[:, None] == tile_id[None, :]
+    assert torch.equal(cls[0, 0], torch.where(same, 2, 0).to(torch.int8))
+    mixed = torch.tensor([[0, 1] * 8 + [5] * 16])                  # 2 tiles: {0, 1} and {5}
+    cls = cluster_classes(mixed[None], torch.tensor([[[1] * 16 + [5] * 16]]),
+                          TileGrid((32,), (16,)), TileGrid((32,), (16,)))
+    assert cls[0, 0].tolist() == [[1, 0], [0, 2]]
+    p = spec("routing")
+    q, k, v = qkv(1, 2, 128, seed=9)
+    kern, _ = kernel_vs_reference(p, q, k, v, qc=ids, kc=ids)
+    assert kern.last_stats["full_tiles"] == int(same.sum()) * 2
+    assert kern.last_stats["partial_tiles"] == 0
