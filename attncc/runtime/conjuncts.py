@@ -140,6 +140,7 @@ def static_expr(parts: list[Expr]) -> Optional[Expr]:
 
 def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[str, torch.Tensor],
                     q_grid: TileGrid, kv_grid: TileGrid, static=None):
+    from .clusters import cluster_classes, cluster_inputs
     """Tile classes of a whole (possibly data-dependent) pattern for one call.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], `inputs` the pattern's runtime tensors (already
@@ -179,6 +180,10 @@ def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
                           for t in terms)
             cls = torch.minimum(cls, document_classes(inputs[doc].to(dev), q_grid, kv_grid,
                                                       padding_matches=not guarded))
+        elif cluster_inputs(term) is not None:  # Routing Transformer ids (runtime/clusters.py)
+            qn, kn = cluster_inputs(term)
+            cls = torch.minimum(cls, cluster_classes(inputs[qn].to(dev), inputs[kn].to(dev),
+                                                     q_grid, kv_grid))
         elif token_predicate(term) is not None:
             name, side, op, c = token_predicate(term)
             t = token_range_classes(inputs[name].to(dev), q_grid if side == "q" else kv_grid, op, c)
