@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 
 __all__ = ["HelperError", "moh_weights", "document_ids", "document_offsets",
-           "check_document_ids"]
+           "check_document_ids", "cluster_ids"]
 
 Lengths = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -149,3 +149,28 @@ def check_document_ids(doc: torch.Tensor, *, batch: int, length: int, name: str 
         b, t = (int(i) for i in (doc < -1).nonzero()[0])
         raise HelperError(f"{name}[{b}, {t}] = {int(doc[b, t])} is out of range "
                           "(ids are >= 0, or -1 for padding)")
+
+
+def cluster_ids(x: torch.Tensor, centroids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Routing Transformer cluster assignment (specs/routing.attn: qc[b, h, q], kc[b, h, k]).
+
+    x [B, H, L, D] (queries or keys), centroids [H, C, D] (per-head k-means centroids) →
+    int64 [B, H, L]: the index of the nearest centroid of each token. With `normalize` (the
+    paper's choice) both are L2-normalised and the nearest centroid is the one of largest dot
+    product; otherwise the smallest Euclidean distance (ties to the lower index)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise HelperError(f"x must be a float tensor [B, H, L, D], got "
+                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 3 \
+            or centroids.shape[0] != x.shape[1] or centroids.shape[2] != x.shape[3] \
+            or centroids.shape[1] < 1:
+        got = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids).__name__
+        raise HelperError(f"centroids must be a tensor [H, C, D] = [{x.shape[1]}, C >= 1, "
+                          f"{x.shape[3]}] matching x, got {got}")
+    c = centroids.to(device=x.device, dtype=x.dtype)
+    if normalize:
+        xs = torch.nn.functional.normalize(x, dim=-1)
+        cs = torch.nn.functional.normalize(c, dim=-1)
+        return torch.einsum("bhld,hcd->bhlc", xs, cs).argmax(-1)
+    d = (x.unsqueeze(-2) - c[None, :, None]).pow(2).sum(-1)      # [B, H, L, C]
+    return d.argmin(-1)
