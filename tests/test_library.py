@@ -19,7 +19,8 @@ LIBRARY = ["causal", "sliding_window", "chunked", "prefix_lm", "streaming_sinks"
            "longformer", "bigbird", "document", "moa", "biformer", "seer_gate", "moh", "alibi",
            "softcap",
            # issue 12 (mask and score formulas in tests/test_specs_extra.py)
-           "lightning", "music_transformer", "t5_bias", "s2_attention", "swin", "swin_shifted"]
+           "lightning", "music_transformer", "t5_bias", "s2_attention", "swin", "swin_shifted",
+           "routing"]
 
 
 def spec(name, **params):
