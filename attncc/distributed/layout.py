@@ -7,10 +7,12 @@ and shards of contiguous pieces stay contiguous). Balance choices:
     contiguous  rank r holds [r·L/W, (r+1)·L/W) (the first L mod W ranks one token more)
     headtail    the sequence cut into 2W near-equal chunks; rank r holds chunks r and 2W-1-r
                 (zig-zag: evens causal work)
-    document    per-document: contiguous pieces whose cut points split the causal work
-                within documents (Σ over tokens of their position in their document + 1)
-                evenly, snapped to a document boundary when one is within L/(8W) tokens, and
-                at most 2·⌈L/W⌉ tokens per rank; needs the document ids
+    document    per-document: contiguous pieces whose cut points split the causal work of
+                the documents evenly (a token of an n-token document counts (n + 1) / 2),
+                snapped to a document boundary when one is within L/(8W) tokens, at most
+                2·⌈L/W⌉ tokens per rank; a document cut across ranks is then spread
+                head-tail over them (each keeps its share, half from the document's head,
+                half from its tail). Needs the document ids
     grid        a tiling of a grid layout: the world is factored into per-axis rank counts
                 (the fewest tokens in the largest box, then the smallest total cut area)
                 and each rank holds one box of the grid
@@ -116,7 +118,9 @@ def document(length: int, world: int, doc: torch.Tensor) -> Layout:
     bounds = document_segments(doc[:, :length])
     pos = torch.arange(length)
     seg = torch.searchsorted(bounds, pos, right=True) - 1
-    cum = torch.cumsum((pos - bounds[seg] + 1).to(torch.float64), 0)   # causal pairs so far
+    n_doc = (bounds[1:] - bounds[:-1]).to(torch.float64)
+    # a token's causal work once its document is spread head-tail: (n + 1) / 2 on average
+    cum = torch.cumsum((n_doc[seg] + 1) / 2, 0)
     total = float(cum[-1]) if length else 0.0
     cap = 2 * -(-length // world)
     tol = max(1, length // (8 * world))
@@ -133,6 +137,14 @@ def document(length: int, world: int, doc: torch.Tensor) -> Layout:
     cuts.append(length)
     sizes = torch.tensor(cuts[1:]) - torch.tensor(cuts[:-1])
     owner = torch.repeat_interleave(torch.arange(world), sizes)
+    # documents cut across ranks: each of those ranks keeps its share, half from the head
+    # of the document and half from its tail (head-tail inside the document)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b > a and owner[a] != owner[b - 1]:
+            ranks, share = torch.unique_consecutive(owner[a:b], return_counts=True)
+            head = share // 2
+            owner[a:b] = torch.cat([torch.repeat_interleave(ranks, head),
+                                    torch.repeat_interleave(ranks.flip(0), (share - head).flip(0))])
     return _from_owner("document", owner, world)
 
 

@@ -30,6 +30,7 @@ from .visits import EXACT_LIMIT, PlanError, TileVisits, build_visits
 # need more than this many mask evaluations, unless exact=True; that rank then fetches whole
 # key tiles (granularity "tile", or "mixed" when only some ranks do).
 REFINE_RANK_LIMIT = 1 << 22
+REFINE_LIMIT = 1 << 24     # ... and on every rank when all of them together need more
 BALANCE_TOLERANCE = 1.05
 
 
@@ -204,86 +205,136 @@ def _tile_owner(tokens: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     return torch.where(lo == hi, lo, torch.full_like(lo, -1))
 
 
-def _needed_ranges(v: TileVisits, rank: int, rows_pos: torch.Tensor, owner_q: torch.Tensor,
-                   k_tile_owner: torch.Tensor, refine: bool):
-    """Global key ranges rank `rank` needs (beyond its own keys' tiles), and its computed
-    pairs."""
+def _needed(v: TileVisits, q_layout: Layout, k_tile_owner: torch.Tensor, refine,
+            stride: int):
+    """For every rank at once: the key ranges its rows need beyond its own key tiles, as
+    (starts, ends) in a rank-offset space (rank r's position p is r·stride + p, so ranges of
+    different ranks never merge), plus computed pairs per rank and the ranks refined to token
+    granularity."""
+    world = q_layout.world
     qtile_of = v.q_tile_of()
-    tiles, rows_per = torch.unique(qtile_of[rows_pos], return_counts=True)
-    computed = int((v.work[tiles] * rows_per).sum())
-    idx, qt = v.rows_of(tiles)
+    nq = v.q_grid.n_tiles
+    pair = q_layout.owner * nq + qtile_of                     # (rank, query tile) per row
+    pairs, rows_per = torch.unique(pair, return_counts=True)
+    p_rank = torch.div(pairs, nq, rounding_mode="floor")
+    p_tile = pairs - p_rank * nq
+    computed = torch.zeros(world, dtype=torch.int64).index_add_(0, p_rank,
+                                                                v.work[p_tile] * rows_per)
+    idx, which = _rows_of_pairs(v, p_tile)
+    e_rank, e_qt = p_rank[which], p_tile[which]
     kt, full = v.kt[idx], v.full[idx]
-    foreign = k_tile_owner[kt] != rank
-    if refine is None:   # token granularity unless this rank's refinement is too costly
-        area = v.q_tokens.shape[1] * v.kv_tokens.shape[1] * v.batch * len(v.heads)
-        refine = int((foreign & ~full).sum()) * area <= REFINE_RANK_LIMIT
-    whole = foreign & (full | (not refine))
+    foreign = k_tile_owner[kt] != e_rank
+    area = v.q_tokens.shape[1] * v.kv_tokens.shape[1] * v.batch * len(v.heads)
+    if refine is None:   # token granularity unless a rank's refinement is too costly
+        cost = torch.zeros(world, dtype=torch.int64).index_add_(
+            0, e_rank, (foreign & ~full).to(torch.int64)) * area
+        refined = cost <= REFINE_RANK_LIMIT
+        if int(cost[refined].sum()) > REFINE_LIMIT:
+            refined[:] = False
+    else:
+        refined = torch.full((world,), bool(refine))
+    whole = foreign & (full | ~refined[e_rank])
     part = foreign & ~whole
     starts, ends = [], []
     if bool(whole.any()):
-        s, e = _tile_token_ranges(v, kt[whole])
+        s, e = _tile_token_ranges(v, e_rank[whole], kt[whole], stride)
         starts.append(s), ends.append(e)
     if bool(part.any()):
-        pq, pk = qt[part], kt[part]
-        rows = owner_q[v.q_tokens[pq].clamp(min=0)] == rank
-        rows &= v.q_tokens[pq] >= 0
+        pq, pk, pr = e_qt[part], kt[part], e_rank[part]
+        qtok = v.q_tokens[pq]
+        rows = (q_layout.owner[qtok.clamp(min=0)] == pr[:, None]) & (qtok >= 0)
         kept = v.evaluate(pq, pk, rows).any(1)              # [n, k slots]
-        tok = v.kv_tokens[pk][kept]
-        tok = torch.unique(tok)
-        s, e = range_bounds(tok)
+        tok = v.kv_tokens[pk]
+        keys = torch.unique((pr[:, None] * stride + tok)[kept])
+        s, e = range_bounds(keys)
         starts.append(s), ends.append(e)
     if not starts:
         z = torch.zeros(0, dtype=torch.int64)
-        return z, z, computed, refine
+        return z, z, computed, refined
     s, e = merge_ranges(torch.cat(starts), torch.cat(ends))
-    return s, e, computed, refine
+    return s, e, computed, refined
 
 
-def _tile_token_ranges(v: TileVisits, kt: torch.Tensor):
-    kt = torch.unique(kt)
+def _rows_of_pairs(v: TileVisits, tiles: torch.Tensor):
+    """(entry indices, index into `tiles`) of the CSR rows `tiles` (repeats allowed)."""
+    starts, ends = v.offsets[tiles], v.offsets[tiles + 1]
+    counts = ends - starts
+    which = torch.repeat_interleave(torch.arange(tiles.numel()), counts)
+    base = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+    return base + torch.arange(int(counts.sum()), dtype=torch.int64), which
+
+
+def _tile_token_ranges(v: TileVisits, rank: torch.Tensor, kt: torch.Tensor, stride: int):
+    """Rank-offset token ranges of the key tiles (rank[i], kt[i])."""
+    nk = v.kv_grid.n_tiles
     if len(v.kv_grid.shape) == 1:
-        bn = v.kv_grid.tile[0]
-        L = v.kv_grid.shape[0]
-        ts, te = range_bounds(kt)            # runs of consecutive tiles
-        return ts * bn, torch.clamp(te * bn, max=L)
-    tok = v.kv_tokens[kt].flatten()
-    tok = torch.unique(tok[tok >= 0])
-    return range_bounds(tok)
+        bn, L = v.kv_grid.tile[0], v.kv_grid.shape[0]
+        keys = torch.unique(rank * (nk + 1) + kt)          # +1: runs never cross ranks
+        ks, ke = range_bounds(keys)
+        r = torch.div(ks, nk + 1, rounding_mode="floor")
+        a, b = ks - r * (nk + 1), ke - r * (nk + 1)
+        return r * stride + a * bn, r * stride + torch.clamp(b * bn, max=L)
+    pairs = torch.unique(rank * nk + kt)
+    r = torch.div(pairs, nk, rounding_mode="floor")
+    tok = v.kv_tokens[pairs - r * nk]
+    keys = (r[:, None] * stride + tok)[tok >= 0]
+    return range_bounds(torch.unique(keys))
 
 
 def plan_layouts(v: TileVisits, q_layout: Layout, kv_layout: Layout, bytes_per_token: int,
-                 refine: bool) -> tuple[list[RankPlan], str]:
-    """Per-rank plans for fixed layouts."""
+                 refine) -> tuple[list[RankPlan], str]:
+    """Per-rank plans for fixed layouts (vectorized over ranks)."""
     world = q_layout.world
-    runs = owner_runs(kv_layout)
+    stride = kv_layout.length + 1
     k_tile_owner = _tile_owner(v.kv_tokens, kv_layout.owner)
+    s, e, computed, refined = _needed(v, q_layout, k_tile_owner, refine, stride)
+    rank = torch.div(s, stride, rounding_mode="floor")
+    a, b, src = cut_by_owner(s - rank * stride, e - rank * stride, owner_runs(kv_layout))
+    rank = torch.repeat_interleave(rank, _pieces(s - rank * stride, e - rank * stride,
+                                                 owner_runs(kv_layout)))
+    keep = src != rank
+    a, b, src, rank = a[keep], b[keep], src[keep], rank[keep]
+    order = torch.argsort((rank * world + src) * stride + a)
+    a, b, src, rank = a[order], b[order], src[order], rank[order]
+    n = b - a
+    recv = torch.zeros(world, dtype=torch.int64).index_add_(0, rank, n).tolist()
+    send = torch.zeros(world, dtype=torch.int64).index_add_(0, src, n).tolist()
+    counts = torch.bincount(rank, minlength=world).tolist()
+    kept = None
+    if v.row_kept is not None:
+        kept = torch.zeros(world, dtype=torch.int64).index_add_(
+            0, q_layout.owner, v.row_kept).tolist()
+    computed = computed.tolist()
+    q_ranges, kv_ranges = _ranges_by_rank(q_layout), _ranges_by_rank(kv_layout)
     ranks = []
-    grans = set()
-    send = torch.zeros(world, dtype=torch.int64)
-    for r in range(world):
-        rows_pos = q_layout.owned[r]
-        s, e, computed, refined = _needed_ranges(v, r, rows_pos, q_layout.owner, k_tile_owner,
-                                                 refine)
-        grans.add("token" if refined else "tile")
-        a, b, src = cut_by_owner(s, e, runs)
-        keep = src != r
-        a, b, src = a[keep], b[keep], src[keep]
-        order = torch.argsort(src * (kv_layout.length + 1) + a, stable=True)
-        a, b, src = a[order], b[order], src[order]
-        n = b - a
-        tokens = int(n.sum())
-        send.index_add_(0, src, n)
-        kept = None if v.row_kept is None else int(v.row_kept[rows_pos].sum())
-        ranks.append(RankPlan(r, lay.to_ranges(rows_pos), lay.to_ranges(kv_layout.owned[r]),
-                              int(rows_pos.numel()), src, a, b, tokens,
-                              tokens * bytes_per_token, kept, computed))
-    out = []
-    send = send.tolist()
-    for rp in ranks:
-        object.__setattr__(rp, "send_tokens", send[rp.rank])
-        object.__setattr__(rp, "send_bytes", send[rp.rank] * bytes_per_token)
-        out.append(rp)
-    return out, (grans.pop() if len(grans) == 1 else "mixed")
+    for r, (pa, pb, ps) in enumerate(zip(torch.split(a, counts), torch.split(b, counts),
+                                         torch.split(src, counts))):
+        ranks.append(RankPlan(r, q_ranges[r], kv_ranges[r], int(q_layout.owned[r].numel()),
+                              ps, pa, pb, recv[r], recv[r] * bytes_per_token,
+                              None if kept is None else kept[r], computed[r], send[r],
+                              send[r] * bytes_per_token))
+    n_ref = int(refined.sum())
+    return ranks, ("token" if n_ref == world else "tile" if n_ref == 0 else "mixed")
+
+
+def _ranges_by_rank(layout: Layout) -> list[list[tuple[int, int]]]:
+    s, e, r = owner_runs(layout)
+    order = torch.argsort(r, stable=True)
+    counts = torch.bincount(r, minlength=layout.world).tolist()
+    s, e = s[order].tolist(), e[order].tolist()
+    out, i = [], 0
+    for c in counts:
+        out.append(list(zip(s[i:i + c], e[i:i + c])))
+        i += c
+    return out
+
+
+def _pieces(starts, ends, runs) -> torch.Tensor:
+    """Number of owner runs each range overlaps (what `cut_by_owner` splits it into)."""
+    rs, re_, _ = runs
+    lo = torch.searchsorted(re_, starts, right=True)
+    hi = torch.searchsorted(rs, ends, right=False)
+    return (hi - lo).clamp(min=0)
 
 
 def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *, world: int,
@@ -301,7 +352,7 @@ def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *
     inputs           global runtime inputs (document ids) for patterns whose mask reads them
     exact            True: token-granular fetch lists always; False: whole key tiles; None:
                      token-granular except on ranks where that costs more than
-                     REFINE_RANK_LIMIT mask evaluations
+                     REFINE_RANK_LIMIT mask evaluations (on none past REFINE_LIMIT in all)
     layouts          (q_layout, kv_layout) to plan for, bypassing `balance`
     """
     if q_len is None:

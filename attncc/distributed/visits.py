@@ -73,15 +73,6 @@ class TileVisits:
     def nnz(self) -> int:
         return self.kt.numel()
 
-    def rows_of(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(entry indices, their query tile) of the CSR rows `tiles` (int64)."""
-        starts, ends = self.offsets[tiles], self.offsets[tiles + 1]
-        counts = ends - starts
-        qt = torch.repeat_interleave(tiles, counts)
-        base = torch.repeat_interleave(starts - torch.cumsum(counts, 0) + counts, counts)
-        idx = base + torch.arange(int(counts.sum()), dtype=torch.int64)
-        return idx, qt
-
     def evaluate(self, qt: torch.Tensor, kt: torch.Tensor,
                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """bool [n, q slots, k slots]: pairs of tile pairs (qt[i], kt[i]) kept by some
