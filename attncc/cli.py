@@ -39,6 +39,8 @@ def _param(text: str) -> tuple[str, object]:
     return name, _value(value.strip())
 
 
+BACKEND_CHOICES = ("triton", "interpret", "flex", "torch", "dense", "reference")
+
 # `verify`'s default length for patterns without a layout: long enough for windows of a few
 # hundred tokens, and not a multiple of any tile size, so sequence tails are checked too.
 VERIFY_1D_LEN = 1000
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = subs.add_parser("verify", help="run the kernel against the float64 reference")
     _common(s, default_len=VERIFY_1D_LEN)
-    s.add_argument("--backend", choices=("triton", "interpret", "flex", "torch", "reference"))
+    s.add_argument("--backend", choices=BACKEND_CHOICES)
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    default="float32", help="q/k/v dtype (float64: backend reference only)")
     s.add_argument("--batch", type=int, default=2)
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = subs.add_parser("bench", help="time the kernel against SDPA and FlexAttention")
     _common(s)
-    s.add_argument("--backend", choices=("triton", "interpret", "flex", "torch", "reference"))
+    s.add_argument("--backend", choices=BACKEND_CHOICES)
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--head-dim", type=int, default=64)

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-BACKENDS = ("triton", "interpret", "flex", "torch", "reference")
+BACKENDS = ("triton", "interpret", "flex", "torch", "dense", "reference")
 
 
 def _pow2(n: int) -> bool:
@@ -21,8 +21,10 @@ class CompileOptions:
     backend     "triton" (CUDA), "interpret" (the same Triton kernels on CPU through
                 TRITON_INTERPRET), "flex" (FlexAttention with attncc's analytic BlockMask),
                 "torch" (block-sparse torch ops, differentiable: the CPU training path),
-                "reference" (float64 dense); None picks "triton" on CUDA tensors and
-                "interpret" otherwise.
+                "dense" (SDPA over the dense mask: small shapes), "reference" (float64
+                dense); None picks "triton" on CUDA tensors and, on CPU, per call shape by
+                the cost rule of `attncc.runtime.choose` ("dense" or "flex"; "torch" when
+                gradients are needed).
     block_m     query tile size in tokens (1-D tiles), a power of two
     block_n     key tile size in tokens (1-D tiles), a power of two
     q_tile      multi-dimensional query tile shape for grid layouts (powers of two), or None

@@ -93,7 +93,7 @@ def test_compile_options():
 # ---- backend selection -----------------------------------------------------------------------
 
 def test_backend_selection_by_device():
-    assert rc.resolve_backend(None, torch.device("cpu")) == "interpret"
+    assert rc.resolve_backend(None, torch.device("cpu")) == rc.AUTO  # chosen per call shape
     assert rc.resolve_backend("flex", torch.device("cpu")) == "flex"
     assert rc.resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(rc.BackendError) as e:

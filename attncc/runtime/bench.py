@@ -136,7 +136,8 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     head_dim] (random N(0, 1)); see the module docstring for what is measured.
 
     Defaults: device CUDA when available; dtype bfloat16 on CUDA, float32 on CPU; backend
-    "triton" on CUDA, "flex" on CPU; lengths the layout's size (grid patterns) or 1024;
+    "triton" on CUDA, on CPU the per-call default (`attncc.runtime.choose`: the attncc row's
+    note says which backend the rule picked and why); lengths the layout's size (grid patterns) or 1024;
     warmup/reps 5/20 on CUDA, 1/3 on CPU. `inputs` overrides the random runtime inputs.
     """
     from .compile import compile as compile_pattern
@@ -145,7 +146,7 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
-    backend = backend or ("triton" if gpu else "flex")
+    backend = backend or ("triton" if gpu else None)  # CPU: the per-call default choice
     warmup = (5 if gpu else 1) if warmup is None else warmup
     reps = (20 if gpu else 3) if reps is None else reps
     if pattern.layout is not None:
@@ -174,7 +175,11 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
 
     kern = compile_pattern(pattern, backend=backend, options=options)
     ms = time_fn(lambda: kern(q, k, v, **rand), device, warmup=warmup, reps=reps)
-    timings = [Timing("attncc", ms, tf(ms), f"backend {backend}")]
+    note = f"backend {kern.last_backend}"
+    if kern.last_choice is not None:  # chosen per call shape (attncc.runtime.choose)
+        note += f", chosen: {kern.last_choice.reason}"
+    backend = kern.last_backend
+    timings = [Timing("attncc", ms, tf(ms), note)]
     extra: dict = {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if "sdpa" in baselines:

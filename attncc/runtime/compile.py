@@ -21,10 +21,13 @@ inputs, grid lengths) before any work, then runs one backend:
                memory), so it trains on CPU
     reference  `attncc.reference` (dense float64), cast to the dtype of q
 
-With no backend chosen, CUDA tensors use "triton" and CPU tensors "interpret" (`import attncc`
-switches Triton's interpreter on when there is no GPU and triton is not imported yet; if it is
-off, CPU calls fall back to "flex" or "reference" with a one-time warning). Nothing global is
-changed by a call.
+    dense      SDPA over the dense mask (small shapes; `runtime.backends.dense`)
+
+With no backend chosen, CUDA tensors use "triton"; CPU calls pick per call shape
+(`Kernel.choose`, `attncc.runtime.choose`): "dense" for small shapes, "flex" for large sparse
+ones, "torch" when gradients are needed; `Kernel.last_choice` says which and why. Nothing
+global is changed by a call. (`import attncc` switches Triton's interpreter on when there is
+no GPU and triton is not imported yet, so backend="interpret" works in a plain `python3`.)
 
 Caching: schedules are built once per (q_len, kv_len, heads); generated source is keyed by
 (IR hash, options, tile structure) and written to the on-disk cache (`attncc.runtime.cache`),
@@ -35,7 +38,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -96,37 +98,19 @@ def interpreter_enabled() -> bool:
     return _interpreter_env() and _interpreter_at_import() is not False
 
 
-NO_INTERPRETER_FALLBACK = (
-    "attncc: Triton's interpreter is off in this process (triton was imported before attncc, "
-    "or TRITON_INTERPRET is set to 0), so CPU calls without a backend run on backend '{0}' "
-    "instead of the generated Triton kernels; import attncc before triton (or set "
-    "TRITON_INTERPRET=1 before starting Python) to run those, or pass backend= explicitly")
-
-_FALLBACK_WARNED = False
+# What `resolve_backend` returns for a CPU call without a backend: the Kernel then picks one
+# per call shape (`attncc.runtime.choose`).
+AUTO = "auto"
 
 
-def _cpu_without_interpreter(grad: bool, dtype: Optional[torch.dtype]) -> str:
-    """The backend for a CPU call without a chosen backend when Triton's interpreter cannot
-    run: "flex" (compiled FlexAttention, forward only, no float64), else "reference". Warns
-    once per process."""
-    global _FALLBACK_WARNED
-    backend = "reference" if grad or dtype == torch.float64 else "flex"
-    if not _FALLBACK_WARNED:
-        _FALLBACK_WARNED = True
-        warnings.warn(NO_INTERPRETER_FALLBACK.format(backend), RuntimeWarning, stacklevel=4)
-    return backend
-
-
-def resolve_backend(requested: Optional[str], device: torch.device, *, grad: bool = False,
-                    dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs tensors on `device`: `requested`, or "triton" on CUDA and
-    "interpret" elsewhere (a CPU call falls back to a backend that needs no interpreter,
-    with a one-time warning, when Triton's interpreter is off; `grad` and `dtype` describe
-    the call). Raises BackendError when a requested backend cannot run here."""
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+    """The backend that runs tensors on `device`: `requested`, or "triton" on CUDA and AUTO
+    elsewhere (the Kernel then chooses per call shape: `attncc.runtime.choose`). Raises
+    BackendError when a requested backend cannot run here."""
     device = torch.device(device)
-    backend = requested or ("triton" if device.type == "cuda" else "interpret")
-    if requested is None and backend == "interpret" and not interpreter_enabled():
-        return _cpu_without_interpreter(grad, dtype)
+    if requested is None and device.type != "cuda":
+        return AUTO
+    backend = requested or "triton"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "triton" and device.type != "cuda":
@@ -287,6 +271,35 @@ class Kernel:
         self._tuned: dict[tuple, CompileOptions] = {}  # shape class -> autotuned options
         # Work counts of the last call that ran a runtime pre-pass (`prepass.PrepassStats`).
         self.last_stats: Optional[dict] = None
+        # The backend of the last call, and the cost-rule choice behind it when the backend
+        # was picked per call (CPU, no backend given; `attncc.runtime.choose.Choice`).
+        self.last_backend: Optional[str] = None
+        self.last_choice = None
+        self._flex_visited: dict[tuple[int, int, int], Optional[float]] = {}
+
+    def choose(self, q_len: int, kv_len: int, heads: int, *, grad: bool = False,
+               need_lse: bool = False, float64: bool = False):
+        """The `Choice` of backend for a CPU call of this shape without an explicit backend
+        (`attncc.runtime.choose`): "torch" when gradients are needed, else "dense" or
+        "flex" by the cost rule over the schedule's visited tile fraction."""
+        from .choose import choose_cpu_backend, cost_rule, visited_fraction
+        visited, grid = None, self.pattern.layout is not None
+        if not (grad or float64 or need_lse):
+            best = cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
+            if best.backend == "flex":
+                # Only when flex could win at all: the fraction of FlexAttention's blocks
+                # visited, from the schedule it uses (built once per shape).
+                key = (q_len, kv_len, heads)
+                if key not in self._flex_visited:
+                    from ..schedule.blockmask import DEFAULT_BLOCK
+                    from ..schedule.build import build_schedule
+                    opts = CompileOptions(block_m=DEFAULT_BLOCK, block_n=DEFAULT_BLOCK,
+                                          tile_1d=True)
+                    self._flex_visited[key] = visited_fraction(
+                        build_schedule(self.pattern, q_len, kv_len, heads, options=opts))
+                visited = self._flex_visited[key]
+        return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
+                                  grid=grid, grad=grad, need_lse=need_lse, float64=float64)
 
     def __repr__(self) -> str:
         return (f"Kernel({self.pattern.name}, backend={self.backend!r}, "
@@ -403,7 +416,12 @@ class Kernel:
                               device=q.device)
         scale = self._scale(scale, D)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values()))
-        backend = resolve_backend(self.options.backend, q.device, grad=grad, dtype=q.dtype)
+        backend = resolve_backend(self.options.backend, q.device)
+        if backend == AUTO:
+            self.last_choice = self.choose(Lq, Lkv, Hq, grad=grad, need_lse=return_lse,
+                                           float64=q.dtype == torch.float64)
+            backend = self.last_choice.backend
+        self.last_backend = backend
         if q.dtype == torch.float64 and backend in ("triton", "interpret", "flex"):
             raise InputTypeError(f"q has dtype float64; backend '{backend}' supports float16, "
                                  "bfloat16 and float32 (backend='reference' takes float64)")
@@ -524,6 +542,11 @@ def _run_torch(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool
     return out, lse
 
 
+def _run_dense(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
+    from .backends.dense import dense_forward
+    return dense_forward(kern.pattern, q, k, v, scale=scale, inputs=inputs, need_lse=need_lse)
+
+
 def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: bool):
     from ..reference import reference
     return reference(kern.pattern, q, k, v, scale=scale, return_lse=True, **inputs)
@@ -533,7 +556,7 @@ def _run_reference(kern: Kernel, q, k, v, inputs: dict, scale: float, need_lse: 
 # not need_lse); "interpret" runs the
 # same generated kernels as "triton" (Triton's interpreter is chosen when they are loaded).
 RUNNERS = {"triton": _run_triton, "interpret": _run_triton, "flex": _run_flex,
-           "torch": _run_torch, "reference": _run_reference}
+           "torch": _run_torch, "dense": _run_dense, "reference": _run_reference}
 # Backends whose runner is differentiable itself (its own torch.autograd.Function): a call
 # that needs gradients runs them directly, without an outer autograd wrapper.
 SELF_DIFFERENTIABLE = ("torch",)

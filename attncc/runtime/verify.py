@@ -126,7 +126,8 @@ def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Opt
     """Compare `pattern`'s kernel with the float64 reference on random data.
 
     pattern   a Pattern, a spec path or text, or a Kernel (then `backend`/`options` are its own
-              unless given)
+              unless given); with no backend, CPU tensors run the generated kernels through
+              Triton's interpreter when it is on, else the per-call default backend
     heads     query heads (default: the pattern's `heads` parameter, else 2); kv_heads
               defaults to heads (set it lower to test grouped-query attention)
     q_len     default: the layout's size on grid patterns, else 100; kv_len defaults to q_len

@@ -1,0 +1,103 @@
+"""The default CPU backend: which backend runs a call when none was chosen.
+
+    choice = choose_cpu_backend(q_len=2048, kv_len=2048, heads=8, visited=0.5)
+    choice.backend, choice.reason      # "dense", "... pairs ≤ ..."
+
+The rule (`cost_rule`) compares two cost models fitted to `python bench/bench_choose.py`
+(docs/BENCHMARKS.md, "Default CPU backend"; a shared 2-core CPU machine):
+
+    dense  SDPA over the dense bool mask computes every (query, key) pair:
+           t ≈ DENSE_NS · H·Lq·Lkv
+    flex   compiled FlexAttention visits only the kept 128×128 blocks, after a fixed cost:
+           t ≈ FLEX_FIXED_MS + FLEX_NS · H·Lq·Lkv·visited
+           (FLEX_GRID_NS instead of FLEX_NS on grid layouts, whose mask_mod derives
+           coordinates by division per element and whose 1-D blocks are mostly partial)
+
+with `visited` the fraction of (query block, key block) pairs FlexAttention's block mask
+visits (1.0 when the mask depends on runtime data: then only the size can favour flex). The
+constants are in one unit (the machine was heavily shared while measuring, so absolute times
+are inflated; their ratios decide). Calls that need gradients go to "torch" (block-sparse
+with its own backward pass; FlexAttention has none on CPU); float64 inputs and calls that
+need the log-sum-exp go to "dense" (FlexAttention's CPU path has neither); masks whose dense
+form per head would pass DENSE_MAX_PAIRS go to "flex".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# Cost model constants (ns per (head, query, key) pair; ms per call), fitted to
+# `python bench/bench_choose.py` (docs/BENCHMARKS.md).
+DENSE_NS = 22.0
+FLEX_NS = 30.0
+FLEX_GRID_NS = 400.0
+FLEX_FIXED_MS = 20.0
+# Above this many mask elements per head the dense mask itself is a memory problem.
+DENSE_MAX_PAIRS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend picked for one call, and why (shown by `attncc bench`)."""
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend} ({self.reason})"
+
+
+def cost_ms(backend: str, *, q_len: int, kv_len: int, heads: int, visited: float,
+            grid: bool = False) -> float:
+    """Modelled cost (in the constants' unit, ms) of one forward call of `backend` ("dense"
+    or "flex"); `grid` for patterns with a grid layout."""
+    pairs = heads * q_len * kv_len
+    if backend == "dense":
+        return DENSE_NS * pairs * 1e-6
+    if backend == "flex":
+        return FLEX_FIXED_MS + (FLEX_GRID_NS if grid else FLEX_NS) * pairs * visited * 1e-6
+    raise ValueError(f"no cost model for backend {backend!r}")
+
+
+def cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
+              grid: bool = False) -> Choice:
+    """"dense" or "flex" for a forward call of this shape, whichever the cost model says is
+    faster; `visited` in [0, 1] is the fraction of block pairs FlexAttention visits (None when
+    unknown: then only the size decides); `grid` for patterns with a grid layout."""
+    pairs = q_len * kv_len
+    if pairs > DENSE_MAX_PAIRS:
+        return Choice("flex", f"{pairs} pairs per head is past the dense limit {DENSE_MAX_PAIRS}")
+    dense = cost_ms("dense", q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
+    if dense <= FLEX_FIXED_MS:
+        return Choice("dense", f"small: modelled {dense:.1f} ms <= flex's fixed cost "
+                               f"{FLEX_FIXED_MS:.1f} ms")
+    v = 1.0 if visited is None else float(visited)
+    flex = cost_ms("flex", q_len=q_len, kv_len=kv_len, heads=heads, visited=v, grid=grid)
+    what = f"flex visits {v:.1%} of blocks" if visited is not None else "blocks decided at run time"
+    if flex < dense:
+        return Choice("flex", f"{what}: modelled {flex:.1f} ms < dense {dense:.1f} ms")
+    return Choice("dense", f"{what}: modelled {dense:.1f} ms <= flex {flex:.1f} ms")
+
+
+def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
+                       grid: bool = False, grad: bool = False, need_lse: bool = False,
+                       float64: bool = False) -> Choice:
+    """The backend for a CPU call without an explicit backend (see the module docstring)."""
+    if grad:
+        return Choice("torch", "gradients needed: block-sparse torch with its own backward")
+    if float64:
+        return Choice("dense", "float64 inputs (FlexAttention's CPU path is float32)")
+    if need_lse:
+        return Choice("dense", "log-sum-exp requested (FlexAttention's CPU path has none)")
+    return cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited, grid=grid)
+
+
+def visited_fraction(schedule) -> Optional[float]:
+    """Fraction of (query tile, key tile) pairs `schedule` visits, over all heads; None when
+    the schedule's lists depend on runtime data."""
+    if schedule.runtime:
+        return None
+    total = schedule.heads * schedule.n_q_tiles * schedule.n_kv_tiles
+    if not total:
+        return 0.0
+    visits = sum(len(c.heads) * (c.full.nnz + c.partial.nnz) for c in schedule.classes)
+    return visits / total
