@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 
 __all__ = ["HelperError", "moh_weights", "document_ids", "document_offsets",
-           "check_document_ids", "cluster_ids"]
+           "check_document_ids", "cluster_ids", "moba_blocks"]
 
 Lengths = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -174,3 +174,39 @@ def cluster_ids(x: torch.Tensor, centroids: torch.Tensor, normalize: bool = True
         return torch.einsum("bhld,hcd->bhlc", xs, cs).argmax(-1)
     d = (x.unsqueeze(-2) - c[None, :, None]).pow(2).sum(-1)      # [B, H, L, C]
     return d.argmin(-1)
+
+
+def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torch.Tensor:
+    """MoBA block selection (specs/moba.attn: chosen[b, h, q, topk]).
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (Hq % Hkv == 0; queries aligned to the last Lq key
+    positions) → int64 [B, Hq, Lq, topk]: for each query token the key blocks of `block`
+    tokens ranked by q · mean(k over the block) (the last block averages its real tokens),
+    blocks after the query's own excluded, its own block always first; ties to the lower block
+    index; slots beyond the available blocks are -1."""
+    if not (_is_int(block) and block >= 1 and _is_int(topk) and topk >= 1):
+        raise HelperError(f"block and topk must be positive integers, got {block!r}, {topk!r}")
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
+            and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0):
+        raise HelperError("q and k must be tensors [B, Hq, Lq, D] and [B, Hkv, Lkv, D] with "
+                          "Hq % Hkv == 0")
+    B, Hq, Lq, D = q.shape
+    Lkv = k.shape[2]
+    nb = -(-Lkv // block)
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - Lkv))
+    counts = torch.full((nb,), float(block), device=k.device)
+    counts[-1] = Lkv - (nb - 1) * block
+    means = kf.view(B, k.shape[1], nb, block, D).sum(3) / counts[:, None]
+    means = means.repeat_interleave(Hq // k.shape[1], 1)
+    gate = q.float() @ means.transpose(-1, -2)                      # [B, Hq, Lq, nb]
+    own = (torch.arange(Lq, device=q.device) + (Lkv - Lq)).div(block, rounding_mode="floor")
+    blocks = torch.arange(nb, device=q.device)
+    gate = gate.masked_fill(blocks[None, :] > own[:, None], float("-inf"))
+    gate = torch.where(blocks[None, :] == own[:, None], float("inf"), gate)
+    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :topk]
+    valid = torch.gather(gate, -1, order) > float("-inf")
+    out = torch.where(valid, order, -1)
+    if out.shape[-1] < topk:
+        out = torch.nn.functional.pad(out, (0, topk - out.shape[-1]), value=-1)
+    return out
