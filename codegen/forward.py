@@ -30,10 +30,15 @@ runtime pre-pass (route / blocks / document ids) can pass lists with one row per
 head, query tile) by giving HEAD_CLASS = arange(Hq) and ROWS_PER_BATCH = Hq, with the same
 source (`attncc.runtime.launch.run_forward(lists=...)`).
 
-Closed form: when every head class has `bounds` (attncc.schedule.closed_form) with the same
-range structure, the loops run over `range(lo, hi)` of key-tile coordinates rendered from
-the bound expressions (selected per head class with `tl.where`); no index arrays are read.
-On multi-dimensional tiles each combination of per-axis ranges is one loop nest.
+Closed form (1-D tiles): when every head class has `bounds` (attncc.schedule.closed_form)
+with the same range structure, the loops run over the key-tile ranges rendered from the
+bound expressions (selected per head class with `tl.where`; lengths are the kernel's
+Q_LEN / KV_LEN arguments, so one source serves every length the bounds were validated
+at); no index arrays are read. Multi-dimensional tiles read the CSR lists.
+
+Loops: one loop per tile class. FULL tiles run without per-element code (no key-tail
+mask, no mask predicate, no empty-row guard; the scale is folded into the exp2 argument);
+the tile that reaches past KV_LEN, when FULL, is peeled into the PARTIAL loop (1-D tiles).
 
 The generated module also defines `META`, a dict of Python literals describing the launch
 (kernel name, tile sizes, input order, warps, stages).
@@ -191,17 +196,6 @@ def usable_bounds(schedule) -> Optional[list]:
     return bs
 
 
-def _clip(expr, text: str, lo: Optional[int], hi: Optional[int]) -> str:
-    if isinstance(expr, Const):
-        v = int(expr.value)
-        v = v if lo is None else max(v, lo)
-        v = v if hi is None else min(v, hi)
-        return str(v)
-    if lo is not None:
-        return f"tl.maximum({text}, {lo})"
-    return f"tl.minimum({text}, {hi})"
-
-
 def _segment_loop(kind: str, segments: list, kv_step, tail: bool, tag: str) -> list[str]:
     """One loop over the key tiles of several half-open ranges `segments` [(lo, hi) texts],
     visited in order: a plain `range(lo, hi)` for one range, else a flat counter `it` mapped
@@ -262,14 +256,14 @@ def _closed_form(bounds: list, qg, kg, kv_step):
     PARTIAL loop when a FULL range holds it."""
     from attncc.schedule.schedule import TileClass
 
-    scope = Scope(vars={"qt": "m"})
-    pro = ["# Closed-form key-tile ranges of query tile m."]
+    scope = Scope(vars={"qt": "m", "Q_LEN": "Q_LEN", "KV_LEN": "KV_LEN"})
+    pro = ["# Closed-form key-tile ranges of query tile m (the schedule checked them against",
+           "# the exact tile classes: every nonempty range lies inside the key tiles)."]
     roots = [e for b in bounds for ax in b.axes for r in ax for e in (r.lo, r.hi)]
     rendered = Renderer(scope, "cb").render(roots)
     pro += rendered.hoisted
     if len(bounds) > 1:
         pro.append("hc = tl.load(HEAD_CLASS + h)")
-    counts = kg.counts
     ranges = []  # [cls, lo text, hi text]
     for i in range(len(bounds[0].axes[0])):
         rs = [b.axes[0][i] for b in bounds]
@@ -277,8 +271,8 @@ def _closed_form(bounds: list, qg, kg, kv_step):
                and int(r.hi.value) <= int(r.lo.value) for r in rs):
             continue  # empty for every query tile
         texts = []
-        for attr, clip in (("lo", (0, None)), ("hi", (None, counts[0]))):
-            alts = [_clip(getattr(r, attr), rendered.text(getattr(r, attr)), *clip) for r in rs]
+        for attr in ("lo", "hi"):
+            alts = [rendered.text(getattr(r, attr)) for r in rs]
             text = alts[-1]
             for c in range(len(bounds) - 2, -1, -1):
                 text = f"tl.where(hc == {c}, {alts[c]}, {text})"

@@ -28,6 +28,7 @@ from typing import Optional
 
 from ..ir.dense import resolve_lengths
 from ..passes.heads import head_classes
+from ..passes.simplify import simplify, substitute
 from ..passes.tiles import classify_tiles, runtime_kinds
 from .closed_form import bounds_agree, derive_bounds
 from .schedule import CSR, HeadClass, Schedule, TileClass
@@ -69,13 +70,21 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
         m = c.matrix
         full, partial = m == int(TileClass.FULL), m == int(TileClass.PARTIAL)
         full_csr, partial_csr = CSR.from_dense(full), CSR.from_dense(partial)
-        bounds = derive_bounds(g.mask, q_grid, kv_grid, layout)
-        if bounds is not None:
-            if not bounds_agree(bounds, full_csr, partial_csr):
+        bounds = None
+        if len(q_grid.shape) == 1:
+            # Length-generic bounds first (Q_LEN / KV_LEN stay variables: one kernel serves
+            # every length); specialized bounds where those disagree at this shape.
+            generic_mask = simplify(substitute(pattern.mask, {"HEADS": heads, "h": g.heads[0]}))
+            bounds = derive_bounds(generic_mask, q_grid, kv_grid, layout, True)
+            if bounds is not None and not bounds_agree(bounds, full_csr, partial_csr):
+                bounds = None
+        if bounds is None:
+            bounds = derive_bounds(g.mask, q_grid, kv_grid, layout)
+            if bounds is not None and not bounds_agree(bounds, full_csr, partial_csr):
                 bounds = None
                 stats["bounds_dropped"] += 1
-            else:
-                stats["bounds"] += 1
+        if bounds is not None:
+            stats["bounds"] += 1
         classes.append(HeadClass(g.heads, full_csr, partial_csr,
                                  full_csr.transpose(kv_grid.n_tiles),
                                  partial_csr.transpose(kv_grid.n_tiles), bounds))

@@ -66,11 +66,17 @@ class Range:
 
 @dataclass(frozen=True, eq=False)
 class Bounds:
-    """Closed-form schedule of one head class (see module docstring)."""
+    """Closed-form schedule of one head class (see module docstring). `lengths` binds the
+    length variables (`Q_LEN`, `KV_LEN`) that length-generic bounds use, for evaluation at
+    the schedule's shape; the expressions themselves do not depend on it."""
     vars: tuple[str, ...]
     axes: tuple[tuple[Range, ...], ...]
     q_counts: tuple[int, ...]
     kv_counts: tuple[int, ...]
+    lengths: tuple = ()
+
+    def env(self, var: str, values) -> dict:
+        return {var: values, **dict(self.lengths)}
 
     def __str__(self) -> str:
         from ..ir.printer import format_expr
@@ -85,6 +91,11 @@ class Bounds:
 
 def _c(v: int) -> Expr:
     return Const(int(v))
+
+
+def _e(v) -> Expr:
+    """An int or an IR expression as IR."""
+    return v if isinstance(v, Expr) else _c(v)
 
 
 def _b(op, a, b) -> Expr:
@@ -115,12 +126,15 @@ def _free_of(e: Expr, node: Expr) -> bool:
     return all(n is not node for n in walk(e))
 
 
+LENGTHS = ("Q_LEN", "KV_LEN")
+
+
 def _check_rest(e: Expr, i: Expr) -> None:
-    """The bound expression may only use the query index `i`, constants and integer
-    arithmetic."""
+    """The bound expression may only use the query index `i`, the sequence lengths,
+    constants and integer arithmetic."""
     for n in walk(e):
         if isinstance(n, (Var, Coord)):
-            if n is not i:
+            if n is not i and not (isinstance(n, Var) and n.name in LENGTHS):
                 raise _Unsupported
         elif not isinstance(n, (Const, Binary, Unary, Select)):
             raise _Unsupported
@@ -165,19 +179,22 @@ def _atom_bounds(atom: Expr, i: Expr, j: Expr) -> tuple[list[Expr], list[Expr]]:
             "ge": ([e], []), "gt": ([_b("add", e, _c(1))], [])}[o]
 
 
-def _band(atoms: list[Expr], i: Expr, j: Expr, kv_len: int) -> tuple[Expr, Expr]:
-    """Clamped (lo(i), hi(i)) of the conjunction of `atoms` on j ∈ [0, kv_len)."""
-    los, his = [_c(0)], [_c(kv_len - 1)]
+def _band(atoms: list[Expr], i: Expr, j: Expr, kv_len) -> tuple[Expr, Expr]:
+    """Clamped (lo(i), hi(i)) of the conjunction of `atoms` on j ∈ [0, kv_len) (kv_len an
+    int or an IR length); kv_len None: no upper clamp (hi None when no atom bounds j)."""
+    los, his = [_c(0)], ([] if kv_len is None else [_b("sub", _e(kv_len), _c(1))])
     for a in atoms:
         lo, hi = _atom_bounds(a, i, j)
         los += lo
         his += hi
+    if not his:
+        his = [None]
     lo, hi = los[0], his[0]
     for x in los[1:]:
         lo = _b("max", lo, x)
     for x in his[1:]:
         hi = _b("min", hi, x)
-    return simplify(lo), simplify(hi)
+    return simplify(lo), (None if hi is None else simplify(hi))
 
 
 # ---- band → ranges -------------------------------------------------------------------------
@@ -188,18 +205,20 @@ class _Axis:
     i: Expr        # query index node
     bm: int
     bn: int
-    q_len: int
-    kv_len: int
+    q_len: object  # int, or the IR variable Q_LEN (length-generic bounds)
+    kv_len: object
 
     @property
-    def nk(self) -> int:
-        return -(-self.kv_len // self.bn)
+    def nk(self) -> Expr:
+        if isinstance(self.kv_len, int):
+            return _c(-(-self.kv_len // self.bn))
+        return _b("floordiv", _b("add", self.kv_len, _c(self.bn - 1)), _c(self.bn))
 
     def q0(self) -> Expr:
         return _b("mul", self.t, _c(self.bm))
 
     def q1(self) -> Expr:
-        return _b("min", _b("add", self.q0(), _c(self.bm - 1)), _c(self.q_len - 1))
+        return _b("min", _b("add", self.q0(), _c(self.bm - 1)), _b("sub", _e(self.q_len), _c(1)))
 
 
 def _ends(ax: _Axis, band) -> tuple[Expr, Expr, Expr, Expr]:
@@ -215,7 +234,8 @@ def _band_ranges(ax: _Axis, band) -> list[Range]:
     vhi = Select(_b("or", _b("lt", H1, L0), _rows_empty(L0, L1, H0, H1)), vlo,
                  _b("add", _b("floordiv", H1, _c(bn)), _c(1)))
     flo = _b("sub", _c(0), _b("floordiv", _b("sub", _c(0), L1), _c(bn)))   # ceil(L1 / bn)
-    fhi = Select(_b("ge", H0, _c(ax.kv_len - 1)), _c(ax.nk), _b("floordiv", _b("add", H0, _c(1)), _c(bn)))
+    fhi = Select(_b("ge", H0, _b("sub", _e(ax.kv_len), _c(1))), ax.nk,
+                 _b("floordiv", _b("add", H0, _c(1)), _c(bn)))
     fe_lo = _b("min", _b("max", flo, vlo), vhi)
     fe_hi = _b("max", _b("min", fhi, vhi), fe_lo)
     return [Range(vlo, fe_lo, TileClass.PARTIAL), Range(fe_lo, fe_hi, TileClass.FULL),
@@ -228,23 +248,23 @@ def _rows_empty(L0, L1, H0, H1) -> Expr:
     return _b("and", _b("gt", L0, H0), _b("gt", L1, H1))
 
 
-def _full_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
-    """Every row of the query tile keeps every key of [ka, kb]."""
+def _full_on(ax: _Axis, band, ka, kb) -> Expr:
+    """Every row of the query tile keeps every key of [ka, kb] (ints or IR)."""
     L0, L1, H0, H1 = _ends(ax, band)
-    return _b("and", _b("le", L1, _c(ka)), _b("le", _c(kb), H0))
+    return _b("and", _b("le", L1, _e(ka)), _b("le", _e(kb), H0))
 
 
-def _visited_on(ax: _Axis, band, ka: int, kb: int) -> Expr:
-    """Some row of the query tile keeps some key of [ka, kb]."""
+def _visited_on(ax: _Axis, band, ka, kb) -> Expr:
+    """Some row of the query tile keeps some key of [ka, kb] (ints or IR)."""
     L0, L1, H0, H1 = _ends(ax, band)
-    return _b("and", _b("le", _b("max", L0, _c(ka)), _b("min", H1, _c(kb))),
+    return _b("and", _b("le", _b("max", L0, _e(ka)), _b("min", H1, _e(kb))),
               Unary("not", _rows_empty(L0, L1, H0, H1)))
 
 
-def _prefix_of(e: Expr, i, j, kv_len) -> Optional[int]:
+def _prefix_of(e: Expr, i, j) -> Optional[int]:
     """p when `e` is the constant key range [0, p) (e.g. `k < 4`), else None."""
     try:
-        lo, hi = _band(_conjuncts(e), i, j, kv_len)
+        lo, hi = _band(_conjuncts(e), i, j, None)
     except _Unsupported:
         return None
     if isinstance(lo, Const) and isinstance(hi, Const) and lo.value <= 0:
@@ -262,25 +282,35 @@ def _ranges_1d(mask: Expr, ax: _Axis) -> list[Range]:
     common = [x for x in items if x is not ors[0]]
     j = Var("k")
     for pre, other in ((ors[0].a, ors[0].b), (ors[0].b, ors[0].a)):
-        p = _prefix_of(pre, ax.i, j, ax.kv_len)
+        p = _prefix_of(pre, ax.i, j)
         if p is not None:
             break
     else:
         raise _Unsupported
     x_band = _band(common, ax.i, j, ax.kv_len)
     xy_band = _band(common + _conjuncts(other), ax.i, j, ax.kv_len)
-    p = min(max(p, 0), ax.kv_len)
+    generic = not isinstance(ax.kv_len, int)
+    p = max(p, 0) if generic else min(max(p, 0), ax.kv_len)
     bn = ax.bn
     pf, pv = p // bn, -(-p // bn)
     out = [Range(_b("min", r.lo, _c(pf)), _b("min", r.hi, _c(pf)), r.cls)
            for r in _band_ranges(ax, x_band)]
     if p % bn:
-        k0, k1 = pf * bn, min(pf * bn + bn - 1, ax.kv_len - 1)
-        full = _full_on(ax, x_band, k0, p - 1)
-        vis = _visited_on(ax, x_band, k0, p - 1)
-        if p <= k1:
-            full = _b("and", full, _full_on(ax, xy_band, p, k1))
-            vis = _b("or", vis, _visited_on(ax, xy_band, p, k1))
+        k0 = pf * bn
+        if generic:  # the tile holding p: keys [k0, min(k0 + bn, KV_LEN) - 1]
+            k1 = _b("min", _c(k0 + bn - 1), _b("sub", ax.kv_len, _c(1)))
+            has_y = _b("le", _c(p), k1)
+            full = _b("and", _full_on(ax, x_band, k0, p - 1),
+                      _b("or", Unary("not", has_y), _full_on(ax, xy_band, p, k1)))
+            vis = _b("or", _visited_on(ax, x_band, k0, p - 1),
+                     _b("and", has_y, _visited_on(ax, xy_band, p, k1)))
+        else:
+            k1 = min(pf * bn + bn - 1, ax.kv_len - 1)
+            full = _full_on(ax, x_band, k0, p - 1)
+            vis = _visited_on(ax, x_band, k0, p - 1)
+            if p <= k1:
+                full = _b("and", full, _full_on(ax, xy_band, p, k1))
+                vis = _b("or", vis, _visited_on(ax, xy_band, p, k1))
         mid = _b("add", _c(pf), _bool_to_int(full))
         out += [Range(_c(pf), mid, TileClass.FULL),
                 Range(mid, _b("add", _c(pf), _bool_to_int(vis)), TileClass.PARTIAL)]
@@ -290,24 +320,37 @@ def _ranges_1d(mask: Expr, ax: _Axis) -> list[Range]:
 
 
 def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
-                  layout=None) -> Optional[Bounds]:
-    """Closed-form bounds of a specialized (lengths and `h` substituted, simplified) mask on
-    the given tilings, or None when the mask is not recognized as band-like. Unvalidated:
-    check with `bounds_matrix` against the exact classification."""
+                  layout=None, generic: bool = False) -> Optional[Bounds]:
+    """Closed-form bounds of a mask on the given tilings, or None when the mask is not
+    recognized as band-like. Unvalidated: check with `bounds_agree` / `bounds_matrix`
+    against the exact classification.
+
+    mask     `h` substituted; lengths substituted too (specialized), unless `generic`
+    generic  1-D tiles only: the bounds keep `Q_LEN` / `KV_LEN` as variables, so they are the
+             same expressions for every length (one kernel per pattern); `Bounds.lengths`
+             records the grids' lengths for evaluation
+    """
     try:
         if len(q_grid.shape) == 1:
             if layout is not None and len(layout.axes) == 1:
                 mask = transform(mask, lambda n: Var(n.side) if isinstance(n, Coord) else None)
             if any(isinstance(n, Coord) for n in walk(mask)):
                 return None
-            ax = _Axis(Var("qt"), Var("q"), q_grid.tile[0], kv_grid.tile[0],
-                       q_grid.shape[0], kv_grid.shape[0])
+            bm, bn = q_grid.tile[0], kv_grid.tile[0]
+            if generic:
+                ax = _Axis(Var("qt"), Var("q"), bm, bn, Var("Q_LEN"), Var("KV_LEN"))
+                ranges = _ranges_1d(mask, ax)
+                axes = (tuple(Range(tidy_generic(r.lo, bm, bn), tidy_generic(r.hi, bm, bn),
+                                    r.cls) for r in ranges),)
+                lengths = (("Q_LEN", q_grid.shape[0]), ("KV_LEN", kv_grid.shape[0]))
+                return Bounds(("qt",), axes, q_grid.counts, kv_grid.counts, lengths)
+            ax = _Axis(Var("qt"), Var("q"), bm, bn, q_grid.shape[0], kv_grid.shape[0])
             ranges = _ranges_1d(mask, ax)
             axes = (tuple(_simplify_range(r, "qt", q_grid.counts[0]) for r in ranges),)
             names = ("qt",)
         else:
             nd = len(q_grid.shape)
-            if nd > 4 or any(isinstance(n, Var) and n.name in ("q", "k") for n in walk(mask)):
+            if generic or nd > 4 or any(isinstance(n, Var) and n.name in ("q", "k") for n in walk(mask)):
                 return None
             per_axis: list[list[Expr]] = [[] for _ in range(nd)]
             for atom in _conjuncts(mask):
@@ -343,7 +386,10 @@ def tidy(expr: Expr, var: str, n: int) -> Expr:
     constant condition keeps its branch. Exact (checked on every value of `var`), O(n) per
     node."""
     ev = Evaluator({var: torch.arange(max(n, 1), dtype=torch.int64)})
+    return _tidy_with(expr, ev)
 
+
+def _tidy_with(expr: Expr, ev: Evaluator) -> Expr:
     def fn(node: Expr):
         if isinstance(node, (Const, Var)):
             return None
@@ -363,17 +409,44 @@ def tidy(expr: Expr, var: str, n: int) -> Expr:
     return simplify(transform(out, fn))
 
 
+def _samples(bm: int, bn: int) -> list[tuple[int, int]]:
+    """Fixed (Q_LEN, KV_LEN) pairs on which `tidy_generic` tests its rewrites: tile
+    multiples and not, short and long, more queries than keys and fewer."""
+    ls = sorted({1, 2, 3, bm - 1, bm, bm + 1, bn - 1, bn + 1, 2 * bm + 3, 5 * bn, 7 * bm - 1, 100,
+                 255, 1000, 1024, 2047, 4096 + 17, 8192})
+    pairs = [(n, n) for n in ls]
+    pairs += [(n, 2 * n + 5) for n in ls if n < 4096] + [(2 * n + 5, n) for n in ls if n < 4096]
+    pairs += [(1, 4096), (4096, 1), (100, 1000), (1000, 100), (3 * bm, 5 * bn + 1)]
+    return pairs
+
+
+def tidy_generic(expr: Expr, bm: int, bn: int) -> Expr:
+    """`tidy` for length-generic bounds: a subexpression is replaced by a constant, and a
+    `min`/`max` by one operand, when that holds for every query tile at every length pair of
+    a fixed sample set (`_samples`). Not a proof: the schedule validates the bounds at each
+    shape it is built for and falls back to specialized bounds (or the lists) otherwise.
+    The result depends only on the expression and the tile sizes, never on a length."""
+    qt, ql, kl = [], [], []
+    for lq, lk in _samples(bm, bn):
+        n = -(-lq // bm)
+        qt.append(torch.arange(n, dtype=torch.int64))
+        ql.append(torch.full((n,), lq, dtype=torch.int64))
+        kl.append(torch.full((n,), lk, dtype=torch.int64))
+    ev = Evaluator({"qt": torch.cat(qt), "Q_LEN": torch.cat(ql), "KV_LEN": torch.cat(kl)})
+    return _tidy_with(expr, ev)
+
+
 # ---- evaluation / validation ------------------------------------------------------------
 
-def _axis_matrix(var: str, ranges, nq: int, nk: int) -> Optional[torch.Tensor]:
+def _axis_matrix(var: str, ranges, nq: int, nk: int, lengths=()) -> Optional[torch.Tensor]:
     t = torch.arange(nq, dtype=torch.int64)
     kt = torch.arange(nk, dtype=torch.int64)[None, :]
     cover = torch.zeros(nq, nk, dtype=torch.int16)
     out = torch.zeros(nq, nk, dtype=torch.int8)
     prev = torch.full((nq,), -(1 << 62), dtype=torch.int64)
     for r in ranges:
-        lo = eval_expr(r.lo, {var: t}).expand(nq).to(torch.int64)
-        hi = eval_expr(r.hi, {var: t}).expand(nq).to(torch.int64)
+        lo = eval_expr(r.lo, {var: t, **dict(lengths)}).expand(nq).to(torch.int64)
+        hi = eval_expr(r.hi, {var: t, **dict(lengths)}).expand(nq).to(torch.int64)
         nonempty = hi > lo
         if bool((nonempty & (lo < prev)).any()):
             return None  # ranges out of order
@@ -404,8 +477,8 @@ def bounds_agree(bounds: Bounds, full, partial) -> bool:
     prev = torch.zeros(nq, dtype=torch.int64)
     spans = {TileClass.FULL: [], TileClass.PARTIAL: []}
     for r in ranges:
-        lo = eval_expr(r.lo, {var: t}).expand(nq).to(torch.int64)
-        hi = eval_expr(r.hi, {var: t}).expand(nq).to(torch.int64)
+        lo = eval_expr(r.lo, bounds.env(var, t)).expand(nq).to(torch.int64)
+        hi = eval_expr(r.hi, bounds.env(var, t)).expand(nq).to(torch.int64)
         nonempty = hi > lo
         if bool((nonempty & ((lo < prev) | (lo < 0) | (hi > nk))).any()):
             return False  # out of order, overlapping or outside the key tiles
@@ -430,7 +503,7 @@ def bounds_matrix(bounds: Bounds) -> Optional[torch.Tensor]:
     numbering on both sides), or None if its ranges overlap or are out of order."""
     mats = []
     for var, ranges, nq, nk in zip(bounds.vars, bounds.axes, bounds.q_counts, bounds.kv_counts):
-        m = _axis_matrix(var, ranges, nq, nk)
+        m = _axis_matrix(var, ranges, nq, nk, bounds.lengths)
         if m is None:
             return None
         mats.append(m)

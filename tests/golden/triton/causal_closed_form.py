@@ -49,11 +49,12 @@ def attncc_fwd_causal_13065ae5a230(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Closed-form key-tile ranges of query tile m.
+    # Closed-form key-tile ranges of query tile m (the schedule checked them against
+    # the exact tile classes: every nonempty range lies inside the key tiles).
     kt_lo_full0 = 0
-    kt_hi_full0 = tl.minimum(m, 8)
-    kt_lo_partial0 = tl.maximum(m, 0)
-    kt_hi_partial0 = tl.minimum((m + 1), 8)
+    kt_hi_full0 = m
+    kt_lo_partial0 = m
+    kt_hi_partial0 = (m + 1)
     # Key tile n_tail reaches past KV_LEN when KV_LEN is not a multiple of BLOCK_N;
     # FULL loops stop before it and, when it is FULL, it runs (masked) with the PARTIAL tiles.
     n_tail = KV_LEN // BLOCK_N
