@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-from .ir.nodes import BOOL, INT, Coord, Expr, Load, Var
+from .ir.nodes import BOOL, FLOAT, INT, Coord, Expr, Load, Var
 from .ir.pattern import Axis, InputDecl, Layout, Pattern
 from .frontend.ast import Loc
 from .frontend.errors import Diagnostic, SpecError, suggest
@@ -33,8 +33,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _VARS = ("b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS")
 _CONTROL_FLOW = ("a symbolic condition cannot be used in Python control flow (`if`, `and`, "
                  "`or`, `not`); use `&`, `|`, `~` or attncc.where(cond, a, b)")
-# Layout and inputs of the function being traced (helpers such as `neighborhood` need them).
+# Layout, inputs and clause ("mask" or "score") of the function being traced (helpers such as
+# `neighborhood` need the layout; float arithmetic is allowed only in a score).
 _ACTIVE: list = []
+
+
+def _floats() -> bool:
+    return bool(_ACTIVE) and _ACTIVE[-1][2] == "score"
+
 
 
 def _user_error(message: str, hint=None) -> SpecError:
@@ -71,7 +77,7 @@ def _node(x) -> Expr:
 def _build(fn, *args, **kw):
     from .passes.primitives import BuildError
     try:
-        return Sym(fn(*args, floats=False, **kw))
+        return Sym(fn(*args, floats=_floats(), **kw))
     except BuildError as e:
         raise _user_error(str(e)) from None
 
@@ -225,7 +231,7 @@ def _primitive(name: str, *args, **kwargs) -> Sym:
     from .frontend import ast as A
     from .api import prelude_defs
     from .passes.elaborate import Elaborator, _Ctx, _Failed
-    layout, inputs = _ACTIVE[-1] if _ACTIVE else (None, {})
+    layout, inputs, clause = _ACTIVE[-1] if _ACTIVE else (None, {}, "mask")
     el = Elaborator(A.Spec(None, ()), {}, None, "<trace>", list(prelude_defs()))
     el.layout, el.inputs = layout, dict(inputs)
     env = {}
@@ -239,7 +245,7 @@ def _primitive(name: str, *args, **kwargs) -> Sym:
     ast_args = tuple(arg(v) for v in args)
     ast_kw = tuple(A.Keyword(k, arg(v)) for k, v in kwargs.items())
     try:
-        out = el.call(name, ast_args, ast_kw, None, _Ctx("mask", env))
+        out = el.call(name, ast_args, ast_kw, None, _Ctx(clause, env))
     except _Failed:
         out = None
     if el.diags.items:
@@ -284,6 +290,40 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False):
     return _primitive("neighborhood", kernel, dilation=dilation, stride=stride, causal=causal)
 
 
+def softcap(x, c):
+    """`c * tanh(x / c)` (in a score modifier: `score=lambda s: attncc.softcap(s, 50.0)`)."""
+    return _primitive("softcap", x, c)
+
+
+def alibi(s):
+    """ALiBi: `s + exp2(-8.0 * (h + 1) / HEADS) * (k - q)` (a score modifier)."""
+    if not _same_score(s):
+        raise _user_error("alibi(s) takes the score `s` the modifier receives")
+    return _primitive("alibi")
+
+
+def _same_score(s) -> bool:
+    return isinstance(s, Sym) and isinstance(s.node, Var) and s.node.name == "s"
+
+
+def _float_fn(name):
+    def fn(x):
+        from .passes.primitives import builtin
+        return _build(builtin, name, [_node(x)])
+    fn.__name__ = name
+    fn.__doc__ = f"Symbolic `{name}(x)` (float: score modifiers only)."
+    return fn
+
+
+tanh, exp, exp2, log, sqrt = (_float_fn(n) for n in ("tanh", "exp", "exp2", "log", "sqrt"))
+
+
+def clamp(x, lo, hi):
+    """Symbolic `clamp(x, lo, hi)` = `min(max(x, lo), hi)`."""
+    from .passes.primitives import builtin
+    return _build(builtin, "clamp", [_node(x), _node(lo), _node(hi)])
+
+
 # ---- the decorator --------------------------------------------------------------------------
 
 _DECL = re.compile(r"^\s*(int|float|bool)\s*\[([^\]]*)\]\s*$")
@@ -310,29 +350,74 @@ def _input_decl(name, spec) -> InputDecl:
     return InputDecl(name, dtype, tuple(out))
 
 
-def _trace(fn, layout, name, inputs) -> Pattern:
-    decls = {n: _input_decl(n, s) for n, s in (inputs or {}).items()}
+_PARAM_TYPES = (bool, int, float)
+
+
+def _params_of(fn, decls, overrides) -> dict:
+    """Keyword parameters of `fn` with defaults (not index variables or inputs): the pattern's
+    parameters, bound to their defaults or to `overrides`."""
+    out = {}
+    sig = inspect.signature(fn).parameters
+    for p in sig.values():
+        if p.name in _VARS or p.name in decls or p.default is inspect.Parameter.empty:
+            continue
+        value = overrides.get(p.name, p.default)
+        if type(value) not in _PARAM_TYPES:
+            raise _user_error(f"parameter '{p.name}' of {fn.__name__} must be an int, float or "
+                              f"bool, got {value!r}")
+        out[p.name] = value
+    for name in overrides:
+        if name not in out:
+            raise _user_error(f"unknown parameter '{name}'",
+                              suggest(name, list(out)) or (
+                                  f"'{fn.__name__}' has parameters {', '.join(out)}" if out
+                                  else f"'{fn.__name__}' has no parameters"))
+    return out
+
+
+def _call_traced(fn, layout, decls, params, clause, extra=None):
     args = []
     for p in inspect.signature(fn).parameters.values():
-        if p.name in _VARS:
+        if extra is not None and p.name in extra:
+            args.append(extra[p.name])
+        elif p.name in _VARS:
             args.append(Sym(Var(p.name)))
         elif p.name in decls:
             args.append(_InputSym(decls[p.name]))
+        elif p.name in params:
+            args.append(params[p.name])
+        elif extra is not None and p.default is not inspect.Parameter.empty:
+            args.append(p.default)  # a plain constant of the score function
         else:
+            allowed = list(_VARS) + list(decls) + list(extra or ())
             raise _user_error(
                 f"parameter '{p.name}' of {fn.__name__} is neither an index variable "
-                f"({', '.join(_VARS)}) nor a declared input",
-                suggest(p.name, list(_VARS) + list(decls)))
-    _ACTIVE.append((layout, decls))
+                f"({', '.join(_VARS)}){', the score s' if extra else ''}, a declared input "
+                "nor a pattern parameter with a default", suggest(p.name, allowed))
+    _ACTIVE.append((layout, decls, clause))
     try:
-        out = fn(*args)
+        return _node(fn(*args))
     finally:
         _ACTIVE.pop()
-    mask = _node(out)
+
+
+def _trace(fn, layout, name, inputs, score=None, overrides=None) -> Pattern:
+    decls = {n: _input_decl(n, s) for n, s in (inputs or {}).items()}
+    params = _params_of(fn, decls, dict(overrides or {}))
+    mask = _call_traced(fn, layout, decls, params, "mask")
     if mask.dtype != BOOL:
         raise _user_error(f"mask must be a boolean expression, got {mask.dtype}")
-    return Pattern(name=name or fn.__name__, params=(), layout=layout,
-                   inputs=tuple(decls.values()), mask=mask,
+    score_ir = None
+    if score is not None:
+        from .passes.primitives import to_float
+        score_ir = _call_traced(score, layout, decls, params, "score",
+                                extra={"s": Sym(Var("s"))})
+        if score_ir.dtype == INT:
+            score_ir = to_float(score_ir)
+        if score_ir.dtype != FLOAT:
+            raise _user_error(f"score must be a float expression, got {score_ir.dtype}")
+    return Pattern(name=name or fn.__name__, params=tuple(params.items()), layout=layout,
+                   inputs=tuple(decls.values()), mask=mask, score=score_ir,
                    filename=inspect.getsourcefile(fn))
 
 
@@ -347,11 +432,20 @@ class PatternFunction:
     the pattern (and to the same pattern written as spec text). This object lives above the
     runtime so that the IR's `Pattern` never imports it."""
 
-    __slots__ = ("pattern", "__wrapped__")
+    __slots__ = ("pattern", "__wrapped__", "_trace_args")
 
-    def __init__(self, pattern: Pattern, fn=None):
+    def __init__(self, pattern: Pattern, fn=None, trace_args=None):
         object.__setattr__(self, "pattern", pattern)
         object.__setattr__(self, "__wrapped__", fn)
+        object.__setattr__(self, "_trace_args", trace_args)
+
+    def bind(self, **params) -> "PatternFunction":
+        """The same function traced with other values of its keyword parameters (like
+        `attncc.load(path, window=64)` for a spec)."""
+        layout, name, inputs, score = self._trace_args
+        fn = self.__wrapped__
+        return PatternFunction(_trace(fn, layout, name, inputs, score, params), fn,
+                               self._trace_args)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False, **inputs):
         from .runtime.compile import kernel_for
@@ -376,11 +470,21 @@ class PatternFunction:
         return f"<attncc pattern function {self.pattern.name} ir_hash={self.pattern.ir_hash()}>"
 
 
-def pattern(fn=None, *, layout=None, name=None, inputs=None):
+def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None):
     """Decorator: trace `fn(q, k)` (or any of b, h, q, k, Q_LEN, KV_LEN, HEADS and declared
     inputs) into a `PatternFunction` (the `Pattern` plus a call that runs attention).
-    `layout` is a `grid(...)`; `inputs` maps names to declarations such as `"int[b, k]"`.
-    The pattern's `dense_mask` is `bool [B, H, Lq, Lkv]`."""
+
+    layout   a `grid(...)`
+    inputs   maps names to declarations such as `"int[b, k]"`
+    score    a score modifier: a function of `s` (the scaled score) and any of the names
+             above and the pattern parameters, e.g. `lambda s: attncc.softcap(s, 50.0)`
+
+    Keyword parameters of `fn` with defaults (`def f(q, k, window=128)`) are the pattern's
+    parameters (`f.bind(window=64)` re-traces with another value). The pattern's
+    `dense_mask` is `bool [B, H, Lq, Lkv]`."""
+    def wrap(f):
+        args = (layout, name, inputs, score)
+        return PatternFunction(_trace(f, *args), f, args)
     if fn is None:
-        return lambda f: PatternFunction(_trace(f, layout, name, inputs), f)
-    return PatternFunction(_trace(fn, layout, name, inputs), fn)
+        return wrap
+    return wrap(fn)

@@ -4,6 +4,7 @@ import inspect
 import operator
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
 import attncc
@@ -195,3 +196,64 @@ def test_type_errors_match_spec_wording():
         attncc.pattern(lambda q, k: q.z == k.x, layout=attncc.grid(y=4, x=4))
     with pytest.raises(attncc.SpecError, match=r"parameter 'j' of <lambda> is neither"):
         attncc.pattern(lambda q, j: q == j)
+
+
+# ---- keyword parameters, prelude primitives, score modifiers -----------------------------------
+
+def test_keyword_parameters_become_pattern_parameters():
+    @attncc.pattern
+    def sliding(q, k, window=128):
+        return attncc.causal() & (q - k < window)
+    spec = attncc.parse("pattern sliding(window = 128)\nmask causal & q - k < window\n")
+    assert sliding == spec and sliding.params == (("window", 128),)
+    assert sliding.ir_hash() == spec.ir_hash()
+    narrow = sliding.bind(window=3)
+    assert narrow == attncc.parse("pattern sliding(window = 3)\nmask causal & q - k < window\n")
+    m = narrow.dense_mask(8, 8)[0, 0]
+    q, k = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    assert torch.equal(m, (k <= q) & (q - k < 3))
+    with pytest.raises(attncc.SpecError, match="unknown parameter 'windw'"):
+        sliding.bind(windw=3)
+
+
+def test_prelude_primitives_on_the_package():
+    @attncc.pattern(layout=attncc.grid(y=8, x=8))
+    def na(q, k, kernel=3):
+        return attncc.neighborhood(kernel)
+    assert na == attncc.parse("pattern na(kernel = 3)\nlayout grid(y = 8, x = 8)\n"
+                              "mask neighborhood(kernel)\n")
+
+    @attncc.pattern
+    def mix(q, k, w=4):
+        return attncc.window(w) | attncc.sinks(2) | (attncc.chunked(8) & attncc.prefix(1)) \
+            | attncc.dilated(6, 3)
+    assert mix == attncc.parse("pattern mix(w = 4)\n"
+                               "mask window(w) | sinks(2) | chunked(8) & prefix(1) | dilated(6, 3)\n")
+
+
+def test_score_modifier_gives_the_spec_ir():
+    @attncc.pattern(score=lambda s, cap=30.0: attncc.softcap(s, cap))
+    def capped(q, k):
+        return attncc.causal()
+    spec = attncc.parse("pattern capped\nmask causal\nscore softcap(s, 30.0)\n")
+    assert capped.score is spec.score and capped == spec
+
+    @attncc.pattern(score=lambda s: attncc.alibi(s), name="alibi_causal")
+    def al(q, k):
+        return q >= k
+    assert al == attncc.parse("pattern alibi_causal\nmask q >= k\nscore alibi\n")
+
+    @attncc.pattern(inputs={"table": "float[h, 9]"},
+                    score=lambda s, h, q, k, table, maxdist=4: s + table[h, q - k + maxdist])
+    def rel(q, k, maxdist=4):
+        return abs(q - k) <= maxdist
+    assert rel == attncc.parse("pattern rel(maxdist = 4)\ninput table: float[h, 9]\n"
+                               "mask abs(q - k) <= maxdist\n"
+                               "score s + table[h, q - k + maxdist]\n")
+
+
+def test_float_arithmetic_stays_out_of_masks():
+    with pytest.raises(attncc.SpecError, match="float arithmetic is only allowed"):
+        @attncc.pattern
+        def bad(q, k):
+            return q * 0.5 < k
