@@ -32,6 +32,7 @@ table read, (input name, number of index dimensions)).
 from __future__ import annotations
 
 import hashlib
+import re
 
 from attncc.ir.nodes import FLOAT, TRUE, Binary, Coord, Load, Var, free_vars, walk
 from attncc.passes.derive import derivative, float_loads
@@ -77,7 +78,38 @@ def _coords(pattern, roots):
     return coords
 
 
-def generate_backward(pattern, schedule, options) -> str:
+_SWAP_NAMES = {"m": "n", "n": "m", "Q_LEN": "KV_LEN", "KV_LEN": "Q_LEN", "BLOCK_M": "BLOCK_N",
+               "BLOCK_N": "BLOCK_M", "n_tail": "m_tail", "key": "query", "query": "key",
+               "Key": "Query", "Query": "Key"}
+_SWAP_RE = re.compile(r"\b(" + "|".join(_SWAP_NAMES) + r")\b")
+
+
+def _transposed_closed_form(bounds, transposed, dkv_step):
+    """(setup lines, {"FULL": lines, "PARTIAL": lines}, helpers) of dK/dV loops over the
+    closed-form bounds of the transposed pattern: the forward's loop builder run on them,
+    with query and key names exchanged (its query tile is our key tile n, its key tiles our
+    query tiles m, its Q_LEN our KV_LEN), then each placeholder replaced by the step body."""
+    def placeholder(kind, header, tile_index, tail=True):
+        return [header] + ["    " + ln for ln in tile_index] + [f"    __STEP_{kind}__"]
+
+    pro, loops, helpers = _closed_form(bounds, transposed.q_grid, transposed.kv_grid,
+                                       placeholder)
+    swap = lambda ln: _SWAP_RE.sub(lambda mt: _SWAP_NAMES[mt.group(1)], ln)  # noqa: E731
+    out = {}
+    for kind, lines in loops.items():
+        body = dkv_step(kind, "", [])[1:]  # the step without its loop header
+        done = []
+        for ln in lines:
+            if ln.strip().startswith("__STEP_"):
+                pad = ln[:len(ln) - len(ln.lstrip())][4:]
+                done += [pad + b if b else "" for b in body]
+            else:
+                done.append(swap(ln))
+        out[kind] = done
+    return [swap(ln) for ln in pro], out, helpers
+
+
+def generate_backward(pattern, schedule, options, transposed=None) -> str:
     """Triton source of the dQ and dK/dV kernels of `pattern` for `schedule`'s tile structure.
 
     pattern   attncc Pattern without `output scale` (the runtime differentiates the output
@@ -86,6 +118,9 @@ def generate_backward(pattern, schedule, options) -> str:
     schedule  attncc Schedule: tile grids and (for the dQ loops) closed-form bounds; the
               tile lists themselves are launch arguments
     options   CompileOptions
+    transposed  `attncc.schedule.transpose.transposed_schedule(schedule, options)` or None:
+              where it has closed-form bounds, the dK/dV kernel loops over them (its head
+              classes then come from `transposed.head_class`, passed as HEAD_CLASS)
 
     Returns Python source defining `KERNEL_DQ`, `KERNEL_DKV`, `KERNEL` and `META`.
     Raises CodegenError for constructs the kernels cannot express.
@@ -221,13 +256,24 @@ def generate_backward(pattern, schedule, options) -> str:
         list_kind = "dQ key-tile loops: closed-form bounds (no index arrays)"
     if tables:
         loop_setup = ["n_visit = 0"] + loop_setup
-    # dK/dV loops: transposed CSR rows per (head class, key tile).
-    dkv_loops = {}
-    for kind in ("FULL", "PARTIAL"):
-        lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
-        dkv_loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
-                           f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + dkv_step(
-            kind, f"for it in range({lo}, {hi}):", [f"m = tl.load({kind}_INDICES + it)"])
+    # dK/dV loops: closed-form query-tile ranges from the transposed pattern's schedule, else
+    # transposed CSR rows per (head class, key tile).
+    t_bounds = usable_bounds(transposed) if transposed is not None else None
+    if t_bounds is not None:
+        dkv_setup, dkv_loops, helpers_t = _transposed_closed_form(
+            t_bounds, transposed, dkv_step)
+        helpers |= helpers_t
+        list_kind_t = "closed-form query-tile ranges (transposed pattern; no index arrays)"
+    else:
+        dkv_setup = ["# Transposed CSR row: (head class of h [+ batch b], key tile n).",
+                     f"row = {ROW_ID_T}"]
+        dkv_loops = {}
+        for kind in ("FULL", "PARTIAL"):
+            lo, hi = f"lo_{kind.lower()}", f"hi_{kind.lower()}"
+            dkv_loops[kind] = [f"{lo} = tl.load({kind}_OFFSETS + row)",
+                               f"{hi} = tl.load({kind}_OFFSETS + row + 1)"] + dkv_step(
+                kind, f"for it in range({lo}, {hi}):", [f"m = tl.load({kind}_INDICES + it)"])
+        list_kind_t = "transposed CSR rows per (head class, key tile)"
 
     header = [
         "# attncc backward attention kernels (generated source; edit the pattern, not this file).",
@@ -238,7 +284,7 @@ def generate_backward(pattern, schedule, options) -> str:
         + (f" over grid {'x'.join(map(str, qg.shape))}" if len(qg.tile) > 1 else " tokens"),
         f"# key tiles:   {'x'.join(map(str, kg.tile))}"
         + (f" over grid {'x'.join(map(str, kg.shape))}" if len(kg.tile) > 1 else " tokens"),
-        f"# {list_kind}; dK/dV query-tile lists: transposed CSR rows per (head class, key tile).",
+        f"# {list_kind}; dK/dV query-tile loops: {list_kind_t}.",
         f"# score tables with gradients: {len(tables)}",
     ]
     helper_lines: list[str] = []
@@ -259,7 +305,7 @@ def generate_backward(pattern, schedule, options) -> str:
     lines += ["", ""] + fill(_template("bwd_dkv.tmpl"), {
         "kernel": name + "_dkv", "input_params": in_params, "kv_slots": kv_hoist,
         "kv_tile": kv_tile, "k_coords": k_coords, "hoisted": kv_hoisted,
-        "row_id": ROW_ID_T, "full_loop": dkv_loops["FULL"],
+        "loop_setup": dkv_setup, "full_loop": dkv_loops["FULL"],
         "partial_loop": dkv_loops["PARTIAL"]})
     meta = {"kernel": name, "kernel_dkv": name + "_dkv", "block_m": block_m, "block_n": block_n,
             "q_tile": tuple(int(t) for t in qg.tile), "kv_tile": tuple(int(t) for t in kg.tile),
@@ -267,7 +313,7 @@ def generate_backward(pattern, schedule, options) -> str:
             "input_dims": tuple(len(d.dims) for _, d in inputs),
             "tables": tuple((ld.input, len(ld.index)) for ld in tables),
             "num_warps": int(options.num_warps), "num_stages": int(options.num_stages),
-            "closed_form": bounds is not None}
+            "closed_form": bounds is not None, "closed_form_t": t_bounds is not None}
     lines += ["", "", f"KERNEL_DQ = {name}", f"KERNEL_DKV = {name}_dkv", "KERNEL = KERNEL_DQ",
               f"META = {meta!r}"]
     return "\n".join(lines) + "\n"

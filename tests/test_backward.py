@@ -17,7 +17,7 @@ from attncc.ir.dense import Evaluator
 from attncc.ir.nodes import Var
 from attncc.passes.derive import derivative, float_loads
 from attncc.runtime.autograd import reduce_table_grad
-from attncc.schedule.transpose import transpose_classes, transposed_rows
+from attncc.schedule.transpose import transpose_classes, transposed_rows, transposed_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -221,6 +221,15 @@ def test_transposed_rows_are_the_transpose_of_the_schedule():
         for n in range(sched.n_kv_tiles):
             got = idx[off[n]:off[n + 1]].tolist()
             assert got == (tiles[:, n] == val).nonzero()[:, 0].tolist()
+    # The transposed pattern's schedule: the same tiles, transposed (sound either way;
+    # equal for these masks), with closed-form bounds for the band.
+    for spec in ("pattern t\nmask dilated(20, 3) | k < 4\n", "specs/sliding_window.attn",
+                 "pattern t\nmask causal & q + KV_LEN - Q_LEN - k < 40\n"):
+        kern = attncc.compile(spec, block_m=16, block_n=32)
+        sched = kern.schedule(70, 90, 2)
+        t = transposed_schedule(sched, kern.options)
+        assert torch.equal(t.tile_matrix(1).T, sched.tile_matrix(1))
+    assert t.classes[0].bounds is not None
     cls = torch.randint(0, 3, (2, 3, 4, 5), dtype=torch.int8)
     assert torch.equal(transpose_classes(cls)[1, 2, 3], cls[1, 2, :, 3])
 
@@ -247,6 +256,7 @@ def test_cli_inspect_prints_the_backward_source(capsys):
     out = capsys.readouterr().out
     assert out.startswith("# attncc backward attention kernels")
     assert "closed-form bounds" in out and "KERNEL_DKV" in out
+    assert "dK/dV query-tile loops: closed-form query-tile ranges" in out
 
 
 def test_dkv_query_slices_at_large_head_dims():

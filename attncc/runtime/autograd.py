@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 
 from ..ir.nodes import Load, Route, walk
-from ..schedule.transpose import forward_rows, max_visits, transpose_classes, transposed_rows
+from ..schedule.transpose import (forward_rows, max_visits, transpose_classes, transposed_rows,
+                                  transposed_schedule)
 
 __all__ = ["GeneratedAttention", "backward_source", "kernel_backward_source", "run_backward", "reduce_table_grad"]
 
@@ -44,9 +45,10 @@ _STATIC_SCHEDULES: dict = {}        # (pattern, Lq, Lkv, Hq, options key) -> Sch
 _DEVICE_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _source(kind: str, pattern, schedule, options) -> str:
+def _source(kind: str, pattern, schedule, options, transposed=None) -> str:
     from .compile import structure_key
-    key = (kind, pattern.ir_hash(), options.key(), structure_key(schedule))
+    key = (kind, pattern.ir_hash(), options.key(), structure_key(schedule),
+           None if transposed is None else structure_key(transposed))
     src = _SOURCES.get(key)
     if src is None:
         if kind == "fwd":
@@ -54,7 +56,7 @@ def _source(kind: str, pattern, schedule, options) -> str:
             src = generate_forward(pattern, schedule, options)
         else:
             from ..codegen.backward import generate_backward
-            src = generate_backward(pattern, schedule, options)
+            src = generate_backward(pattern, schedule, options, transposed)
         _SOURCES[key] = src
     return src
 
@@ -81,7 +83,8 @@ def kernel_backward_source(kern, schedule) -> str:
     from .prepass_kernel import lower_selectors, needs_prepass, region_aligned_options
     pattern = unscaled(kern.pattern)
     if not needs_prepass(pattern):
-        return _source("bwd", pattern, schedule, kern.options)
+        return _source("bwd", pattern, schedule, kern.options,
+                       transposed_schedule(schedule, kern.options))
     from .conjuncts import conjuncts, is_static, static_expr
     from ..ir.nodes import TRUE
     from ..schedule.build import build_schedule
@@ -120,6 +123,10 @@ class _Plan:
     extra: dict               # selection tensors read by the lowered mask
     visits: int               # max key tiles per query-tile row
     stats: Optional[dict] = None  # work counts of pre-pass lists (`Kernel.last_stats`)
+    transposed: object = None     # transposed pattern's schedule (closed-form dK/dV loops)
+
+    def source(self) -> str:
+        return _source("bwd", self.pattern, self.schedule, self.options, self.transposed)
 
 
 def _plan(kern, q, k, inputs, skip: bool = False) -> _Plan:
@@ -147,7 +154,8 @@ def _plan(kern, q, k, inputs, skip: bool = False) -> _Plan:
                  "full_tiles": B * sum(sched.for_head(h).full.nnz for h in range(Hq)),
                  "partial_tiles": B * sum(sched.for_head(h).partial.nnz for h in range(Hq)),
                  "backward": True}
-        return _Plan(pattern, sched, kern.options, None, None, {}, max_visits(sched), stats)
+        return _Plan(pattern, sched, kern.options, None, None, {}, max_visits(sched), stats,
+                     transposed_schedule(sched, kern.options))
     options = region_aligned_options(pattern, kern.options)
     sched, cls, selections = runtime_classes(pattern, q, k, inputs, options=options)
     skipped = 0
@@ -242,17 +250,28 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
         *in_args, *tab_args,
         Lq, Lkv, Hq, Hq // Hkv, nqt, max(plan.visits, 1), D, Dv, float(scale),
         TABLE_GRAD=bool(scratch), **common)
+    head_class_t = rows_t["head_class"]
+    if meta.get("closed_form_t"):  # loops over the transposed schedule's bounds, its classes
+        head_class_t = _transposed_classes(plan.transposed, dev)
     module.KERNEL_DKV[(nkt, B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
         *dk.stride(), *dv.stride(),
         rows_t["full_offsets"], rows_t["full_indices"], rows_t["partial_offsets"],
-        rows_t["partial_indices"], rows_t["head_class"], rows_per_batch,
+        rows_t["partial_indices"], head_class_t, rows_per_batch,
         *in_args,
         Lq, Lkv, Hq, Hq // Hkv, nkt, D, Dv, float(scale),
         SUB_M=_sub_m(meta["block_m"], D, Dv),
         **dict(common, num_warps=_dkv_warps(common["num_warps"], D, Dv)))
     return dq, dk, dv, scratch
+
+
+def _transposed_classes(transposed, device) -> torch.Tensor:
+    per = _DEVICE_ROWS.setdefault(transposed, {})
+    key = "head_class:" + str(device)
+    if key not in per:
+        per[key] = torch.tensor(transposed.head_class, dtype=torch.int32, device=device)
+    return per[key]
 
 
 def _dkv_warps(warps: int, D: int, Dv: int) -> int:
@@ -336,7 +355,7 @@ class GeneratedAttention(torch.autograd.Function):
                 grads.update({n: g for n, g in zip(floats, got) if g is not None})
             dout = dout * w[..., None]
         delta = (dout * out_u.to(torch.float32)).sum(-1).contiguous()
-        module = load_kernel(_source("bwd", plan.pattern, plan.schedule, plan.options))
+        module = load_kernel(plan.source())
         tables = tuple(j for j, (name, _) in enumerate(module.META["tables"])
                        if wanted.get(name) and inputs[name].is_floating_point())
         dq, dk, dv, scratch = run_backward(
@@ -384,7 +403,7 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
     inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=q_len,
                            generator=gen)
     plan = _plan(kern, q, k, inputs)
-    module = load_kernel(_source("bwd", plan.pattern, plan.schedule, plan.options))
+    module = load_kernel(plan.source())
     lse = torch.zeros(batch, heads, q_len, dtype=torch.float32)
     run_backward(module, plan, q, k, v, dout, lse, torch.zeros_like(lse),
                  {**inputs, **plan.extra}, head_dim ** -0.5,
