@@ -53,6 +53,80 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
 
 # ---- the chunked algorithm (torch) ----------------------------------------------------------
 
+def _decays(log_r: torch.Tensor, H: int, block: int, dtype, device):
+    """(Δ [1, H, 1, β, β], a = r^(r+1) [1, H, 1, β, 1], b = r^(β-1-c) [1, H, 1, β, 1],
+    r^β [1, H, 1, 1]) of one block."""
+    idx = torch.arange(block, device=device, dtype=dtype)
+    lr = log_r.to(device=device, dtype=dtype).view(1, H, 1, 1, 1)
+    diff = idx[:, None] - idx[None, :]
+    delta = torch.where(diff >= 0, torch.exp(lr * diff.clamp_min(0)),
+                        torch.zeros((), dtype=dtype, device=device))
+    a = torch.exp(lr * (idx + 1).view(1, 1, 1, -1, 1))
+    b = torch.exp(lr * (block - 1 - idx).view(1, 1, 1, -1, 1))
+    return delta, a, b, torch.exp(lr.view(1, H, 1, 1) * block)
+
+
+def _blocks(t: torch.Tensor, pad: int, block: int) -> torch.Tensor:
+    B, H, L, E = t.shape
+    if pad:
+        t = F.pad(t, (0, 0, pad, 0))
+    return t.reshape(B, H, (L + pad) // block, block, E)
+
+
+def _states(U: torch.Tensor, decay: torch.Tensor):
+    """Z_t = Σ_{j < t} r^(β (t - 1 - j)) U_j (the state before block t) and the final state."""
+    z = torch.zeros_like(U[:, :, 0])
+    states = []
+    for t in range(U.shape[2]):
+        states.append(z)
+        z = decay * z + U[:, :, t]
+    return torch.stack(states, dim=2), z
+
+
+class _Chunked(torch.autograd.Function):
+    """The chunked algorithm with its own backward: nothing of size L·β is saved (the state
+    sequence is recomputed), memory O(L·D + D·Dv·L/β)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_r, block):
+        B, H, L, D = q.shape
+        pad = (-L) % block
+        Q, K, V = (_blocks(t, pad, block) for t in (q, k, v))
+        delta, a, b, decay = _decays(log_r, H, block, q.dtype, q.device)
+        U = (K * b).transpose(-1, -2) @ V                                # [B, H, T, D, Dv]
+        Z, final = _states(U, decay)
+        out = ((Q @ K.transpose(-1, -2)) * delta) @ V + (Q * a) @ Z
+        ctx.save_for_backward(q, k, v, log_r)
+        ctx.block = block
+        ctx.mark_non_differentiable(final)
+        return out.reshape(B, H, -1, v.shape[-1])[:, :, pad:], final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        q, k, v, log_r = ctx.saved_tensors
+        block = ctx.block
+        B, H, L, D = q.shape
+        pad = (-L) % block
+        Q, K, V, dO = (_blocks(t, pad, block) for t in (q, k, v, dout))
+        delta, a, b, decay = _decays(log_r, H, block, q.dtype, q.device)
+        Z, _ = _states((K * b).transpose(-1, -2) @ V, decay)
+        # dU_t = dZ_{t+1} = Σ_{s > t} r^(β (s - t - 1)) (Q_s ⊙ a)ᵀ dO_s: a reverse scan.
+        G = (Q * a).transpose(-1, -2) @ dO                               # [B, H, T, D, Dv]
+        g = torch.zeros_like(G[:, :, 0])
+        dU = []
+        for t in range(G.shape[2] - 1, -1, -1):
+            dU.append(g)
+            g = decay * g + G[:, :, t]
+        dU = torch.stack(dU[::-1], dim=2)
+        dP = (dO @ V.transpose(-1, -2)) * delta                         # [B, H, T, β, β]
+        P = (Q @ K.transpose(-1, -2)) * delta
+        dQ = dP @ K + (dO @ Z.transpose(-1, -2)) * a
+        dK = dP.transpose(-1, -2) @ Q + (V @ dU.transpose(-1, -2)) * b
+        dV = P.transpose(-1, -2) @ dO + (K * b) @ dU
+        grads = [t.reshape(B, H, -1, t.shape[-1])[:, :, pad:] for t in (dQ, dK, dV)]
+        return (*grads, None, None)
+
+
 def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_r: torch.Tensor,
                    block: int = 64):
     """Causal decayed linear attention, chunked (Lightning Attention-2), in torch.
@@ -61,30 +135,10 @@ def chunked_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_r: tor
     out[p] = Σ_{k <= p} r_h^(p - k) (q_p · k_k) v_k with r_h = exp(log_r[h]).
     Returns (out [B, H, L, Dv], state [B, H, D, Dv]) where state = Σ_k r^(L-1-k) k_kᵀ v_k is the
     recurrent state after the last token. The sequence is padded at the front to a multiple
-    of `block` (zero keys add nothing; relative distances are unchanged). Differentiable."""
-    B, H, L, D = q.shape
-    Dv = v.shape[-1]
-    pad = (-L) % block
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, pad, 0)) for t in (q, k, v))
-    T = (L + pad) // block
-    Q, K, V = (t.reshape(B, H, T, block, t.shape[-1]) for t in (q, k, v))
-    idx = torch.arange(block, device=q.device, dtype=q.dtype)
-    lr = log_r.to(device=q.device, dtype=q.dtype).view(1, H, 1, 1, 1)
-    diff = idx[:, None] - idx[None, :]
-    delta = torch.where(diff >= 0, torch.exp(lr * diff.clamp_min(0)), torch.zeros((), dtype=q.dtype,
-                                                                                  device=q.device))
-    out = ((Q @ K.transpose(-1, -2)) * delta) @ V                       # intra-block
-    U = (K * torch.exp(lr * (block - 1 - idx).view(1, 1, 1, -1, 1))).transpose(-1, -2) @ V
-    decay = torch.exp(lr.view(1, H, 1, 1) * block)                      # r^block
-    z = q.new_zeros(B, H, D, Dv)
-    states = []
-    for t in range(T):                                                  # state before block t
-        states.append(z)
-        z = decay * z + U[:, :, t]
-    Z = torch.stack(states, dim=2)                                      # [B, H, T, D, Dv]
-    out = out + (Q * torch.exp(lr * (idx + 1).view(1, 1, 1, -1, 1))) @ Z
-    return out.reshape(B, H, T * block, Dv)[:, :, pad:], z
+    of `block` (zero keys add nothing; relative distances are unchanged). Differentiable in
+    q, k, v by its own backward (`_Chunked`: the intra-block products are recomputed per
+    block, the states by a forward scan, their gradients by a reverse scan)."""
+    return _Chunked.apply(q, k, v, log_r.to(device=q.device, dtype=q.dtype), block)
 
 
 def linear_attention(q, k, v, c: torch.Tensor, log_r: torch.Tensor, d: int, scale: float,
