@@ -4,6 +4,7 @@ GPU needed), side by side with a plain causal flash-attention forward compiled t
     python bench/bench_static.py                         # all specs, sm_80 + sm_90, d64 + d128
     python bench/bench_static.py --only causal gna --arch 90 --dims 128
     python bench/bench_static.py --out table.md --json raw.json
+    python bench/bench_static.py --compare before.json after.json   # before → after table
 
 Per kernel: registers, spill bytes (ptxas -v), shared memory (KB; limit sm_90 227, sm_80
 163), whether the products lowered to wgmma (sm_90), SASS instructions in total and per
@@ -175,6 +176,42 @@ def table(labels, results) -> str:
     return "\n".join(rows)
 
 
+def _load(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return {(e["kernel"], e["arch"], e["d"]): e["reports"] for e in json.load(f)}
+
+
+def compare_table(before_path, after_path) -> str:
+    """Markdown table `before → after` per (kernel, arch, d) of two --json files."""
+    before, after = _load(before_path), _load(after_path)
+
+    def cell(reps, key):
+        if not reps or not reps[0]["ok"]:
+            return "fail"
+        r = reps[0]
+        if key in ("full", "partial"):
+            return _fmt_iter(r, key)
+        if key == "shared":
+            return f"{r['shared'] / 1024:.0f}"
+        if key == "cpu_s":
+            return f"{r.get('cpu_s', 0):.1f}"
+        return str(r[key])
+
+    keys = [("registers", "regs"), ("spill_bytes", "spill B"), ("shared", "smem KB"),
+            ("sass_instructions", "SASS"), ("full", "FULL/iter"), ("partial", "PARTIAL/iter"),
+            ("cpu_s", "compile CPU s")]
+    rows = ["| kernel | arch | d | " + " | ".join(h for _, h in keys) + " |",
+            "|---|---|---|" + "---|" * len(keys)]
+    for key in after:
+        b, a = before.get(key), after[key]
+        cells = []
+        for k, _ in keys:
+            x, y = cell(b, k) if b is not None else "–", cell(a, k)
+            cells.append(y if x == y else f"{x} → {y}")
+        rows.append(f"| {key[0]} | sm_{key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="spec names (default: every spec in specs/)")
@@ -183,7 +220,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     ap.add_argument("--json", default=None, help="write the raw reports here")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                    help="print a before → after table of two --json files and exit")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare_table(*args.compare))
+        return 0
     from attncc.runtime import aot
     reason = aot.ptxas_missing()
     if reason:

@@ -475,7 +475,11 @@ def forward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 64
                            generator=gen)
     scale = head_dim ** -0.5
     if variant == "runtime":
-        _run_triton(kern, q, k, v, inputs, scale, True)
+        if getattr(pattern, "normalize", "softmax") == "none":
+            from .linear import run_none  # linear attention: its own kernels
+            run_none(kern, "triton", q, k, v, inputs, scale, True)
+        else:
+            _run_triton(kern, q, k, v, inputs, scale, True)
         return
     if variant != "lists":
         raise ValueError(f"variant must be 'runtime' or 'lists', got {variant!r}")
@@ -506,10 +510,18 @@ def _run_job(job: dict) -> list:
     except Exception as e:  # noqa: BLE001 - reported per job
         return [AOTReport(name=entry, arch=job["arch"], ok=False,
                           error=f"launch path failed: {type(e).__name__}: {e}"[:4000]).as_dict()]
-    return [compile_launch(la, job["arch"], num_warps=job.get("num_warps"),
-                           num_stages=job.get("num_stages"), sass=job.get("sass", True),
-                           launch_options=job.get("launch_options")).as_dict()
-            for la in launches]
+    out = []
+    for la in launches:
+        try:
+            rep = compile_launch(la, job["arch"], num_warps=job.get("num_warps"),
+                                 num_stages=job.get("num_stages"), sass=job.get("sass", True),
+                                 launch_options=job.get("launch_options"))
+        except Exception as e:  # noqa: BLE001 - reported per launch
+            import traceback
+            rep = AOTReport(name=la.name, arch=job["arch"], ok=False,
+                            error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[-4000:])
+        out.append(rep.as_dict())
+    return out
 
 
 def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
