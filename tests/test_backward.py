@@ -90,6 +90,8 @@ CASES = {
     "document": dict(spec=None, B=2, Lq=37),
     # 2-D neighborhood: multi-dimensional tiles, CSR loops
     "natten2d": dict(spec=None, Lq=48, params={"height": 8, "width": 6, "kernel": 3}),
+    # routing on a 2-D map: the selection (from q and k) held fixed, region-aligned tiles
+    "biformer": dict(spec=None, Lq=64, params={"height": 8, "width": 8, "region": 4, "topk": 2}),
     # block selection: gradients with the selection held fixed; the gate gets none
     "seer_gate": dict(spec=None, Hq=2, Hkv=2, Lq=45, params={"block": 16, "keep": 0.4}),
 }
