@@ -336,6 +336,11 @@ class Kernel:
         Contiguous k_cache/v_cache [B, Hkv, Lmax, D(v)], or paged [pages, Hkv, page_size, D(v)]
         with block_table int32 [B, max_pages]; cache_seqlens int32 [B]. Returns out
         [B, Hq, Lq, Dv] (and lse float32 [B, Hq, Lq]). See `attncc.runtime.decode`."""
+        if self.pattern.normalize == "none":
+            raise InputError(f"pattern '{self.pattern.name}' has `normalize none`: decode runs "
+                             "softmax attention over a KV cache; use Kernel.step(state, q, k, v) "
+                             "(the recurrent form of a separable spec) or call the kernel on the "
+                             "whole sequence")
         from .decode import decode
         return decode(self, q, k_cache, v_cache, cache_seqlens, block_table, scale=scale,
                       return_lse=return_lse, **inputs)
