@@ -317,3 +317,11 @@ def test_inspect_schedule_names_the_algorithm():
     assert text.startswith("algorithm: quadratic block-sparse, no softmax (q_len=256 kv_len=256 "
                            "heads=1)\n  why: not separable: the mask")
     assert "\nschedule b: q_len=256" in text
+
+
+def test_decode_refuses_normalize_none():
+    kern = attncc.compile(attncc.parse(LIGHTNING, heads=2), backend="torch")
+    q = torch.randn(1, 2, 1, 8)
+    cache = torch.randn(1, 2, 10, 8)
+    with pytest.raises(attncc.runtime.linear.InputError, match="use Kernel.step"):
+        kern.decode(q, cache, cache, torch.tensor([10], dtype=torch.int32))
