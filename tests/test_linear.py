@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import attncc
 from attncc.frontend.format import format_spec
 from attncc.frontend.parser import parse_spec
+from attncc.ir.inputs import InputError
 from attncc.passes.linear import analyze, decide
 
 LIGHTNING = """pattern lightning(heads = 8)
@@ -298,10 +299,10 @@ def test_step_matches_formula():
 def test_step_errors():
     kern = attncc.compile(spec("causal & q - k < 4"), backend="torch")
     q, k, v = qkv(1, 4, 4, 1, 1, 8, 8)
-    with pytest.raises(attncc.runtime.linear.InputError, match="has no recurrent form: the mask"):
+    with pytest.raises(InputError, match="has no recurrent form: the mask"):
         kern.step(None, q, k, v)
     kern = attncc.compile(attncc.parse(LIGHTNING, heads=4), backend="torch")
-    with pytest.raises(attncc.runtime.linear.InputError, match=r"state must be a tensor \[B, Hq, D, Dv\]"):
+    with pytest.raises(InputError, match=r"state must be a tensor \[B, Hq, D, Dv\]"):
         kern.step(torch.zeros(1, 4, 8), q, k, v)
 
 
@@ -323,5 +324,5 @@ def test_decode_refuses_normalize_none():
     kern = attncc.compile(attncc.parse(LIGHTNING, heads=2), backend="torch")
     q = torch.randn(1, 2, 1, 8)
     cache = torch.randn(1, 2, 10, 8)
-    with pytest.raises(attncc.runtime.linear.InputError, match="use Kernel.step"):
+    with pytest.raises(InputError, match="use Kernel.step"):
         kern.decode(q, cache, cache, torch.tensor([10], dtype=torch.int32))
