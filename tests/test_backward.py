@@ -131,6 +131,13 @@ def test_output_scale_skipped_head_gets_its_gradient():
         torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
 
 
+def test_table_gradients_in_query_tile_chunks(monkeypatch):
+    # Scratch for one query tile per dQ launch: 3 launches, the same gradients.
+    from attncc.runtime import autograd
+    monkeypatch.setattr(autograd, "TABLE_SCRATCH_BYTES", 1)
+    check_grads(CASES["softcap_bias"]["spec"], Lq=37, Lkv=40)
+
+
 def test_bfloat16():
     check_grads(CASES["band"]["spec"], Hq=2, Hkv=1, Lq=33, Lkv=33, dtype=torch.bfloat16,
                 tol=4e-2)

@@ -24,7 +24,8 @@ B·Hq·Lq values); otherwise (batch, head, query tile) triples with all-zero wei
 skipped in forward and backward, as in the forward-only kernels.
 
 Memory: O(kept tiles) besides q, k, v, out, lse, Δ and the gradients; table gradients add
-scratch of (visited tile pairs × tile area) values per table read while they are reduced.
+per-pair scratch, at most TABLE_SCRATCH_BYTES per dQ launch (the dQ grid is launched in
+chunks of query tiles when the scratch of all of them would exceed it).
 """
 from __future__ import annotations
 
@@ -196,17 +197,21 @@ def _in_args(meta, inputs, device) -> list:
     return args
 
 
+# Scratch memory of per-pair table-gradient contributions per dQ launch (bytes).
+TABLE_SCRATCH_BYTES = 256 << 20
+
+
 def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, scale: float,
-                 tables: tuple = ()):
+                 tables: Optional[dict] = None):
     """Launch the generated dQ and dK/dV kernels of `module`.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], dout [B, Hq, Lq, Dv] (the
     gradient of the unscaled output), lse and delta float32 [B, Hq, Lq] (contiguous);
-    `inputs` the tensors the kernels read; `tables` the indices j (into META["tables"]) whose
-    per-pair contributions are wanted.
+    `inputs` the tensors the kernels read; `tables` maps the table reads j (indices into
+    META["tables"]) whose gradients are wanted to their table's number of elements.
 
     Returns (dq float32 [B, Hq, Lq, D], dk, dv float32 [B, Hkv, Lkv, D(v)],
-    {j: (idx int64, val float32)} scratch of the table reads in `tables`).
+    {j: float32 [numel]} gradient of each requested table read, flat).
     """
     from .launch import _block_d, _interpreted
     meta = module.META
@@ -214,6 +219,7 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
+    tables = dict(tables or {})
     nqt, nkt = sched.n_q_tiles, sched.n_kv_tiles
     if plan.lists is None:
         rows, rows_t = _rows_on(sched, dev)
@@ -231,25 +237,35 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
                   DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
                   num_warps=getattr(plan.options, "num_warps", None) or meta["num_warps"],
                   num_stages=getattr(plan.options, "num_stages", None) or meta["num_stages"])
-    scratch, tab_args = {}, []
-    slots = B * Hq * nqt * max(plan.visits, 1) * meta["block_m"] * meta["block_n"]
+    # Table gradients: per-pair scratch of a chunk of query tiles at a time (at most
+    # TABLE_SCRATCH_BYTES), each chunk reduced in order and added: deterministic.
+    per_tile = B * Hq * max(plan.visits, 1) * meta["block_m"] * meta["block_n"]
+    chunk = nqt if not tables else \
+        max(1, min(nqt, TABLE_SCRATCH_BYTES // max(1, per_tile * 12 * len(tables))))
+    grads = {j: torch.zeros(n, dtype=torch.float32, device=dev) for j, n in tables.items()}
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
     dummy_v = torch.zeros(1, dtype=torch.float32, device=dev)
-    for j in range(len(meta["tables"])):
-        if j in tables:
-            scratch[j] = (torch.full((slots,), -1, dtype=torch.int64, device=dev),
-                          torch.zeros(slots, dtype=torch.float32, device=dev))
-            tab_args += [scratch[j][1], scratch[j][0]]
-        else:
-            tab_args += [dummy_v, dummy_i]
-    module.KERNEL_DQ[(nqt, B * Hq)](
-        q, k, v, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
-        rows["full_offsets"], rows["full_indices"], rows["partial_offsets"],
-        rows["partial_indices"], rows["head_class"], rows_per_batch,
-        *in_args, *tab_args,
-        Lq, Lkv, Hq, Hq // Hkv, nqt, max(plan.visits, 1), D, Dv, float(scale),
-        TABLE_GRAD=bool(scratch), **common)
+    for m0 in range(0, nqt, chunk):
+        n_chunk = min(chunk, nqt - m0)
+        scratch, tab_args = {}, []
+        for j in range(len(meta["tables"])):
+            if j in tables:
+                scratch[j] = (torch.full((per_tile * n_chunk,), -1, dtype=torch.int64,
+                                         device=dev),
+                              torch.zeros(per_tile * n_chunk, dtype=torch.float32, device=dev))
+                tab_args += [scratch[j][1], scratch[j][0]]
+            else:
+                tab_args += [dummy_v, dummy_i]
+        module.KERNEL_DQ[(n_chunk, B * Hq)](
+            q, k, v, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
+            rows["full_offsets"], rows["full_indices"], rows["partial_offsets"],
+            rows["partial_indices"], rows["head_class"], rows_per_batch,
+            *in_args, *tab_args,
+            Lq, Lkv, Hq, Hq // Hkv, nqt, max(plan.visits, 1), m0, n_chunk, D, Dv, float(scale),
+            TABLE_GRAD=bool(scratch), **common)
+        for j, (idx, val) in scratch.items():
+            grads[j] += reduce_table_grad(idx, val, tables[j])
     head_class_t = rows_t["head_class"]
     if meta.get("closed_form_t"):  # loops over the transposed schedule's bounds, its classes
         head_class_t = _transposed_classes(plan.transposed, dev)
@@ -263,7 +279,7 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
         Lq, Lkv, Hq, Hq // Hkv, nkt, D, Dv, float(scale),
         SUB_M=_sub_m(meta["block_m"], D, Dv),
         **dict(common, num_warps=_dkv_warps(common["num_warps"], D, Dv)))
-    return dq, dk, dv, scratch
+    return dq, dk, dv, grads
 
 
 def _transposed_classes(transposed, device) -> torch.Tensor:
@@ -356,15 +372,14 @@ class GeneratedAttention(torch.autograd.Function):
             dout = dout * w[..., None]
         delta = (dout * out_u.to(torch.float32)).sum(-1).contiguous()
         module = load_kernel(plan.source())
-        tables = tuple(j for j, (name, _) in enumerate(module.META["tables"])
-                       if wanted.get(name) and inputs[name].is_floating_point())
-        dq, dk, dv, scratch = run_backward(
+        tables = {j: inputs[name].numel() for j, (name, _) in enumerate(module.META["tables"])
+                  if wanted.get(name) and inputs[name].is_floating_point()}
+        dq, dk, dv, tgrads = run_backward(
             module, plan, q, k, v, dout.to(q.dtype) if q.dtype != torch.float32 else dout,
             lse.contiguous(), delta, {**inputs, **plan.extra}, ctx.scale, tables)
-        for j, (idx, val) in scratch.items():
+        for j, g in tgrads.items():  # table reads in order: a fixed summation order
             name = module.META["tables"][j][0]
-            t = inputs[name]
-            g = reduce_table_grad(idx, val, t.numel()).view(t.shape)
+            g = g.view(inputs[name].shape)
             grads[name] = g if name not in grads else grads[name] + g
         result = [dq.to(q.dtype) if ctx.needs_input_grad[5] else None,
                   dk.to(k.dtype) if ctx.needs_input_grad[6] else None,
@@ -407,4 +422,4 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
     lse = torch.zeros(batch, heads, q_len, dtype=torch.float32)
     run_backward(module, plan, q, k, v, dout, lse, torch.zeros_like(lse),
                  {**inputs, **plan.extra}, head_dim ** -0.5,
-                 tuple(range(len(module.META["tables"]))))
+                 {j: inputs[name].numel() for j, (name, _) in enumerate(module.META["tables"])})
