@@ -36,7 +36,8 @@ def reference(p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0; query head h
     uses key/value head h // (Hq // Hkv)); `inputs` are the pattern's runtime inputs.
 
-    s = (q · kᵀ) · scale (default 1/sqrt(D)); the `score` modifier is applied to s; entries
+    s = (q · kᵀ) · scale (default 1/sqrt(D)); the `score` modifier is applied to s (its input
+    reads must be in range at the pairs the mask keeps; elsewhere they do not matter); entries
     outside the mask become -inf; softmax over keys; out = P · v. Rows with no visible key
     give output 0 and log-sum-exp -inf (never NaN). The `output scale` expression w[b, q, h]
     multiplies each head's output rows (not the lse).
@@ -75,8 +76,9 @@ def reference(p, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                "q": ar(Lq).view(1, 1, -1, 1), "k": ar(Lkv).view(1, 1, 1, -1),
                "Q_LEN": Lq, "KV_LEN": Lkv, "HEADS": Hq}
         if pattern.score is not None:
+            # Reads in the score need to be in range only at pairs the mask keeps.
             ev = Evaluator(dict(env, s=s), layout=pattern.layout, inputs=inputs, device=dev)
-            s = ev.evaluate(pattern.score).to(torch.float64).expand(s.shape)
+            s = ev.evaluate(pattern.score, where=mask[:, h0:h1]).to(torch.float64).expand(s.shape)
         if pattern.normalize == "none":
             keep = mask[:, h0:h1]
             o = torch.where(keep, s, torch.zeros((), dtype=s.dtype, device=dev)) @ vf[:, kv_heads]

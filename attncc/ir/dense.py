@@ -197,8 +197,10 @@ class Evaluator:
         return torch.tensor(v, dtype=dtype, device=self.device)
 
     # -- public ---------------------------------------------------------------------------
-    def evaluate(self, root: Expr) -> torch.Tensor:
-        """Value of `root`; raises MaskEvalError if it depends on an undefined value."""
+    def evaluate(self, root: Expr, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Value of `root`; raises MaskEvalError if it depends on an undefined value (an
+        out-of-range input read, a division by zero) — only at the positions where the bool
+        tensor `where` is true, when given (e.g. a score read at pairs the mask drops)."""
         for node in walk(root):
             if id(node) not in self.memo:
                 if self.q_varying is not None and id(node) not in self.q_varying \
@@ -210,6 +212,8 @@ class Evaluator:
                 if self._persist:
                     self.shared[id(node)] = self.memo[id(node)]
         value, poison = self.memo[id(root)]
+        if poison is not None and where is not None:
+            poison = poison & where
         if poison is not None and bool(poison.any()):
             self._raise(poison)
         return value

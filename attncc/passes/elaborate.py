@@ -226,12 +226,23 @@ class Elaborator(PythonPrimitives):
         for e in d.dims:
             if isinstance(e, ast.Name) and e.id in DIM_NAMES:
                 dims.append(e.id)
-            elif isinstance(e, ast.Num) and type(e.value) is int and e.value > 0:
-                dims.append(e.value)
-            else:
+                continue
+            if isinstance(e, ast.Name) and e.id not in self.params:
                 self.error(e.loc, "bad input dimension: expected one of "
-                           + ", ".join(DIM_NAMES) + " or a positive integer")
+                           + ", ".join(DIM_NAMES) + " or a positive integer",
+                           suggest(e.id, list(DIM_NAMES) + list(self.params)))
                 ok = False
+                continue
+            # Anything else is a constant expression over parameters (`2 * maxdist + 1`).
+            before = len(self.diags.items)
+            v = self.constant(e, _Ctx("const"), "an input dimension")
+            if type(v) is int and v > 0:
+                dims.append(v)
+                continue
+            if len(self.diags.items) == before:
+                self.error(e.loc, "bad input dimension: expected one of " + ", ".join(DIM_NAMES)
+                           + f" or a positive integer, got {v!r}")
+            ok = False
         if not d.dims:
             self.error(d.loc, f"input '{d.name}' needs at least one dimension")
             ok = False

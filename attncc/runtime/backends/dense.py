@@ -38,7 +38,7 @@ def _static_mask(pattern, q_len: int, kv_len: int, device: str) -> torch.Tensor:
 def _mask(pattern, q, k, inputs) -> torch.Tensor:
     B, H, Lq = q.shape[:3]
     Lkv = k.shape[2]
-    if mask_is_shared(pattern):
+    if mask_is_shared(pattern) and not pattern.inputs:
         return _static_mask(pattern, Lq, Lkv, str(q.device))
     extra = {}
     if any(isinstance(n, Route) for n in walk(pattern.mask)):
