@@ -2,6 +2,7 @@
 FlexAttention, at several cache lengths and batch sizes (one new token per sequence).
 
     flock /tmp/attncc-bench.lock python3 bench/bench_decode.py [--quick] [--threads 1]
+    python3 bench/bench_decode.py --aot      # decode kernels of the library, sm_80 / sm_90
 
 Prints markdown tables (docs/BENCHMARKS.md, section "Decode"). On CPU attncc runs its torch
 path (gather the kept key ranges, attend); on CUDA the generated split-KV kernel. Sizes are
@@ -38,6 +39,35 @@ FULL = [
 ]
 QUICK = [FULL[0], FULL[3]]
 
+AOT_SPECS = ("causal", "sliding_window", "streaming_sinks", "chunked", "prefix_lm", "document",
+             "moa", "alibi", "softcap", "seer_gate", "moh")
+# (head_dim, new tokens, page size or None for a contiguous cache)
+AOT_SHAPES = ((128, 1, 256), (128, 7, None), (64, 2, 64), (64, 1, None))
+
+
+def aot_sweep(workers: int = 2) -> int:
+    """Compile every library pattern's decode kernel for sm_80 and sm_90 (bf16, the launch
+    specialization of the runtime) and print registers and spills; exit 1 on a spill."""
+    from attncc.runtime.aot import run_jobs
+    jobs = [{"arch": arch, "sass": False, "entry": "attncc.runtime.decode_launch:decode_case",
+             "kwargs": {"spec": os.path.join(SPECS, f"{s}.attn"), "head_dim": d, "lq": lq,
+                        "page_size": ps}}
+            for arch in (80, 90) for s in AOT_SPECS for d, lq, ps in AOT_SHAPES]
+    bad = 0
+    print("| spec | sm | D | Lq | cache | warps | stages | registers | spill bytes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for job, reports in zip(jobs, run_jobs(jobs, workers=workers)):
+        kw = job["kwargs"]
+        for r in reports:
+            spill = r.get("spill_bytes", -1)
+            bad += (not r.get("ok")) or spill != 0
+            cache = f"paged {kw['page_size']}" if kw["page_size"] else "contiguous"
+            print(f"| {os.path.basename(kw['spec'])[:-5]} | {job['arch']} | {kw['head_dim']} | "
+                  f"{kw['lq']} | {cache} | {r.get('num_warps')} | {r.get('num_stages')} | "
+                  f"{r.get('registers')} | {spill if r.get('ok') else r.get('error', '')[:60]} |")
+    print(f"{len(jobs)} kernels, {bad} failing")
+    return 1 if bad else 0
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +75,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for every implementation (default 1)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--aot", action="store_true",
+                    help="compile the library's decode kernels for sm_80/sm_90 instead")
     args = ap.parse_args()
+    if args.aot:
+        return aot_sweep()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")

@@ -239,7 +239,10 @@ def _square_input(decl, t: torch.Tensor, b: int, L: int, lq: int, beta) -> torch
 def _plan(kern, q, seqlens, call: DecodeCall):
     """(decode pattern, selections by input name, key ranges [B, Hkv, R, 2])."""
     sched = schedule_for(kern, call.Hq)
-    pattern, names = decode_pattern(kern.pattern, call.Lq)
+    forms = kern.__dict__.setdefault("_decode_patterns", {})
+    if call.Lq not in forms:
+        forms[call.Lq] = decode_pattern(kern.pattern, call.Lq)
+    pattern, names = forms[call.Lq]
     sels_by_node = {node: block_selection(node, call.inputs[node.input], seqlens, call.Lq, call.Hq)
                     for node in names}
     ranges = key_ranges(sched, seqlens, call.Lq, call.Hkv, inputs=call.inputs,
@@ -298,7 +301,7 @@ def _run_torch(kern, q, k_cache, v_cache, seqlens, block_table, call: DecodeCall
     lse = torch.logsumexp(s, -1)
     empty = torch.isneginf(lse)
     p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
-    out = p @ V[:, :, None]                                               # [B, Hkv, G, Lq, Dv]
+    out = (p.view(B, Hkv, G * Lq, N) @ V).view(B, Hkv, G, Lq, call.Dv)
     if pattern.output_scale is not None:
         prog = _Program(pattern.output_scale, layout=None, inputs=ins, lengths=lengths,
                         fdtype=work)

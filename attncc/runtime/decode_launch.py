@@ -74,14 +74,15 @@ def pick_splits(max_tiles: int, programs: int, device: torch.device) -> int:
     return max(1, min(want, max_tiles // 2, 64))
 
 
-def decode_config(options, D: int, Dv: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) of a decode program: the options' values, but for head dims of
-    128 and more key tiles of at most 32 tokens and 8 warps, so that K, V and the P·V
-    accumulator fit the registers without spilling on sm_80 and sm_90 (the AOT gate in
-    tests/test_decode_aot.py checks every library pattern)."""
+def decode_config(options, D: int, Dv: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a decode program: the options' values, but for
+    head dims of 128 and more key tiles of at most 32 tokens, 8 warps and 3 stages, so that K,
+    V and the P·V accumulator fit the registers without spilling on sm_80 and sm_90 (swept
+    over the library by `bench/bench_decode.py --aot`; tests/test_decode_aot.py gates one)."""
     if max(D, Dv) >= 128:
-        return min(int(options.block_n), 32), max(int(options.num_warps), 8)
-    return int(options.block_n), int(options.num_warps)
+        return (min(int(options.block_n), 32), max(int(options.num_warps), 8),
+                max(int(options.num_stages), 3))
+    return int(options.block_n), int(options.num_warps), int(options.num_stages)
 
 
 def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges, inputs: dict,
@@ -95,7 +96,7 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
     B, Hq, Lq, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[3]
     G = Hq // Hkv
-    block_n, warps = decode_config(kern.options, D, Dv)
+    block_n, warps, stages = decode_config(kern.options, D, Dv)
     tiles, counts = decode_launch_tensors(ranges, block_n)
     kern.last_decode = {"key_ranges": ranges, "tiles": int(counts.sum()),
                         "block_n": block_n,
@@ -124,7 +125,7 @@ def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges,
         Hq, Hkv, G, Lq, S, page_size, D, Dv, float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
         PAGED=paged, DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=meta["num_stages"])
+        num_warps=warps, num_stages=stages)
     return merge_splits(o_part, l_part)
 
 
