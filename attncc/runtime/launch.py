@@ -23,6 +23,11 @@ _LOCK = threading.Lock()
 _DEVICE_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+# Floating-point contraction (a*b+c → fma) for generated kernels, set explicitly: Triton 3.9
+# warns that its default changes in 3.10. The kernels' exp2(x * scale - m) relies on it.
+FP_FUSION = True
+
+
 class LaunchError(ValueError):
     """Arguments do not fit the generated kernel (shapes, missing inputs, wrong schedule)."""
 
@@ -138,7 +143,8 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] in float16/bfloat16/float32
     on one device (any strides); `inputs` maps each input the kernel reads (META["inputs"])
-    to its tensor; `scale` is the softmax scale; `options` (CompileOptions) gives warps and
+    to its tensor; `scale` is the softmax scale (> 0: the kernel takes row maxima of unscaled
+    scores and folds the scale into the exp2 argument); `options` (CompileOptions) gives warps and
     stages on GPU (default: the values the kernel was generated with).
 
     Returns (out [B, Hq, Lq, Dv] in q.dtype, lse float32 [B, Hq, Lq], natural log; rows
@@ -151,6 +157,8 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
     kernels without closed-form loops (META["closed_form"] false) read lists.
     """
     meta = module.META
+    if not float(scale) > 0:
+        raise LaunchError(f"scale must be positive, got {scale!r}")
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Hkv == 0 or Hq % Hkv:
@@ -217,5 +225,5 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         Lq, Lkv, Hq, Hq // Hkv, schedule.n_q_tiles, D, Dv, float(scale),
         BLOCK_M=meta["block_m"], BLOCK_N=meta["block_n"], BLOCK_D=_block_d(D),
         BLOCK_DV=_block_d(Dv), DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
     return out, lse

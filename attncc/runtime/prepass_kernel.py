@@ -20,6 +20,7 @@ import torch
 from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var,
                         transform, walk)
 from ..ir.pattern import InputDecl
+from ..passes.simplify import simplify
 from .conjuncts import conjuncts, document_input, is_static, pattern_classes, static_expr
 from .prepass import FULL, PARTIAL, PrepassStats, _active_tiles, _region_tuple, head_weights
 
@@ -52,9 +53,27 @@ def _group_expr(side: str, node, layout) -> Expr:
     return out
 
 
-def lower_selectors(pattern, selections: Mapping):
+def tile_aligned(node, pattern, grids) -> bool:
+    """Whether every (query tile, key tile) of `grids` = (q_grid, kv_grid) lies inside one
+    (query group, key group) of selector `node`, so the selection is one value per tile."""
+    q_grid, kv_grid = grids
+    if isinstance(node, Blocks) or pattern.layout is None:
+        size = node.block if isinstance(node, Blocks) else _region_tuple(node.region, 1)[0]
+        return len(q_grid.tile) == 1 and len(kv_grid.tile) == 1 \
+            and size % q_grid.tile[0] == 0 and size % kv_grid.tile[0] == 0
+    region = _region_tuple(node.region, len(pattern.layout.axes))
+    return all(len(g.tile) == len(region) and all(r % t == 0 for r, t in zip(region, g.tile))
+               for g in (q_grid, kv_grid))
+
+
+def lower_selectors(pattern, selections: Mapping, grids=None):
     """`pattern` with every route / blocks node replaced by a load of its selection,
     `attncc_selN[b, h, group(q), group(k)]`, for kernels that evaluate the mask per element.
+
+    grids  (q_grid, kv_grid) of a kernel that reads pre-pass lists (which hold only tiles
+           with a selected pair): a selector that is a conjunct of the mask and whose groups
+           contain whole tiles (`tile_aligned`) is constant true on every listed tile, so it
+           is dropped (no per-element selection load).
 
     Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}); the
     lowered pattern declares the selections (as bool inputs) and drops inputs that only the
@@ -62,8 +81,11 @@ def lower_selectors(pattern, selections: Mapping):
     """
     names, tensors = {}, {}
     taken = {d.name for d in pattern.inputs}
+    top = {id(t) for t in conjuncts(pattern.mask)}
+    dropped = {n for n in walk(pattern.mask) if isinstance(n, (Route, Blocks))
+               and grids is not None and id(n) in top and tile_aligned(n, pattern, grids)}
     for node in walk(pattern.mask):
-        if isinstance(node, (Route, Blocks)) and node not in names:
+        if isinstance(node, (Route, Blocks)) and node not in names and node not in dropped:
             i = len(names)
             while f"attncc_sel{i}" in taken:
                 i += 1
@@ -72,12 +94,16 @@ def lower_selectors(pattern, selections: Mapping):
             tensors[names[node]] = selections[node][0].to(torch.int8).contiguous()
 
     def rewrite(n):
+        if n in dropped:
+            return TRUE
         if n in names:
             return Load(names[n], (Var("b"), Var("h"), _group_expr("q", n, pattern.layout),
                                    _group_expr("k", n, pattern.layout)), BOOL)
         return None
 
     mask = transform(pattern.mask, rewrite)
+    if dropped:
+        mask = simplify(mask)
     # Inputs read only by the replaced selectors (block scores) are no longer inputs.
     used = {n.input for r in (mask, pattern.score, pattern.output_scale) if r is not None
             for n in walk(r) if isinstance(n, Load)}
@@ -142,7 +168,7 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     weights = head_weights(pattern, inputs, B, Hq, Lq, Lkv, q.device)
     active = _active_tiles(weights, sched.q_grid, (B, Hq), q.device)
     cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
-    lowered, sel_inputs = lower_selectors(pattern, selections)
+    lowered, sel_inputs = lower_selectors(pattern, selections, (sched.q_grid, sched.kv_grid))
     kinds = tuple(dict.fromkeys(
         "route" if isinstance(n, Route) else "blocks" for n in selections)) or ("lists",)
     # Per-program lists replace the static ones, so the kernel must loop over lists, not over
