@@ -196,15 +196,17 @@ def usable_bounds(schedule) -> Optional[list]:
     return bs
 
 
-def _segment_loop(kind: str, segments: list, kv_step, tail: bool, tag: str) -> list[str]:
-    """One loop over the key tiles of several half-open ranges `segments` [(lo, hi) texts],
-    visited in order: a plain `range(lo, hi)` for one range, else a flat counter `it` mapped
-    to the tile `n` of its range (so a class of tiles is one pipelined loop)."""
+def _segment_loop(kind: str, segments: list, kv_step, tail: bool,
+                  tag: str) -> tuple[list[str], list[str]]:
+    """(setup lines, loop lines) of one loop over the key tiles of several half-open ranges
+    `segments` [(lo, hi) texts], visited in order: a plain `range(lo, hi)` for one range,
+    else a flat counter `it` mapped to the tile `n` of its range (so a class of tiles is one
+    pipelined loop)."""
     if not segments:
-        return []
+        return [], []
     if len(segments) == 1:
         lo, hi = segments[0]
-        return kv_step(kind, f"for n in range({lo}, {hi}):", [], tail)
+        return [], kv_step(kind, f"for n in range({lo}, {hi}):", [], tail)
     lines, ends = [], []
     for i, (lo, hi) in enumerate(segments):
         size = hi[len(lo) + 3:] if hi.startswith(f"{lo} + ") else f"tl.maximum({hi} - {lo}, 0)"
@@ -214,7 +216,7 @@ def _segment_loop(kind: str, segments: list, kv_step, tail: bool, tag: str) -> l
     for i in range(len(segments) - 2, -1, -1):
         start = f"{segments[i][0]} + (it - {ends[i - 1]})" if i else f"{segments[0][0]} + it"
         text = f"tl.where(it < {ends[i]}, {start}, {text})"
-    return lines + kv_step(kind, f"for it in range(0, {ends[-1]}):", [f"n = {text}"], tail)
+    return lines, kv_step(kind, f"for it in range(0, {ends[-1]}):", [f"n = {text}"], tail)
 
 
 _TAIL = ["# Key tile n_tail reaches past KV_LEN when KV_LEN is not a multiple of BLOCK_N;",
@@ -295,8 +297,10 @@ def _closed_form(bounds: list, qg, kg, kv_step):
         pro.append(f"tail_full = ({held}).to(tl.int32)")
         segs["FULL"] = [(lo, f"tl.minimum({hi}, n_tail)") for lo, hi in segs["FULL"]]
         segs["PARTIAL"].append(("n_tail", "n_tail + tail_full"))
-    loops = {"FULL": _segment_loop("FULL", segs["FULL"], kv_step, False, "full"),
-             "PARTIAL": _segment_loop("PARTIAL", segs["PARTIAL"], kv_step, True, "partial")}
+    loops = {}
+    for kind, tail in (("FULL", False), ("PARTIAL", True)):
+        setup, loops[kind] = _segment_loop(kind, segs[kind], kv_step, tail, kind.lower())
+        pro += setup
     return pro, loops, rendered.helpers
 
 

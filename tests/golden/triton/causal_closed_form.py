@@ -59,6 +59,8 @@ def attncc_fwd_causal_13065ae5a230(
     # FULL loops stop before it and, when it is FULL, it runs (masked) with the PARTIAL tiles.
     n_tail = KV_LEN // BLOCK_N
     tail_full = (((kt_lo_full0 <= n_tail) & (n_tail < kt_hi_full0))).to(tl.int32)
+    partial_end0 = tl.maximum(kt_hi_partial0 - kt_lo_partial0, 0)
+    partial_end1 = partial_end0 + tail_full
     # FULL key tiles: every pair kept; no per-element masks (key tail: see n_tail).
     for n in range(kt_lo_full0, tl.minimum(kt_hi_full0, n_tail)):
         k_idx = n * BLOCK_N + offs_n
@@ -82,8 +84,6 @@ def attncc_fwd_causal_13065ae5a230(
             acc = tl.dot(p, v_blk, acc)
         m_i = m_new
     # PARTIAL key tiles: the mask predicate is evaluated per element.
-    partial_end0 = tl.maximum(kt_hi_partial0 - kt_lo_partial0, 0)
-    partial_end1 = partial_end0 + tail_full
     for it in range(0, partial_end1):
         n = tl.where(it < partial_end0, kt_lo_partial0 + it, n_tail + (it - partial_end0))
         k_idx = n * BLOCK_N + offs_n
