@@ -367,9 +367,9 @@ class Kernel:
     def source(self) -> str:
         """Generated Triton forward source for `default_shape()`. On grid layouts this is the
         kernel every call uses. On 1-D patterns it is the kernel of a representative
-        DEFAULT_1D_LEN-token schedule: other lengths get their own kernel whenever their tile
-        structure (`structure_key`, which includes the closed-form loop bounds, where lengths
-        may appear as constants) differs; `source_for(kern.schedule(q_len, kv_len, heads))`
+        DEFAULT_1D_LEN-token schedule, which other lengths share as long as their tile
+        structure (`structure_key`: tiles, head classes, closed-form loop bounds, which keep
+        Q_LEN / KV_LEN as variables) is the same; `source_for(kern.schedule(q_len, kv_len, heads))`
         gives the source a particular shape runs. Patterns that need the runtime pre-pass
         (`prepass_kernel.needs_prepass`: route, blocks, document ids, output scale) run a
         variant of this kernel generated per call structure (selections lowered to loads,
