@@ -189,8 +189,8 @@ def _cmd_verify(args) -> int:
     pattern = load_pattern(args.spec, dict(args.param))
     q_len, kv_len, heads = resolve_shape(pattern, _shape(args))
     report = verify(pattern, backend=args.backend, batch=args.batch, heads=args.heads or 2,
-                    q_len=q_len if (args.q_len or pattern.layout) else VERIFY_1D_LEN,
-                    kv_len=kv_len if (args.kv_len or pattern.layout) else None,
+                    q_len=q_len if (args.q_len or pattern.fixed_length) else VERIFY_1D_LEN,
+                    kv_len=kv_len if (args.kv_len or pattern.fixed_length) else None,
                     head_dim=args.head_dim, dtype=getattr(torch, args.dtype), seed=args.seed,
                     options=_options(args), grad=args.grad)
     print(report)

@@ -54,7 +54,7 @@ def load_pattern(spec, params: dict):
 def resolve_shape(pattern, shape: Shape) -> tuple[int, int, int]:
     """Concrete (q_len, kv_len, heads): grid layouts default to their size, 1-D patterns to
     DEFAULT_1D_LEN tokens."""
-    default = pattern.layout.numel if pattern.layout is not None else DEFAULT_1D_LEN
+    default = getattr(pattern, "fixed_length", None) or DEFAULT_1D_LEN
     q_len = shape.q_len or shape.kv_len or default
     kv_len = shape.kv_len or q_len
     return q_len, kv_len, shape.heads

@@ -217,7 +217,7 @@ def test_grid_length_and_scale_validation():
 
 def test_float64_rejected_by_generated_kernels():
     q, k, v = qkv(dtype=torch.float64)
-    kern = attncc.compile(os.path.join(SPECS, "causal.attn"))
+    kern = attncc.compile(os.path.join(SPECS, "causal.attn"), backend="interpret")
     with pytest.raises(InputTypeError) as e:
         kern(q, k, v)
     assert str(e.value) == ("q has dtype float64; backend 'interpret' supports float16, "

@@ -26,6 +26,8 @@ SMALL = {
     "maxvit_grid": {"height": 8, "width": 8, "grid": 4},
     "biformer": {"height": 8, "width": 8, "region": 4, "topk": 2},
     "seer_gate": {"block": 16, "keep": 0.3},
+    "mmdit_natten": {"text": 5, "frames": 3, "height": 4, "width": 4, "kernel_t": 3, "kernel": 3},
+    "vit_cls_natten": {"registers": 2, "height": 5, "width": 5, "kernel": 3},
 }
 DEFAULT_RUN = ("causal", "document", "moh", "natten2d", "softcap")
 TILES = dict(block_m=16, block_n=16)

@@ -35,7 +35,7 @@ _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+\.[0-9]*(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+")
 
 DTYPES = ("int", "float", "bool")
-LAYOUT_KINDS = ("grid",)
+LAYOUT_KINDS = ("grid", "tokens")
 OUTPUT_KINDS = ("scale",)
 NORMALIZE_KINDS = ("softmax", "none")
 KEYWORDS = ("pattern", "layout", "input", "def", "mask", "score", "normalize", "output",
@@ -403,7 +403,8 @@ class _Converter:
     def decl_layout(self, tree) -> ast.LayoutDecl:
         kind, *axes = tree.children
         if str(kind) not in LAYOUT_KINDS:
-            self.diags.error(self.loc(kind), f"unknown layout '{kind}'", "the layout kind is 'grid'")
+            self.diags.error(self.loc(kind), f"unknown layout '{kind}'",
+                             "the layout kinds are 'grid' and 'tokens'")
         kws = self.keywords(axes, "axis")
         return ast.LayoutDecl(str(kind), kws, loc=self.loc(tree))
 

@@ -129,14 +129,33 @@ class Pattern:
     def __str__(self) -> str:
         return self.ir_text()
 
+    @property
+    def fixed_length(self) -> Optional[int]:
+        """The sequence length every call must have, when the pattern fixes it: the layout's
+        size, or the total of a segmented layout (`passes.segments`); else None."""
+        if self.layout is not None:
+            return self.layout.numel
+        for c in self.checks:
+            total = getattr(c, "total", None)
+            if total is not None:
+                return total
+        return None
+
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Check call-time constraints for `q_len` queries and `kv_len` keys: NATTEN's
         kernel·dilation <= length for a `neighborhood` on a pattern without a layout.
         Raises `SpecError` pointing at the `neighborhood` call."""
         from ..frontend.errors import Diagnostic, SpecError
-        diags = [Diagnostic(c.loc, f"neighborhood kernel {c.kernel} x dilation {c.dilation} = "
-                                   f"{c.kernel * c.dilation} exceeds the sequence length {q_len}")
-                 for c in self.checks if c.kernel * c.dilation > q_len]
+        diags = []
+        for c in self.checks:
+            if hasattr(c, "message"):  # e.g. passes.segments.SegmentLengthCheck
+                msg = c.message(q_len, kv_len)
+                if msg is not None:
+                    diags.append(Diagnostic(c.loc, msg))
+            elif c.kernel * c.dilation > q_len:
+                diags.append(Diagnostic(c.loc, f"neighborhood kernel {c.kernel} x dilation "
+                                               f"{c.dilation} = {c.kernel * c.dilation} exceeds "
+                                               f"the sequence length {q_len}"))
         if diags:
             raise SpecError(diags, self.source)
 

@@ -45,6 +45,7 @@ class Elaborator(PythonPrimitives):
         self.params: dict[str, Const] = {}
         self.bad_params: set[str] = set()      # already reported; uses stay silent
         self.layout: Optional[Layout] = None
+        self.segments = None  # `passes.segments.Segments` of a segmented layout
         self.inputs: dict[str, InputDecl] = {}
         self.checks: list[LengthCheck] = []
         self.defs: dict[str, tuple[ast.Def, bool]] = {}
@@ -75,10 +76,15 @@ class Elaborator(PythonPrimitives):
                 self.add_def(d)
         self.bind_params(header)
         clauses = {}
+        layouts = [d for d in spec.decls if isinstance(d, ast.LayoutDecl)]
+        if len(layouts) == 1 and layouts[0].kind == "grid":
+            self.bind_layout(layouts[0])
+        elif layouts:
+            # Token segments and a grid in one sequence (`attncc.passes.segments`).
+            from .segments_bind import bind_segments
+            bind_segments(self, layouts)
         for d in spec.decls:
-            if isinstance(d, ast.LayoutDecl):
-                self.once(clauses, "layout", d) and self.bind_layout(d)
-            elif isinstance(d, ast.InputDecl):
+            if isinstance(d, ast.InputDecl):
                 self.declare_input(d)
         for d in spec.decls:
             if isinstance(d, ast.MaskClause) and self.once(clauses, "mask", d):
@@ -96,6 +102,9 @@ class Elaborator(PythonPrimitives):
                     self.error(d.loc, f"unknown output modifier '{d.kind}'", suggest(d.kind, ["scale"]))
                 else:
                     clauses["output"] = self.clause(d.expr, "output", FLOAT)
+        if self.segments is not None:
+            from .segments_bind import lower_clauses
+            lower_clauses(self, clauses, spec)
         self.diags.raise_if_any()
         mask = clauses.get("mask")
         pat = Pattern(
@@ -350,6 +359,8 @@ class Elaborator(PythonPrimitives):
             self.fail(e.loc, "coordinates are written q.<axis> or k.<axis>", ctx=ctx)
         if ctx.clause == "const":
             self.fail(e.loc, f"'{side}.{e.attr}' is not a constant", ctx=ctx)
+        if self.segments is not None and e.attr in self.segments.names:
+            return self.segments.member(side, e.attr)  # segment membership (bool)
         if self.layout is None:
             self.fail(e.loc, f"coordinate '{side}.{e.attr}' needs a layout "
                              "(add e.g. 'layout grid(y = 64, x = 64)')", ctx=ctx)

@@ -353,8 +353,7 @@ class Kernel:
     def default_shape(self) -> tuple[int, int, int]:
         """(q_len, kv_len, heads) behind `source`: the layout's size on grid patterns, else
         DEFAULT_1D_LEN tokens; heads = the pattern's `heads` parameter if it has one, else 1."""
-        layout = self.pattern.layout
-        n = layout.numel if layout is not None else DEFAULT_1D_LEN
+        n = self.pattern.fixed_length or DEFAULT_1D_LEN
         heads = self.pattern.param_dict.get("heads", 1)
         heads = heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else 1
         return n, n, heads
