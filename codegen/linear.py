@@ -28,15 +28,19 @@ from functools import lru_cache
 
 from .emitter import fill
 
-__all__ = ["generate_linear_forward", "linear_kernel_name", "block_sizes"]
+__all__ = ["generate_linear_forward", "generate_linear_backward", "linear_kernel_name",
+           "block_sizes"]
 
 _TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "linear_fwd.tmpl")
 
 
 @lru_cache(maxsize=None)
-def _template() -> str:
-    with open(_TEMPLATE, encoding="utf-8") as f:
+def _template(path: str = _TEMPLATE) -> str:
+    with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+_BWD_TEMPLATE = os.path.join(os.path.dirname(_TEMPLATE), "linear_bwd.tmpl")
 
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
@@ -73,4 +77,31 @@ def generate_linear_forward(options) -> str:
     meta = {"kernel": name, "num_warps": int(options.num_warps),
             "num_stages": int(options.num_stages)}
     lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def generate_linear_backward(options) -> str:
+    """Triton source of the three backward kernels of the chunked algorithm
+    (`templates/linear_bwd.tmpl`), each over its own slice of channels so that no gradient
+    is summed across programs (deterministic):
+
+        DQ_KERNEL  grid (B*H, cdiv(D, BLOCK_DS)): forward scan carrying Z[slice]ᵀ
+        DK_KERNEL  grid (B*H, cdiv(D, BLOCK_DS)): reverse scan carrying dU[slice]ᵀ
+        DV_KERNEL  grid (B*H, cdiv(Dv, BLOCK_DVS)): reverse scan carrying dU[:, slice]
+
+    with dU_t = Σ_{s > t} r^(β(s-t-1)) (Q_s ⊙ r^(r+1))ᵀ dO_s; the intra-block products are
+    recomputed per block. Arguments as in the forward contract, plus dO and the gradient
+    output; all gradients carry `sm_scale` (the forward's output is linear in it)."""
+    key = repr((_template(_BWD_TEMPLATE), int(options.num_warps), int(options.num_stages)))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    names = {f"{g}_kernel": f"attncc_linear_bwd_{g}_{digest}" for g in ("dq", "dk", "dv")}
+    header = ["# attncc linear attention backward kernels (chunked, Lightning Attention-2;",
+              "# generated source). Pattern-independent: per-head decays come in LOG_R.",
+              f"# options: num_warps={int(options.num_warps)} num_stages={int(options.num_stages)}"]
+    lines = fill(_template(_BWD_TEMPLATE), {"header": header, **names})
+    meta = {"kernels": tuple(names.values()), "num_warps": int(options.num_warps),
+            "num_stages": int(options.num_stages)}
+    lines += ["", "", f"DQ_KERNEL = {names['dq_kernel']}", f"DK_KERNEL = {names['dk_kernel']}",
+              f"DV_KERNEL = {names['dv_kernel']}", "KERNEL = DQ_KERNEL  # the loader's entry",
+              f"META = {meta!r}"]
     return "\n".join(lines) + "\n"

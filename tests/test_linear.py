@@ -252,6 +252,7 @@ def test_fallback_band_formula():
 
 @pytest.mark.parametrize("L,D,Dv", [(45, 8, 5), (64, 16, 40)])
 def test_linear_triton_interpret(L, D, Dv):
+    """Triton forward and backward kernels (codegen/linear.py) under the interpreter."""
     p = attncc.parse(LIGHTNING, heads=4)
     kern = attncc.compile(p, backend="interpret")
     q, k, v = qkv(1, 4, 2, L, L, D, Dv, seed=3, grad=True)
@@ -271,9 +272,14 @@ def test_triton_source_parses():
     import ast as pyast
 
     from attncc.codegen.linear import generate_linear_forward
+    from attncc.codegen.linear import generate_linear_backward
     src = generate_linear_forward(attncc.CompileOptions())
     pyast.parse(src)
     assert "def attncc_linear_fwd_" in src and "META = " in src
+    src = generate_linear_backward(attncc.CompileOptions())
+    pyast.parse(src)
+    for g in ("dq", "dk", "dv"):
+        assert f"def attncc_linear_bwd_{g}_" in src
 
 
 # ---- recurrent form ---------------------------------------------------------------------------

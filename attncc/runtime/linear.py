@@ -38,7 +38,7 @@ from ..ir.inputs import InputError, check_qkv
 from ..passes.linear import LinearDecision, decide
 
 __all__ = ["run_none", "chunked_linear", "linear_attention", "quadratic_none", "step",
-           "algorithm", "run_linear_forward"]
+           "algorithm", "run_linear_forward", "run_linear_backward"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -235,28 +235,32 @@ def quadratic_none(pattern, schedule, q, k, v, inputs: dict, scale: float):
 # ---- autograd for the Triton forward ------------------------------------------------------------
 
 class _TritonLinear(torch.autograd.Function):
-    """Forward by the Triton kernel; backward by differentiating `chunked_linear` (torch)
-    recomputed from the saved inputs (O(L·D + D·Dv·L/β) memory, no L² term)."""
+    """Forward by the Triton kernel; backward by the Triton backward kernels
+    (`run_linear_backward`), or, with `bwd=None`, by differentiating `chunked_linear` (torch)
+    recomputed from the saved inputs. Neither saves anything of size L²."""
 
     @staticmethod
-    def forward(ctx, fwd, block, scale, log_r, q, k, v):
+    def forward(ctx, fwd, bwd, block, scale, log_r, q, k, v):
         ctx.save_for_backward(q, k, v, log_r)
-        ctx.block, ctx.scale = block, scale
+        ctx.block, ctx.scale, ctx.bwd = block, scale, bwd
         return fwd(q, k, v, log_r, scale)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, log_r = ctx.saved_tensors
+        if ctx.bwd is not None:
+            dq, dk, dv = ctx.bwd(q, k, v, dout.contiguous(), log_r, ctx.scale)
+            return (None, None, None, None, None, dq, dk, dv)
         dt = _compute_dtype(q)
         with torch.enable_grad():
             leaves = [t.detach().to(dt).requires_grad_(w)
-                      for t, w in zip((q, k, v), ctx.needs_input_grad[4:])]
+                      for t, w in zip((q, k, v), ctx.needs_input_grad[5:])]
             out, _ = chunked_linear(leaves[0] * ctx.scale, leaves[1], leaves[2], log_r, ctx.block)
             need = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(out, need, dout.to(dt)))
         res = [next(grads).to(t.dtype) if x.requires_grad else None
                for t, x in zip((q, k, v), leaves)]
-        return (None, None, None, None, *res)
+        return (None, None, None, None, None, *res)
 
 
 _LINEAR_MODULES: dict = {}
@@ -293,6 +297,39 @@ def run_linear_forward(q, k, v, log_r, *, scale: float, options, block: int = TR
     return out
 
 
+def run_linear_backward(q, k, v, dout, log_r, scale: float, *, options,
+                        block: int = TRITON_BLOCK, slice_: int = TRITON_MAX_DV):
+    """(dq, dk, dv) of `run_linear_forward`'s output for the incoming gradient dout
+    [B, H, L, Dv], by the three Triton backward kernels (`codegen.linear.
+    generate_linear_backward`); tensors as in `run_linear_forward`, gradients in their dtypes."""
+    from ..codegen.linear import block_sizes, generate_linear_backward
+    from .launch import load_kernel
+    key = ("bwd", options.num_warps, options.num_stages)
+    module = _LINEAR_MODULES.get(key)
+    if module is None:
+        module = _LINEAR_MODULES[key] = load_kernel(generate_linear_backward(options))
+    B, H, L, D = q.shape
+    Dv = v.shape[-1]
+    c = block_sizes(D, Dv, block, max_dv=1 << 30)      # full (power-of-two) head dims
+    full_dv = c["BLOCK_DV"]
+    ds, dvs = min(slice_, c["BLOCK_D"]), min(slice_, full_dv)
+    lr = log_r.to(device=q.device, dtype=torch.float32).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dot_fp32 = q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    launch = dict(num_warps=module.META["num_warps"], num_stages=module.META["num_stages"])
+    rest = (L, H, D, Dv, float(scale))
+    module.DQ_KERNEL[(B * H, -(-D // ds))](
+        k, v, dout, dq, lr, *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *rest,
+        BLOCK=block, BLOCK_DS=ds, BLOCK_DV=full_dv, DOT_FP32=dot_fp32, **launch)
+    module.DK_KERNEL[(B * H, -(-D // ds))](
+        q, v, dout, dk, lr, *q.stride(), *v.stride(), *dout.stride(), *dk.stride(), *rest,
+        BLOCK=block, BLOCK_DS=ds, BLOCK_DV=full_dv, DOT_FP32=dot_fp32, **launch)
+    module.DV_KERNEL[(B * H, -(-Dv // dvs))](
+        q, k, dout, dv, lr, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(), *rest,
+        BLOCK=block, BLOCK_D=c["BLOCK_D"], BLOCK_DVS=dvs, DOT_FP32=dot_fp32, **launch)
+    return dq, dk, dv
+
+
 def _triton_kernel(kern, backend: str):
     """(q', k', v', log_r) -> out by the generated Triton linear kernel, autograd-capable."""
     block = kern.options.block_m  # of the torch recomputation in backward
@@ -300,9 +337,12 @@ def _triton_kernel(kern, backend: str):
     def fwd(q, k, v, log_r, scale):
         return run_linear_forward(q, k, v, log_r, scale=scale, options=kern.options)
 
+    def bwd(q, k, v, dout, log_r, scale):
+        return run_linear_backward(q, k, v, dout, log_r, scale, options=kern.options)
+
     def call(q, k, v, log_r, scale):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _TritonLinear.apply(fwd, block, scale, log_r, q, k, v)
+            return _TritonLinear.apply(fwd, bwd, block, scale, log_r, q, k, v)
         return fwd(q, k, v, log_r, scale)
     return call
 
@@ -407,3 +447,17 @@ def aot_case(head_dim: int = 64, head_dim_v: Optional[int] = None, dtype: str = 
     log_r = -torch.rand(heads, dtype=torch.float64)
     run_linear_forward(q, k, v, log_r, scale=head_dim ** -0.5, block=block, max_dv=max_dv,
                        options=CompileOptions(num_warps=num_warps, num_stages=num_stages))
+
+
+def aot_backward_case(head_dim: int = 64, head_dim_v: Optional[int] = None,
+                      dtype: str = "bfloat16", batch: int = 2, heads: int = 8, q_len: int = 4096,
+                      num_warps: int = 4, num_stages: int = 2) -> None:
+    """Entry for `attncc.runtime.aot.run_jobs` ("attncc.runtime.linear:aot_backward_case"): the
+    three backward launches of the linear kernel on CPU tensors (captured, not run)."""
+    from .options import CompileOptions
+    dt = getattr(torch, dtype)
+    dv = head_dim if head_dim_v is None else head_dim_v
+    q, k = (torch.randn(batch, heads, q_len, head_dim).to(dt) for _ in range(2))
+    v, dout = (torch.randn(batch, heads, q_len, dv).to(dt) for _ in range(2))
+    run_linear_backward(q, k, v, dout, -torch.rand(heads, dtype=torch.float64), head_dim ** -0.5,
+                        options=CompileOptions(num_warps=num_warps, num_stages=num_stages))
