@@ -285,8 +285,9 @@ class _Slabs:
         return keep
 
 
-def _scores(slabs, qg, kg, scale, score_fn, qc, ktok):
-    s = (qg @ kg.transpose(-1, -2)) * scale                               # [B, H, G, Sq, N]
+def _scores(slabs, qg, kg, score_fn, qc, ktok):
+    """Scores of a slab from query tiles pre-multiplied by the softmax scale."""
+    s = qg @ kg.transpose(-1, -2)                                         # [B, H, G, Sq, N]
     if score_fn is None:
         return s
     out = score_fn(s, slabs.b5, slabs.h5, qc.view(1, 1, *qc.shape, 1), ktok[..., None, :])
@@ -300,7 +301,7 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
     Hkv, Dv = k.shape[1], v.shape[-1]
     cdt = _cdtype(q.dtype)
     slabs = _Slabs(plan, B, H, Hkv, rows)
-    qt = _tiles(q, plan.q_tok, cdt, plan.q_contig)                        # [B, H, nQT, Sq, D]
+    qt = _tiles(q, plan.q_tok, cdt, plan.q_contig) * scale                # [B, H, nQT, Sq, D]
     kt = _tiles(k, plan.k_tok, cdt, plan.k_contig)                        # [B, Hkv, nKT, Sk, D]
     vt = _tiles(v, plan.k_tok, cdt, plan.k_contig)
     o_t = torch.zeros(B, H, slabs.nqt, slabs.sq, Dv, dtype=cdt, device=q.device)
@@ -312,7 +313,7 @@ def _forward_core(plan: TorchPlan, q, k, v, scale: float, score_fn, rows=None):
         m_i = l_i = acc = None
         for ktok, kreal, full, ent, _ in slab_iter:
             kg, vg = slabs.gather(kt, ent), slabs.gather(vt, ent)
-            s = _scores(slabs, qg, kg, scale, score_fn, qc, ktok)
+            s = _scores(slabs, qg, kg, score_fn, qc, ktok)
             keep = slabs.keep(qc, qreal, ktok, kreal, full)
             if keep is not None:
                 s = s.masked_fill(~keep, -math.inf)
@@ -351,12 +352,12 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
     slabs = _Slabs(plan, B, H, Hkv, rows)
     nkt, sk = plan.k_tok.shape
     qc_, kc_ = plan.q_contig, plan.k_contig
-    qt = _tiles(q, plan.q_tok, cdt, qc_)
+    qt = _tiles(q, plan.q_tok, cdt, qc_) * scale                          # q · scale
     kt, vt = _tiles(k, plan.k_tok, cdt, kc_), _tiles(v, plan.k_tok, cdt, kc_)
     do_t = _tiles(do, plan.q_tok, cdt, qc_)
     lse_t = _tiles(lse, plan.q_tok, cdt, qc_)
     delta_t = _tiles(delta, plan.q_tok, cdt, qc_)
-    dq_t = torch.zeros_like(qt) if need[0] else None
+    dq_t = torch.zeros(qt.shape, dtype=cdt, device=dev) if need[0] else None
     # Per (b, KV head, key tile) accumulators; row nkt of each (b, KV head) takes unused entries.
     dk_a = torch.zeros(B * Hkv * (nkt + 1), sk * D, dtype=cdt, device=dev) if need[1] else None
     dv_a = torch.zeros(B * Hkv * (nkt + 1), sk * Dv, dtype=cdt, device=dev) if need[2] else None
@@ -372,12 +373,12 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
             kg, vg = slabs.gather(kt, ent), slabs.gather(vt, ent)
             if score_fn_grad is not None:
                 with torch.enable_grad():
-                    s_raw = ((qg @ kg.transpose(-1, -2)) * scale).requires_grad_(True)
+                    s_raw = (qg @ kg.transpose(-1, -2)).requires_grad_(True)
                     s = torch.broadcast_to(score_fn_grad(
                         s_raw, slabs.b5, slabs.h5, qc.view(1, 1, *qc.shape, 1),
                         ktok[..., None, :]), s_raw.shape)
             else:
-                s_raw = s = (qg @ kg.transpose(-1, -2)) * scale
+                s_raw = s = qg @ kg.transpose(-1, -2)
             keep = slabs.keep(qc, qreal, ktok, kreal, full)
             # Rows without keys (lse = -inf) have every pair masked by `keep`, so p is 0 there.
             p = torch.exp(s.detach() - lse_c)
@@ -401,7 +402,7 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
     def untile_kv(acc, width):
         return _untile(acc.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt], plan.k_tok, Lkv, 0.0, kc_)
     dq = _untile(dq_t, plan.q_tok, Lq, 0.0, qc_) * scale if need[0] else None
-    dk = untile_kv(dk_a, D) * scale if need[1] else None
+    dk = untile_kv(dk_a, D) if need[1] else None                    # qg carries the scale
     dv = untile_kv(dv_a, Dv) if need[2] else None
     return dq, dk, dv, tgrads
 
