@@ -327,7 +327,8 @@ def test_interpreted_kernel_matches_dense_formula(spec, params, shape):
 def test_kernel_source_cache_and_module_reuse(tmp_path, monkeypatch):
     import ast
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
-    kern = attncc.compile(os.path.join(SPECS, "causal.attn"), block_m=16, block_n=16)
+    kern = attncc.compile(os.path.join(SPECS, "causal.attn"), backend="interpret", block_m=16,
+                          block_n=16)
     src = kern.source
     ast.parse(src)
     q, k, v = qkv(Lq=32, Lkv=32)
@@ -339,7 +340,7 @@ def test_kernel_source_cache_and_module_reuse(tmp_path, monkeypatch):
     assert rc.cache.read(key, "ir.txt", tmp_path) == kern.pattern.ir_text()
     assert rc.cache.read(key, "schedule.txt", tmp_path).startswith("shape q_len=32 kv_len=32 heads=2\n")
     n = len(rc._MODULES)
-    other = attncc.compile(kern.pattern, block_m=16, block_n=16)
+    other = attncc.compile(kern.pattern, backend="interpret", block_m=16, block_n=16)
     other(q, k, v)
     assert len(rc._MODULES) == n  # same IR, options and structure: one module per process
 
@@ -386,7 +387,7 @@ def test_autograd_reaches_float_runtime_inputs():
 
 def test_one_kernel_object_serves_several_lengths():
     kern = attncc.compile(os.path.join(SPECS, "sliding_window.attn"), params={"window": 21},
-                          block_m=16, block_n=16)
+                          backend="interpret", block_m=16, block_n=16)
     for L in (40, 72, 40):
         q, k, v = qkv(Lq=L, Lkv=L, seed=L)
         mask = kern.pattern.dense_mask(L, L, heads=2, batch=2)
@@ -396,7 +397,8 @@ def test_one_kernel_object_serves_several_lengths():
 
 
 def test_interpreted_kernel_noncontiguous_inputs():
-    kern = attncc.compile(os.path.join(SPECS, "document.attn"), block_m=16, block_n=16)
+    kern = attncc.compile(os.path.join(SPECS, "document.attn"), backend="interpret", block_m=16,
+                          block_n=16)
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2)       # [2, 4, 40, 16], strided
     k = torch.randn(2, 2, 16, 40, generator=g).transpose(2, 3)       # [2, 2, 40, 16], strided
