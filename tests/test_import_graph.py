@@ -125,22 +125,33 @@ def unit(name: str) -> str:
     return ".".join(name.split(".")[:2])
 
 
+_EDGES = {}
+
+
+def package_edges():
+    """(modules, edges) of the package, computed once per test session."""
+    if not _EDGES:
+        mods = modules()
+        _EDGES["value"] = (mods, import_edges(mods))
+    return _EDGES["value"]
+
+
 def test_no_import_cycle_between_packages():
     """No cycle between the subpackages and top-level modules of attncc, function-level
     imports included. (Within one subpackage, a lazy import such as `Expr.__str__` using the
     printer, or `Schedule.__str__` the drawing module, is allowed.)"""
-    mods = modules()
-    edges = {(unit(a), unit(b), line) for a, b, line in import_edges(mods) if unit(a) != unit(b)}
+    mods, all_edges = package_edges()
+    edges = {(unit(a), unit(b), line) for a, b, line in all_edges if unit(a) != unit(b)}
     found = cycles({unit(m) for m in mods} - {"attncc"}, edges)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_imports_follow_the_stage_order():
-    mods = modules()
+    mods, edges = package_edges()
     unclassified = sorted(m for m in mods if m != "attncc" and stage(m) is None)
     assert not unclassified, f"add these modules to STAGES: {unclassified}"
     bad = [f"{a} ({STAGE_NAMES[stage(a)]}) imports {b} ({STAGE_NAMES[stage(b)]}) at line {line}"
-           for a, b, line in sorted(import_edges(mods)) if stage(b) > stage(a)]
+           for a, b, line in sorted(edges) if stage(b) > stage(a)]
     assert not bad, "imports against the stage order:\n" + "\n".join(bad)
 
 
