@@ -68,6 +68,8 @@ def test_a_coordinate_outside_the_grid_keeps_nothing():
      "grid coordinates cannot be used in the score clause of a layout with token segments "
      "(only compared in the mask)"),
     ("layout grid(y = 2)\nlayout grid(x = 2)\nmask true\n", "a layout has at most one grid segment"),
+    ("layout tokens(text = 2)\nlayout grid(y = 4, x = 4)\nmask route(region = (2, 2), topk = 1)\n",
+     "route(...) is not supported on a layout with token segments"),
     ("layout tokens(text = 0)\nlayout grid(y = 2)\nmask true\n",
      "size of segment 'text' must be a positive integer, got 0"),
     ("layout tokens(grid = 2)\nlayout grid(y = 2)\nmask true\n",

@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..ir.nodes import COMPARE_OPS, INT, Binary, Const, Coord, Expr, Load, Var, transform, walk
+from ..ir.nodes import (COMPARE_OPS, INT, Binary, Const, Coord, Expr, Load, Route, Var,
+                        transform, walk)
 from ..ir.pattern import Layout
 
 
@@ -102,6 +103,8 @@ class Segments:
         """Why `expr` reads coordinates where that is not allowed, or None."""
         if expr is None:
             return None
+        if any(isinstance(n, Route) for n in walk(expr)):
+            return "route(...) is not supported on a layout with token segments"
         coords = [n for n in walk(expr) if isinstance(n, Coord)]
         if not coords:
             return None
