@@ -75,14 +75,15 @@ def pick_splits(max_tiles: int, programs: int, device: torch.device) -> int:
 
 
 def decode_config(options, D: int, Dv: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a decode program: the options' values, but for
-    head dims of 128 and more key tiles of at most 32 tokens, 8 warps and 3 stages, so that K,
-    V and the P·V accumulator fit the registers without spilling on sm_80 and sm_90 (swept
-    over the library by `bench/bench_decode.py --aot`; tests/test_decode_aot.py gates one)."""
+    """(BLOCK_N, num_warps, num_stages) of a decode program: the options' tile and warps, at
+    least 3 stages, and for head dims of 128 and more key tiles of at most 32 tokens and 8
+    warps, so that K, V and the P·V accumulator fit the registers without spilling on sm_80
+    and sm_90 (swept over the library by `bench/bench_decode.py --aot`; a smaller gate in
+    tests/test_decode_aot.py)."""
+    stages = max(int(options.num_stages), 3)
     if max(D, Dv) >= 128:
-        return (min(int(options.block_n), 32), max(int(options.num_warps), 8),
-                max(int(options.num_stages), 3))
-    return int(options.block_n), int(options.num_warps), int(options.num_stages)
+        return min(int(options.block_n), 32), max(int(options.num_warps), 8), stages
+    return int(options.block_n), int(options.num_warps), stages
 
 
 def run_decode(kern, pattern, q, k_cache, v_cache, seqlens, block_table, ranges, inputs: dict,

@@ -265,6 +265,9 @@ def decode_schedule(pattern, heads: int) -> DecodeSchedule:
     """The symbolic decode schedule of `pattern` for `heads` query heads (see module doc).
     Raises DecodeError for patterns whose rows depend on the whole query sequence
     (`route`) or that have a grid layout."""
+    if getattr(pattern, "normalize", "softmax") != "softmax":
+        raise DecodeError(f"pattern '{pattern.name}' has `normalize none` (linear attention): "
+                          "decode it with its recurrent form, Kernel.step")
     if pattern.layout is not None:
         raise DecodeError(f"pattern '{pattern.name}' has layout {pattern.layout}: decode "
                           "serves 1-D token sequences")
