@@ -312,6 +312,10 @@ def run_linear_backward(q, k, v, dout, log_r, scale: float, *, options,
     Dv = v.shape[-1]
     c = block_sizes(D, Dv, block, max_dv=1 << 30)      # full (power-of-two) head dims
     full_dv = c["BLOCK_DV"]
+    if q.dtype == torch.float32 and max(c["BLOCK_D"], full_dv) > 64 and block > 16:
+        # float32 tiles of 128 channels: 16-token blocks keep sm_80/sm_90 free of spills
+        block = 16
+        c = block_sizes(D, Dv, block, max_dv=1 << 30)
     ds, dvs = min(slice_, c["BLOCK_D"]), min(slice_, full_dv)
     lr = log_r.to(device=q.device, dtype=torch.float32).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -451,7 +455,7 @@ def aot_case(head_dim: int = 64, head_dim_v: Optional[int] = None, dtype: str = 
 
 def aot_backward_case(head_dim: int = 64, head_dim_v: Optional[int] = None,
                       dtype: str = "bfloat16", batch: int = 2, heads: int = 8, q_len: int = 4096,
-                      num_warps: int = 4, num_stages: int = 2) -> None:
+                      num_warps: int = 4, num_stages: int = 2, block: int = TRITON_BLOCK) -> None:
     """Entry for `attncc.runtime.aot.run_jobs` ("attncc.runtime.linear:aot_backward_case"): the
     three backward launches of the linear kernel on CPU tensors (captured, not run)."""
     from .options import CompileOptions
@@ -460,4 +464,5 @@ def aot_backward_case(head_dim: int = 64, head_dim_v: Optional[int] = None,
     q, k = (torch.randn(batch, heads, q_len, head_dim).to(dt) for _ in range(2))
     v, dout = (torch.randn(batch, heads, q_len, dv).to(dt) for _ in range(2))
     run_linear_backward(q, k, v, dout, -torch.rand(heads, dtype=torch.float64), head_dim ** -0.5,
-                        options=CompileOptions(num_warps=num_warps, num_stages=num_stages))
+                        options=CompileOptions(num_warps=num_warps, num_stages=num_stages),
+                        block=block)
