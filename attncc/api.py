@@ -34,7 +34,7 @@ def load_ast(path) -> tuple[ast.Spec, str]:
     return parse_spec(text, filename=str(path)), text
 
 
-def parse(text: str, filename: str = "<spec>", **params) -> Pattern:
+def parse(text: str, /, filename: str = "<spec>", **params) -> Pattern:
     """Parse and elaborate spec `text`; keyword arguments override header parameters.
     Raises `attncc.SpecError` (all errors, with `filename:line:col` and a caret)."""
     from .frontend.parser import parse_spec
@@ -43,7 +43,7 @@ def parse(text: str, filename: str = "<spec>", **params) -> Pattern:
     return elaborate(spec, params, source=text, filename=filename, prelude=list(prelude_defs()))
 
 
-def load(path, **params) -> Pattern:
+def load(path, /, **params) -> Pattern:
     """Load the spec file at `path` (keyword arguments override its parameters).
     The resulting `Pattern.dense_mask(...)` is `torch.bool [B, H, Lq, Lkv]`."""
     from .passes.elaborate import elaborate

@@ -56,7 +56,8 @@ def resolve_shape(pattern, shape: Shape) -> tuple[int, int, int]:
     DEFAULT_1D_LEN tokens."""
     default = getattr(pattern, "fixed_length", None) or DEFAULT_1D_LEN
     q_len = shape.q_len or shape.kv_len or default
-    kv_len = shape.kv_len or q_len
+    kv_len = shape.kv_len or (getattr(pattern, "fixed_kv_length", None)
+                              if not shape.q_len else None) or q_len
     return q_len, kv_len, shape.heads
 
 

@@ -22,7 +22,7 @@ LIBRARY = ["causal", "sliding_window", "chunked", "prefix_lm", "streaming_sinks"
            "lightning", "music_transformer", "t5_bias", "s2_attention", "swin", "swin_shifted",
            "routing", "moba",
            # issue 13: token segments beside a grid (tests/test_segments.py)
-           "mmdit_natten", "vit_cls_natten"]
+           "mmdit_natten", "vit_cls_natten", "hilo"]
 
 
 def spec(name, **params):

@@ -116,3 +116,51 @@ def test_library_specs():
         & natten_axis(gi % 5, gj % 5, 5, 3)
     want = (i < 7) | (j < 7) | ((i >= 7) & (j >= 7) & nat)
     assert torch.equal(p.dense_mask(n, n)[0, 0], want)
+
+
+# ---- separate query and key layouts ------------------------------------------------------------
+
+@settings(max_examples=15)
+@given(h2=st.integers(1, 4), w2=st.integers(1, 4), pool=st.integers(1, 3), r=st.integers(0, 2))
+def test_separate_query_and_key_grids_match_the_formula(h2, w2, pool, r):
+    H, W = h2 * pool, w2 * pool
+    p = attncc.parse(f"pattern lofi\nlayout q_grid(y = {H}, x = {W})\n"
+                     f"layout k_grid(y = {h2}, x = {w2})\n"
+                     f"mask abs(q.y // {pool} - k.y) <= {r} & abs(q.x // {pool} - k.x) <= {r}\n")
+    i, j = torch.arange(H * W)[:, None], torch.arange(h2 * w2)[None, :]
+    want = ((i // W // pool - j // w2).abs() <= r) & ((i % W // pool - j % w2).abs() <= r)
+    assert torch.equal(p.dense_mask(H * W, h2 * w2)[0, 0], want)
+
+
+def test_hilo_spec_and_lengths():
+    p = attncc.load("specs/hilo.attn", height=4, width=6, pool=2, radius=0, local_heads=1,
+                    heads=2)
+    m = p.dense_mask(24, 6, heads=2)[0]
+    i, j = torch.arange(24)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(m[0], (i // 6 // 2 == j // 3) & (i % 6 // 2 == j % 3))
+    assert bool(m[1].all())
+    kern = attncc.compile(p, backend="dense")
+    q, kv = torch.randn(1, 2, 24, 8), torch.randn(1, 2, 6, 8)
+    ref = attncc.reference(p, q, kv, kv)
+    assert (kern(q, kv, kv).double() - ref).abs().max() < 1e-5
+    with pytest.raises(attncc.SpecError, match="the key grid has 6 tokens, but k has sequence "
+                                                "length 24"):
+        kern(q, q, q)
+    assert (p.fixed_length, p.fixed_kv_length) == (24, 6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("layout q_grid(y = 4)\nmask true\n",
+     "separate layouts need both q_grid(...) and k_grid(...); k_grid is missing"),
+    ("layout q_grid(y = 4)\nlayout k_grid(z = 2)\nmask q.y == k.y\n",
+     "unknown axis 'y' of the key grid (it has axes z)"),
+    ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nmask neighborhood(1)\n",
+     "'neighborhood' needs one layout for queries and keys (this pattern has separate q_grid "
+     "and k_grid)"),
+    ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nlayout tokens(t = 1)\nmask true\n",
+     "'tokens' cannot be combined with q_grid / k_grid layouts"),
+])
+def test_two_grid_misuse_is_a_located_error(text, message):
+    with pytest.raises(attncc.SpecError) as e:
+        attncc.parse("pattern bad\n" + text, filename="bad.attn")
+    assert str(e.value).splitlines()[0].split(": error: ", 1)[1] == message

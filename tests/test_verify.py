@@ -28,6 +28,7 @@ SMALL = {
     "seer_gate": {"block": 16, "keep": 0.3},
     "mmdit_natten": {"text": 5, "frames": 3, "height": 4, "width": 4, "kernel_t": 3, "kernel": 3},
     "vit_cls_natten": {"registers": 2, "height": 5, "width": 5, "kernel": 3},
+    "hilo": {"height": 4, "width": 6, "pool": 2, "local_heads": 1, "heads": 2},
 }
 DEFAULT_RUN = ("causal", "document", "moh", "natten2d", "softcap")
 TILES = dict(block_m=16, block_n=16)

@@ -141,6 +141,16 @@ class Pattern:
                 return total
         return None
 
+    @property
+    def fixed_kv_length(self) -> Optional[int]:
+        """The key length every call must have, when the pattern fixes it (differs from
+        `fixed_length` with separate query and key layouts); else None."""
+        for c in self.checks:
+            kv = getattr(c, "kv_total", None)
+            if kv is not None:
+                return kv
+        return self.fixed_length
+
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Check call-time constraints for `q_len` queries and `kv_len` keys: NATTEN's
         kernel·dilation <= length for a `neighborhood` on a pattern without a layout.

@@ -359,8 +359,12 @@ class Elaborator(PythonPrimitives):
             self.fail(e.loc, "coordinates are written q.<axis> or k.<axis>", ctx=ctx)
         if ctx.clause == "const":
             self.fail(e.loc, f"'{side}.{e.attr}' is not a constant", ctx=ctx)
-        if self.segments is not None and e.attr in self.segments.names:
-            return self.segments.member(side, e.attr)  # segment membership (bool)
+        if self.segments is not None:  # segment membership, or a side's own grid axis
+            hit = self.segments.resolve(side, e.attr)
+            if isinstance(hit, str):
+                self.fail(e.loc, hit, ctx=ctx)
+            if hit is not None:
+                return hit
         if self.layout is None:
             self.fail(e.loc, f"coordinate '{side}.{e.attr}' needs a layout "
                              "(add e.g. 'layout grid(y = 64, x = 64)')", ctx=ctx)

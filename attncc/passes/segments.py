@@ -73,6 +73,10 @@ class Segments:
     def describe(self) -> str:
         return " + ".join(f"{p.name}[{p.start}:{p.start + p.size}]" for p in self.parts)
 
+    def resolve(self, side: str, name: str):
+        """`q.<name>` / `k.<name>`: segment membership, or None (a grid coordinate)."""
+        return self.member(side, name) if name in self.names else None
+
     def member(self, side: str, name: str) -> Expr:
         """`start <= side < start + size` for segment `name` (an IR bool)."""
         seg = next(p for p in self.parts if p.name == name)
@@ -137,3 +141,57 @@ class Segments:
             return self.coordinate(n) if isinstance(n, Coord) else None
 
         return transform(transform(expr, guard), flatten)
+
+
+@dataclass(frozen=True)
+class GridLengthCheck:
+    """Call-time check for separate query and key grids: q_len and kv_len must match them."""
+    loc: object
+    total: int       # query tokens
+    kv_total: int    # key tokens
+
+    def message(self, q_len: int, kv_len: int) -> Optional[str]:
+        for name, n, want in (("q", q_len, self.total), ("k", kv_len, self.kv_total)):
+            if n != want:
+                side = "query" if name == "q" else "key"
+                return f"the {side} grid has {want} tokens, but {name} has sequence length {n}"
+        return None
+
+
+@dataclass(frozen=True)
+class TwoGrids:
+    """Separate layouts for queries (`layout q_grid(...)`) and keys (`layout k_grid(...)`):
+    `q.<axis>` is a coordinate in the query grid, `k.<axis>` in the key grid (e.g. a 64×64
+    query map over 32×32 pooled keys: `q.y // 2 == k.y`)."""
+    q: Layout
+    k: Layout
+    names: tuple = ()
+
+    def resolve(self, side: str, name: str):
+        grid = self.q if side == "q" else self.k
+        names = [a.name for a in grid.axes]
+        if name not in names:
+            which = "query" if side == "q" else "key"
+            return f"unknown axis '{name}' of the {which} grid (it has axes {', '.join(names)})"
+        return Coord(side, names.index(name), name)
+
+    def misuse(self, expr: Optional[Expr], clause: str) -> Optional[str]:
+        if expr is not None and any(isinstance(n, Route) for n in walk(expr)):
+            return "route(...) is not supported with separate query and key layouts"
+        return None
+
+    def lower(self, expr: Optional[Expr]) -> Optional[Expr]:
+        if expr is None:
+            return None
+
+        def flatten(n: Expr):
+            if not isinstance(n, Coord):
+                return None
+            grid = self.q if n.side == "q" else self.k
+            i: Expr = Var(n.side)
+            if grid.strides[n.axis] > 1:
+                i = Binary("floordiv", i, Const(grid.strides[n.axis]))
+            if n.axis > 0:
+                i = Binary("mod", i, Const(grid.shape[n.axis]))
+            return i
+        return transform(expr, flatten)

@@ -2,15 +2,52 @@
 `Elaborator` and lowers its clauses afterwards. The semantics are in `passes.segments`."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..frontend import ast
 from ..ir.nodes import INDEX_VARS, LENGTH_VARS, Expr
 from .neighborhood import _Ctx
-from .segments import SegmentLengthCheck, Segment, Segments
+from .segments import GridLengthCheck, Segment, SegmentLengthCheck, Segments, TwoGrids
+
+
+def bind_two_grids(el, layouts: list) -> None:
+    """`layout q_grid(...)` and `layout k_grid(...)`: separate query and key grids."""
+    grids = {}
+    for d in layouts:
+        if d.kind not in ("q_grid", "k_grid"):
+            el.error(d.loc, f"'{d.kind}' cannot be combined with q_grid / k_grid layouts")
+            continue
+        if d.kind in grids:
+            el.error(d.loc, f"duplicate {d.kind} layout")
+            continue
+        el.bind_layout(dataclasses.replace(d, kind="grid"))
+        grids[d.kind] = el.layout
+    for kind in ("q_grid", "k_grid"):
+        if kind not in grids:
+            el.error(layouts[0].loc, f"separate layouts need both q_grid(...) and k_grid(...); "
+                                     f"{kind} is missing")
+    if el.diags.items:
+        el.layout = None
+        return
+    el.layout = grids["q_grid"]
+    el.segments = TwoGrids(grids["q_grid"], grids["k_grid"])
+    el._segments_loc = layouts[0].loc
+
+    def needs_one_layout(name):
+        def refuse(bound, loc, ctx):
+            el.fail(loc, f"'{name}' needs one layout for queries and keys (this pattern has "
+                         "separate q_grid and k_grid)", ctx=ctx)
+        return refuse
+    # The Python primitives read one layout for both sides: refuse them here.
+    el.prim_neighborhood = needs_one_layout("neighborhood")
+    el.prim_blocked = needs_one_layout("blocked")
 
 
 def bind_segments(el, layouts: list) -> None:
     """Read `layout tokens(name = size, ...)` / `layout grid(...)` lines in order into
     `el.segments`; the grid (at most one) becomes `el.layout` while clauses are elaborated."""
+    if any(d.kind in ("q_grid", "k_grid") for d in layouts):
+        return bind_two_grids(el, layouts)
     parts: list[Segment] = []
     start, grid, grid_start, grid_loc = 0, None, 0, None
     seen: set[str] = set()
@@ -57,7 +94,7 @@ def bind_segments(el, layouts: list) -> None:
 def lower_clauses(el, clauses: dict, spec: ast.Spec) -> None:
     """Rewrite the elaborated clauses over the flat token index (`Segments.lower`); reject
     coordinates where they cannot be guarded; record the call-time length check."""
-    seg: Segments = el.segments
+    seg = el.segments
     kinds = {"mask": ast.MaskClause, "score": ast.ScoreClause, "output": ast.OutputClause}
     for key, kind in kinds.items():
         e = clauses.get(key)
@@ -70,4 +107,7 @@ def lower_clauses(el, clauses: dict, spec: ast.Spec) -> None:
             continue
         clauses[key] = seg.lower(e)
     el.layout = None
-    el.checks.append(SegmentLengthCheck(el._segments_loc, seg.total, seg.describe()))
+    if isinstance(seg, TwoGrids):
+        el.checks.append(GridLengthCheck(el._segments_loc, seg.q.numel, seg.k.numel))
+    else:
+        el.checks.append(SegmentLengthCheck(el._segments_loc, seg.total, seg.describe()))

@@ -356,7 +356,7 @@ class Kernel:
         n = self.pattern.fixed_length or DEFAULT_1D_LEN
         heads = self.pattern.param_dict.get("heads", 1)
         heads = heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else 1
-        return n, n, heads
+        return n, self.pattern.fixed_kv_length or n, heads
 
     def source_for(self, schedule) -> str:
         """Generated Triton source for `schedule` (shared by all shapes with its structure)."""

@@ -160,7 +160,7 @@ def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Opt
         kv_len = p.layout.numel if kv_len is None else kv_len
     if p.layout is None and p.fixed_length is not None:  # a segmented layout
         q_len = p.fixed_length if q_len is None else q_len
-        kv_len = p.fixed_length if kv_len is None else kv_len
+        kv_len = p.fixed_kv_length if kv_len is None else kv_len
     q_len = DEFAULT_1D_LEN if q_len is None else q_len
     kv_len = q_len if kv_len is None else kv_len
     if dtype not in TOLERANCES:
