@@ -234,7 +234,16 @@ def main(argv=None) -> int:
     specs = args.only or library_specs()
     pairs = jobs_for(specs, args.arch, args.dims)
     t0 = time.perf_counter()
-    results = aot.run_jobs([j for _, j in pairs], workers=args.workers, timeout=3600)
+    partial = open(args.json + ".partial", "w", encoding="utf-8") if args.json else None
+
+    def save(i, reps):  # JSON lines as jobs finish: a run cut short keeps its results
+        if partial is not None:
+            n, a, d = pairs[i][0]
+            partial.write(json.dumps({"kernel": n, "arch": a, "d": d, "reports": reps}) + "\n")
+            partial.flush()
+
+    results = aot.run_jobs([j for _, j in pairs], workers=args.workers, timeout=3600,
+                           on_result=save)
     wall = time.perf_counter() - t0
     labels = [lab for lab, _ in pairs]
     header = (f"static compile, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "

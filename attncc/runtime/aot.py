@@ -524,14 +524,16 @@ def _run_job(job: dict) -> list:
     return out
 
 
-def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
+def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200,
+             on_result: Optional[Callable] = None) -> list:
     """Compile `jobs` in `workers` fresh Python processes (interpreter off, empty Triton cache)
     and return, per job, the list of report dicts (`AOTReport.as_dict()`; rebuild with
     `AOTReport.from_dict`). A job is a JSON-able dict: "arch" (80, 90), "entry"
     ("module:function", default `forward_case`), "kwargs" for the entry, optional "num_warps",
     "num_stages", "launch_options" (other Triton options, e.g. maxnreg), "sass", "sys_path"
     (folders to import the entry's module from). Workers take the next job when they finish
-    one. `timeout` bounds each job. Raises AOTError if a worker dies."""
+    one. `timeout` bounds each job; `on_result(index, reports)` is called as each job
+    finishes (e.g. to save partial results). Raises AOTError if a worker dies."""
     jobs = list(jobs)
     if not jobs:
         return []
@@ -572,6 +574,9 @@ def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200) -> list:
                                       f"{err.read()[-3000:]}")
                         return
                     results[i] = json.loads(line)
+                    if on_result is not None:
+                        with lock:
+                            on_result(i, results[i])
             except (OSError, ValueError) as e:
                 errors.append(f"AOT worker failed: {e}")
             finally:
