@@ -388,9 +388,23 @@ def generate_forward(pattern, schedule, options) -> str:
 
     _, q_tile = _tile_lines("q", qg, layout)
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
-    if len(kg.tile) == 1:  # in-tile offsets of K and V (32-bit; the tile origin is 64-bit)
-        kv_hoist = kv_hoist + ["k_offs = offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-                               "v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    # K/V addresses: 64-bit token row of the tile origin (scalar, per tile) plus 32-bit
+    # in-tile offsets (hoisted). Multi-D tiles: flat row = Σ (origin_a + slot_a) · stride_a.
+    if len(kg.tile) == 1:
+        k_slot, k_origin = "offs_n", "tl.cast(n, tl.int64) * BLOCK_N"
+    else:
+        origins, slots = [], []
+        for a, ci, cnt, si, t in _axis_terms(kg.counts, kg.tile):
+            st = layout.strides[a]
+            origin = _tile_origin("n", a, ci, cnt, t)
+            if origin != "0":
+                origins.append(f"tl.cast({origin}, tl.int64)" + (f" * {st}" if st != 1 else ""))
+            slots.append(f"ks{a}" + (f" * {st}" if st != 1 else ""))
+        kv_hoist = kv_hoist + [f"k_row = {' + '.join(slots)}  # flat in-tile row of each slot"]
+        k_slot, k_origin = "k_row", (" + ".join(origins) or None)
+    kv_hoist = kv_hoist + [
+        f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+        f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
 
     def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
         """One key-tile step of the online softmax.
@@ -424,12 +438,11 @@ def generate_forward(pattern, schedule, options) -> str:
         softmax += [f"p = tl.exp2(x{scale} - {shift}[:, None])",
                     f"alpha = tl.exp2(m_i - {shift})"]
         d_k, d_v = "(offs_d[:, None] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
-        if len(kg.tile) == 1:  # 64-bit tile origin, 32-bit in-tile offsets (hoisted)
-            ptrs = ["k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs",
-                    "v_base + tl.cast(n, tl.int64) * BLOCK_N * stride_vn + v_offs"]
+        if k_origin is None:  # a single key tile
+            ptrs = ["k_base + k_offs", "v_base + v_offs"]
         else:
-            ptrs = ["k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-                    "v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+            org = k_origin if " + " not in k_origin else f"({k_origin})"
+            ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
         template = "kv_step.tmpl"
         if pattern.normalize == "none":  # no softmax: the step of codegen/none_step.py
             from .none_step import TEMPLATE, none_step

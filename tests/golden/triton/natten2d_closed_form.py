@@ -51,6 +51,9 @@ def attncc_fwd_natten2d_87053c375627(
     k_slot = tl.arange(0, BLOCK_N)
     ks0 = (k_slot // 4) % 4  # axis 0: 4 of 8
     ks1 = k_slot % 4  # axis 1: 4 of 12
+    k_row = ks0 * 12 + ks1  # flat in-tile row of each slot
+    k_offs = k_row[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_offs = k_row[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     # Loop-invariant parts of the mask and score.
     t0 = tl.minimum(tl.maximum(q_c0 - 1, 0), 5)  # min(max(q.y - 1, 0), 5)
     t1 = t0 + 3  # min(max(q.y - 1, 0), 5) + 3
@@ -74,9 +77,9 @@ def attncc_fwd_natten2d_87053c375627(
         k = k_idx[None, :]
         k_c0 = kc0[None, :]
         k_c1 = kc1[None, :]
-        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + (tl.cast((n // 3) * 4, tl.int64) * 12 + tl.cast((n % 3) * 4, tl.int64)) * stride_kn + k_offs,
                         mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + (tl.cast((n // 3) * 4, tl.int64) * 12 + tl.cast((n % 3) * 4, tl.int64)) * stride_vn + v_offs,
                         mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
@@ -102,9 +105,9 @@ def attncc_fwd_natten2d_87053c375627(
         k = k_idx[None, :]
         k_c0 = kc0[None, :]
         k_c1 = kc1[None, :]
-        k_blk = tl.load(k_base + k_idx.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_blk = tl.load(k_base + (tl.cast((n // 3) * 4, tl.int64) * 12 + tl.cast((n % 3) * 4, tl.int64)) * stride_kn + k_offs,
                         mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v_blk = tl.load(v_base + k_idx.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v_blk = tl.load(v_base + (tl.cast((n // 3) * 4, tl.int64) * 12 + tl.cast((n % 3) * 4, tl.int64)) * stride_vn + v_offs,
                         mask=k_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_FP32:
             k_blk = k_blk.to(tl.float32)
