@@ -11,9 +11,10 @@
              ((Q_t K_tᵀ) ⊙ Δ) V_t, Δ_rc = r^(r - c)[r >= c]; across blocks a running state
              Z (D × Dv per head, float32) carries the past, Z ← r^β Z + (K_t ⊙ r^(β-1-c))ᵀ V_t,
              read by (Q_t ⊙ r^(r+1)) Z. O(L·β·D + L·D·Dv) work, O(L·D + D·Dv·L/β) memory.
-             Backends "triton" / "interpret" run the Triton kernel of `attncc.codegen.linear`;
-             the others (flex, torch, ...) run `chunked_linear` in torch. Gradients: autograd
-             through the blockwise torch ops (the Triton forward recomputes them in backward).
+             Backends "triton" / "interpret" run the Triton kernels of `attncc.codegen.linear`
+             (forward and backward); the others (torch, flex, dense, ...) run `chunked_linear`
+             in torch, whose own backward recomputes block products and reverse-scans the
+             state gradient (nothing of size L·β or L² is saved).
   quadratic  anything else: the ordinary block-sparse path. "triton" / "interpret" run the
              generated forward kernel with its no-softmax key-tile step; other backends run
              `quadratic_none` (torch, one slab per (head class, query tile) over the schedule's
