@@ -29,7 +29,6 @@ per token (any number of new tokens per call, chunked internally).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -335,7 +334,7 @@ def run_linear_backward(q, k, v, dout, log_r, scale: float, *, options,
     return dq, dk, dv
 
 
-def _triton_kernel(kern, backend: str):
+def _triton_kernel(kern):
     """(q', k', v', log_r) -> out by the generated Triton linear kernel, autograd-capable."""
     block = kern.options.block_m  # of the torch recomputation in backward
 
@@ -385,7 +384,7 @@ def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: 
     if dec.linear:
         c, log_r = values
         d = dec.form.offset(Lq, Lkv)
-        fwd = _triton_kernel(kern, backend) if backend in ("triton", "interpret") else None
+        fwd = _triton_kernel(kern) if backend in ("triton", "interpret") else None
         out, _ = linear_attention(q, k, v, c, log_r, d, scale, block=kern.options.block_m,
                                   kernel=fwd)
         lse = None
