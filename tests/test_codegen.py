@@ -339,3 +339,18 @@ def test_tiles_below_16_tokens_are_refused():
         kern(q, q, q)
     assert str(e.value) == ("query tile has 4 token slots; kernels need a power of two >= 16 "
                             "(tl.dot)")
+
+
+def test_index_products_are_64_bit():
+    """Row offsets of Q/O/LSE and the K/V tile origins are 64-bit (no int32 overflow past
+    2**31 elements); in-tile K/V offsets stay 32-bit and are computed once per program."""
+    p = attncc.parse("pattern w\nmask window(7)")
+    for sched in (grid_schedule(p), _golden_patterns()["natten2d_boxes"][1]):
+        pat = p if sched.pattern is p else sched.pattern
+        source = generate_forward(pat, sched, OPTS)
+        assert "q_idx.to(tl.int64)[:, None] * stride_qm" in source
+        assert "q_idx.to(tl.int64)[:, None] * stride_om" in source
+        assert "q_idx.to(tl.int64) * stride_lm" in source
+        assert "k_idx[None, :] * stride_kn" not in source and "k_offs = " in source
+        loads = [ln for ln in source.splitlines() if "k_blk = tl.load(" in ln]
+        assert loads and all("tl.int64" in ln and "+ k_offs" in ln for ln in loads)
