@@ -78,6 +78,13 @@ def test_kernel_chooses_per_call_and_keeps_explicit_backends():
     assert choice.backend == "flex" and "visits" in choice.reason
 
 
+def test_masks_reading_runtime_data_are_not_judged_by_a_static_schedule():
+    kern = attncc.compile(attncc.load("specs/document.attn"))
+    choice = kern.choose(2048, 2048, 4)
+    assert choice.backend == "dense" and "decided at run time" in choice.reason
+    assert kern._flex_visited == {}
+
+
 def test_bench_shows_the_choice():
     from attncc.runtime.bench import bench_forward
     p = attncc.load("specs/sliding_window.attn", window=16)

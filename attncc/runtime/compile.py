@@ -286,7 +286,11 @@ class Kernel:
         visited, grid = None, self.pattern.layout is not None
         if not (grad or float64 or need_lse):
             best = cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
-            if best.backend == "flex":
+            from ..ir.nodes import Blocks, Load, Route, walk
+            runtime = any(isinstance(n, (Load, Route, Blocks)) for n in walk(self.pattern.mask))
+            if best.backend == "flex" and not runtime:
+                # (A mask reading runtime data gets a per-call block mask from the pre-pass:
+                # its blocks are decided at run time, so only the size can favour flex.)
                 # Only when flex could win at all: the fraction of FlexAttention's blocks
                 # visited, from the schedule it uses (built once per shape).
                 key = (q_len, kv_len, heads)
