@@ -253,8 +253,9 @@ class Kernel:
     Autograd: on "triton" and "interpret" the generated backward kernels run
     (`runtime.autograd`: dQ over the forward's key-tile loops, dK/dV over the transposed
     schedule, P recomputed from the saved log-sum-exp; gradients of float inputs read in
-    `score` or `output scale` are deterministic); other backends differentiate themselves or
-    the dense float64 `attncc.reference`. Selections (`route`, `blocks` top-k) are piecewise
+    `score` or `output scale` are deterministic); other backends differentiate themselves
+    ("torch": `runtime.torch_backend`, P recomputed per slab of kept tiles, O(kept tiles)
+    memory — the CPU training path) or the dense float64 `attncc.reference`. Selections (`route`, `blocks` top-k) are piecewise
     constant: no gradient flows through them.
 
     Attributes: `pattern`, `options`, `backend` (the requested backend; None = by device),
