@@ -257,3 +257,8 @@ def test_torch_backend_is_registered():
     from attncc.runtime.compile import RUNNERS, SELF_DIFFERENTIABLE
     from attncc.runtime.options import BACKENDS
     assert "torch" in BACKENDS and "torch" in RUNNERS and "torch" in SELF_DIFFERENTIABLE
+    # Under autograd the kernel's output comes straight from the torch backend's own
+    # Function (no dense-reference wrapper around it).
+    q, k, v = _tensors(1, 2, 1, 70, 70, 8, torch.float32)
+    out = attncc.compile(attncc.load("specs/causal.attn"), backend="torch")(q, k, v)
+    assert type(out.grad_fn).__name__ == "_TorchAttentionBackward"
