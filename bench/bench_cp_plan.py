@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                 cont = plan.candidates.get("contiguous", (plan.imbalance,))[0]
                 mean = plan.total_bytes / world
                 ratio = f"{ag / mean:,.1f}×" if mean else "∞"
-                print(f"| {name} | {tokens:,} | {world} | {plan.balance} | {mib(mx)} | {mib(mean)} "
+                bal = plan.balance + (f" {plan.q_layout.detail}" if plan.q_layout.detail else "")
+                print(f"| {name} | {tokens:,} | {world} | {bal} | {mib(mx)} | {mib(mean)} "
                       f"| {mib(ag)} | {ratio} | {plan.imbalance:.3f} "
                       f"| {cont:.3f} | {plan.load_kind} | {plan.granularity} | {dt:.1f} |",
                       flush=True)

@@ -7,9 +7,10 @@
     out = cp.unshard(out_l)                                  # all-gather back to global order
     plan = cp.plan(q_len, kv_len)                            # what each rank computes, fetches
 
-A call exchanges exactly the key rows the plan lists (`attncc.distributed.plan`), then
-computes this rank's rows against its own plus the fetched keys with the mask at global
-positions (`attncc.distributed.attention`). Backward sends the fetched rows' dK/dV back to the
+A call posts the exchange of exactly the key rows the plan lists (`attncc.distributed.plan`),
+computes this rank's rows against its own keys while they travel, then against the fetched
+keys, with the mask at global positions, and merges the two by log-sum-exp
+(`attncc.distributed.attention`). Backward sends the fetched rows' dK/dV back to the
 owners, which sum them: every rank ends with its shards of dq, dk, dv.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from ..ir.inputs import InputError, check_qkv
 from . import layout as lay
-from .attention import local_attention
+from .attention import finish, merge, partial_attention
 from .exchange import Routes, Traffic, fetch
 from .plan import Plan, PlanError, document_ids, layouts_for, make_plan
 from .visits import reads_inputs
@@ -83,7 +84,7 @@ class ContextParallel:
         if kind == "document" and doc is None:
             raise PlanError("balance='document' needs the document ids: pass them to shard "
                             "(e.g. cp.shard(q, doc=doc))")
-        if kind == "auto":
+        if kind in ("auto", "grid"):
             if self.world_size == 1:
                 chosen = lay.contiguous(length, 1)
             else:
@@ -92,8 +93,7 @@ class ContextParallel:
                     chosen = self._static_auto(length)
                 else:
                     chosen = make_plan(self.kern, length, length, world=self.world_size,
-                                       balance="auto", inputs=ins, exact=False,
-                                       exact_limit=0).q_layout
+                                       balance=kind, inputs=ins, exact_limit=0).q_layout
         else:
             ins = None if doc is None else self._doc_inputs(doc)
             chosen = layouts_for(self.kern, length, length, self.world_size, kind, ins)[0][0]
@@ -222,15 +222,20 @@ class ContextParallel:
         inputs = self._global_inputs(inputs, q_len, kv_len, ql, kl, B)
         plan = self._call_plan(ql, kl, B, Hq, Hkv, D, Dv, k_l.dtype, inputs)
         routes = self._routes(plan, kl)
-        k_f, v_f = fetch(routes, k_l, v_l)
-        me = plan.ranks[self.rank]
-        fetched = [me.fetch_positions(s) for s, _ in routes.recv]
-        k_pos = torch.cat([kl.owned[self.rank]] + fetched)
-        return local_attention(self.pattern, q_l, torch.cat([k_l, k_f], 2),
-                               torch.cat([v_l, v_f], 2), ql.owned[self.rank], k_pos,
-                               q_len=q_len, kv_len=kv_len, inputs=inputs,
-                               scale=scale if scale is not None else self.kern.options.scale,
-                               return_lse=return_lse)
+        pending = routes.start(k_l, v_l)          # the transfer overlaps the local part
+        scale = scale if scale is not None else self.kern.options.scale
+        q_pos = ql.owned[self.rank]
+        common = dict(q_len=q_len, kv_len=kv_len, inputs=inputs, scale=scale)
+        parts = [partial_attention(self.pattern, q_l, k_l, v_l, q_pos, kl.owned[self.rank],
+                                   **common)]
+        k_f, v_f = fetch(routes, k_l, v_l, pending)
+        if k_f.shape[2]:
+            me = plan.ranks[self.rank]
+            k_pos = torch.cat([me.fetch_positions(s) for s, _ in routes.recv])
+            parts.append(partial_attention(self.pattern, q_l, k_f, v_f, q_pos, k_pos, **common))
+        out, lse = merge(parts)
+        return finish(self.pattern, out, lse, q_pos, dtype=q_l.dtype, q_len=q_len,
+                      kv_len=kv_len, inputs=inputs, return_lse=return_lse)
 
     def _call_layout(self, length: int, sizes: list[int], arg: str, what: str) -> lay.Layout:
         layout = self._layouts.get(length)

@@ -34,7 +34,7 @@ BALANCES = ("contiguous", "headtail", "document", "grid")
 class Layout:
     """Ownership of `length` positions by `world` ranks.
 
-    kind    the balance choice that produced it
+    kind    the balance choice that produced it (`detail`: its parameters, if any)
     owner   int64 [length]: the rank holding each position
     owned   per rank, int64 [n_r] of its global positions, ascending
     """
@@ -43,6 +43,7 @@ class Layout:
     world: int
     owner: torch.Tensor
     owned: tuple[torch.Tensor, ...]
+    detail: str = ""   # e.g. the per-axis rank counts of a grid tiling, "2×2×2"
 
     def sizes(self) -> list[int]:
         return [len(o) for o in self.owned]
@@ -59,12 +60,12 @@ class Layout:
         return f"{self.kind} over {self.world} ranks ({min(self.sizes())}..{max(self.sizes())} tokens each)"
 
 
-def _from_owner(kind: str, owner: torch.Tensor, world: int) -> Layout:
+def _from_owner(kind: str, owner: torch.Tensor, world: int, detail: str = "") -> Layout:
     owner = owner.to(torch.int64)
     order = torch.argsort(owner, stable=True)
     counts = torch.bincount(owner, minlength=world).tolist()
     owned = tuple(t.contiguous() for t in torch.split(order, counts))
-    return Layout(kind, int(owner.shape[0]), world, owner, owned)
+    return Layout(kind, int(owner.shape[0]), world, owner, owned, detail)
 
 
 def to_ranges(pos: torch.Tensor) -> list[tuple[int, int]]:
@@ -158,25 +159,35 @@ def _factorizations(world: int, nd: int):
                 yield (f,) + rest
 
 
-def grid_factors(shape: Sequence[int], world: int) -> Optional[tuple[int, ...]]:
-    """Per-axis rank counts (product = world, each ≤ its axis): the fewest tokens in the
-    largest box, then the smallest total cut area (the halo the neighbourhood exchanges)."""
-    best = None
+def grid_factor_options(shape: Sequence[int], world: int, limit: int = 3) -> list[tuple[int, ...]]:
+    """Per-axis rank counts (product = world, each ≤ its axis) with the fewest tokens in the
+    largest box, best first by total cut area (the halo a neighbourhood exchanges, up to
+    per-axis kernel sizes and tile alignment, which the plan then measures); at most `limit`."""
+    opts = []
     total = math.prod(shape)
     for f in _factorizations(world, len(shape)):
         if any(p > n for p, n in zip(f, shape)):
             continue
         biggest = math.prod(-(-n // p) for n, p in zip(shape, f))
         cuts = sum((p - 1) * total // n for n, p in zip(shape, f))
-        key = (biggest, cuts, f)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[2]
+        opts.append((biggest, cuts, f))
+    if not opts:
+        return []
+    best = min(o[0] for o in opts)
+    return [o[2] for o in sorted(o for o in opts if o[0] == best)][:limit]
 
 
-def grid(shape: Sequence[int], world: int) -> Optional[Layout]:
-    """Box tiling of a row-major grid of `shape`; None when the world does not factor onto it."""
-    f = grid_factors(tuple(shape), world)
+def grid_factors(shape: Sequence[int], world: int) -> Optional[tuple[int, ...]]:
+    """The first of `grid_factor_options`, or None when no factorization fits."""
+    opts = grid_factor_options(shape, world, 1)
+    return opts[0] if opts else None
+
+
+def grid(shape: Sequence[int], world: int,
+         factors: Optional[tuple[int, ...]] = None) -> Optional[Layout]:
+    """Box tiling of a row-major grid of `shape` with `factors` ranks per axis (default
+    `grid_factors`); None when the world does not factor onto it."""
+    f = factors if factors is not None else grid_factors(tuple(shape), world)
     if f is None:
         return None
     axis_owner = []
@@ -187,7 +198,7 @@ def grid(shape: Sequence[int], world: int) -> Optional[Layout]:
         view = [1] * len(shape)
         view[i] = -1
         owner = owner * p + ao.reshape(view)
-    return _from_owner("grid", owner.reshape(-1), world)
+    return _from_owner("grid", owner.reshape(-1), world, "×".join(map(str, f)))
 
 
 def make_layout(kind: str, length: int, world: int, *, grid_shape=None,
@@ -207,19 +218,5 @@ def make_layout(kind: str, length: int, world: int, *, grid_shape=None,
     raise ValueError(f"unknown balance {kind!r}; expected 'auto' or one of {', '.join(BALANCES)}")
 
 
-def candidates(length: int, world: int, *, grid_shape=None, causal_like: bool = True,
-               doc: Optional[torch.Tensor] = None) -> list[Layout]:
-    """The layouts 'auto' compares."""
-    out = [contiguous(length, world)]
-    if world > 1:
-        if causal_like:
-            out.append(headtail(length, world))
-        for kind in ("grid", "document"):
-            lay = make_layout(kind, length, world, grid_shape=grid_shape, doc=doc)
-            if lay is not None:
-                out.append(lay)
-    return out
-
-
-__all__ = ["Layout", "BALANCES", "make_layout", "candidates", "to_ranges", "range_bounds", "even_sizes",
+__all__ = ["Layout", "BALANCES", "make_layout", "grid_factor_options", "to_ranges", "range_bounds", "even_sizes",
            "contiguous", "headtail", "document", "grid", "grid_factors", "document_segments"]

@@ -18,6 +18,7 @@ Pure: no processes, no communication; any world size (this is the simulation mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -29,8 +30,8 @@ from .visits import EXACT_LIMIT, PlanError, TileVisits, build_visits
 # Refinement (token-granular PARTIAL tiles) is skipped on a rank whose cross-rank PARTIAL tiles
 # need more than this many mask evaluations, unless exact=True; that rank then fetches whole
 # key tiles (granularity "tile", or "mixed" when only some ranks do).
-REFINE_RANK_LIMIT = 1 << 22
-REFINE_LIMIT = 1 << 24     # ... and on every rank when all of them together need more
+REFINE_RANK_LIMIT = 1 << 27
+REFINE_LIMIT = 1 << 28     # ... and on every rank when all of them together need more
 BALANCE_TOLERANCE = 1.05
 
 
@@ -127,7 +128,8 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [f"context-parallel plan: {self.world} ranks, q_len={self.q_len}, "
-                 f"kv_len={self.kv_len}, balance={self.balance}, granularity={self.granularity}",
+                 f"kv_len={self.kv_len}, balance={_name(self.q_layout)}, "
+                 f"granularity={self.granularity}",
                  f"  load ({self.load_kind} pairs) max/mean {self.imbalance:.3f}; bytes moved "
                  f"{self.total_bytes} (all-gather / ring: {self.allgather_bytes()})"]
         for r in self.ranks:
@@ -380,9 +382,13 @@ def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *
         plans.append(Plan(world, q_len, kv_len, ql.kind, ql, kl, tuple(ranks), bpt, gran,
                           "kept" if v.row_kept is not None else "computed"))
     best = choose(plans)
-    cands = {p.balance: (p.imbalance, p.total_bytes) for p in plans}
+    cands = {_name(p.q_layout): (p.imbalance, p.total_bytes) for p in plans}
     return Plan(best.world, q_len, kv_len, best.balance, best.q_layout, best.kv_layout,
                 best.ranks, bpt, best.granularity, best.load_kind, cands)
+
+
+def _name(layout: Layout) -> str:
+    return layout.kind + (f" {layout.detail}" if layout.detail else "")
 
 
 def choose(plans: list[Plan]) -> Plan:
@@ -421,11 +427,17 @@ def layouts_for(kern, q_len: int, kv_len: int, world: int, balance: str,
     else:
         raise ValueError(f"balance must be 'auto' or one of {', '.join(lay.BALANCES)}, "
                          f"got {balance!r}")
-    out = []
+    out: list = []
     for kind in kinds:
         if kind == "document" and q_len != kv_len:
             if balance != "auto":
                 raise PlanError("balance='document' needs q_len == kv_len")
+            continue
+        if kind == "grid" and grid_shape is not None and len(grid_shape) > 1 \
+                and q_len == kv_len == math.prod(grid_shape):
+            # a few factorizations: the plan measures which halo is smallest
+            out += [(g, g) for g in (lay.grid(grid_shape, world, f) for f in
+                                     lay.grid_factor_options(grid_shape, world))]
             continue
         ql = lay.make_layout(kind, q_len, world, grid_shape=grid_shape, doc=doc)
         kl = ql if kv_len == q_len else lay.make_layout(kind, kv_len, world,
