@@ -177,36 +177,50 @@ def table(labels, results) -> str:
 
 
 def _load(path) -> dict:
+    """(kernel, arch, d) -> reports of a --json file or its JSON-lines `.partial` file."""
     with open(path, encoding="utf-8") as f:
-        return {(e["kernel"], e["arch"], e["d"]): e["reports"] for e in json.load(f)}
+        text = f.read()
+    entries = json.loads(text) if text.lstrip().startswith("[") else \
+        [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {(e["kernel"], e["arch"], e["d"]): e["reports"] for e in entries}
 
 
 def compare_table(before_path, after_path) -> str:
-    """Markdown table `before → after` per (kernel, arch, d) of two --json files."""
+    """Markdown table `before → after` per (kernel, arch, d) of two --json files (or their
+    `.partial` JSON-lines files)."""
     before, after = _load(before_path), _load(after_path)
 
-    def cell(reps, key):
+    def plain_full(table, arch, d):
+        reps = table.get(("plain causal FA", arch, d))
+        return reps[0]["full_iter"] if reps and reps[0]["ok"] else None
+
+    def cell(table, key, k):
+        reps = table.get(key)
+        if reps is None:
+            return "–"
         if not reps or not reps[0]["ok"]:
             return "fail"
         r = reps[0]
-        if key in ("full", "partial"):
-            return _fmt_iter(r, key)
-        if key == "shared":
+        if k in ("full", "partial"):
+            return _fmt_iter(r, k)
+        if k == "ratio":
+            base = plain_full(table, key[1], key[2])
+            return f"{r['full_iter'] / base:.2f}" if r["full_iter"] and base else ""
+        if k == "shared":
             return f"{r['shared'] / 1024:.0f}"
-        if key == "cpu_s":
+        if k == "cpu_s":
             return f"{r.get('cpu_s', 0):.1f}"
-        return str(r[key])
+        return str(r[k])
 
     keys = [("registers", "regs"), ("spill_bytes", "spill B"), ("shared", "smem KB"),
-            ("sass_instructions", "SASS"), ("full", "FULL/iter"), ("partial", "PARTIAL/iter"),
-            ("cpu_s", "compile CPU s")]
+            ("sass_instructions", "SASS"), ("full", "FULL/iter"), ("ratio", "FULL ÷ plain"),
+            ("partial", "PARTIAL/iter"), ("cpu_s", "compile CPU s")]
     rows = ["| kernel | arch | d | " + " | ".join(h for _, h in keys) + " |",
             "|---|---|---|" + "---|" * len(keys)]
-    for key in after:
-        b, a = before.get(key), after[key]
+    for key in sorted(set(before) | set(after), key=lambda t: (t[1], t[2], t[0])):
         cells = []
         for k, _ in keys:
-            x, y = cell(b, k) if b is not None else "–", cell(a, k)
+            x, y = cell(before, key, k), cell(after, key, k)
             cells.append(y if x == y else f"{x} → {y}")
         rows.append(f"| {key[0]} | sm_{key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
