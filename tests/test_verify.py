@@ -29,6 +29,12 @@ SMALL = {
     "mmdit_natten": {"text": 5, "frames": 3, "height": 4, "width": 4, "kernel_t": 3, "kernel": 3},
     "vit_cls_natten": {"registers": 2, "height": 5, "width": 5, "kernel": 3},
     "hilo": {"height": 4, "width": 6, "pool": 2, "local_heads": 1, "heads": 2},
+    # issue 12
+    "lightning": {"heads": 2}, "music_transformer": {}, "t5_bias": {},
+    "s2_attention": {"block": 16, "local_blocks": 2, "vert_stride": 4, "heads": 2},
+    "swin": {"height": 8, "width": 8, "window": 4},
+    "swin_shifted": {"height": 8, "width": 8, "window": 4, "shift": 2},
+    "routing": {"causal_mask": True}, "moba": {"block": 16},
 }
 DEFAULT_RUN = ("causal", "document", "moh", "natten2d", "softcap")
 TILES = dict(block_m=16, block_n=16)
