@@ -272,12 +272,20 @@ def _run_torch(kern, q, k_cache, v_cache, seqlens, block_table, call: DecodeCall
     pattern, selections, ranges = _plan(kern, q, seqlens, call)
     kern.last_decode = {"key_ranges": ranges,
                         "keys_read": int((ranges[..., 1] - ranges[..., 0]).sum())}
-    pos, valid = _positions(ranges)                                       # [B, Hkv, N]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if block_table is None and ranges.shape[2] == 1 and bool((ranges == ranges[:1, :1]).all()):
+        # One key range shared by every (sequence, key head): slice the cache, no copy.
+        lo, hi = (int(x) for x in ranges[0, 0, 0])
+        B, Hkv = ranges.shape[:2]
+        pos = torch.arange(lo, hi, device=q.device).expand(B, Hkv, hi - lo)
+        valid = torch.ones((), dtype=torch.bool, device=q.device).expand(B, Hkv, hi - lo)
+        K, V = k_cache[:, :, lo:hi].to(work), v_cache[:, :, lo:hi].to(work)
+    else:
+        pos, valid = _positions(ranges)                                   # [B, Hkv, N]
+        K = gather_kv(k_cache, pos, block_table).to(work)                 # [B, Hkv, N, D]
+        V = gather_kv(v_cache, pos, block_table).to(work)
     B, Hkv, N = pos.shape
     G, Lq = call.Hq // Hkv, call.Lq
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    K = gather_kv(k_cache, pos, block_table).to(work)                     # [B, Hkv, N, D]
-    V = gather_kv(v_cache, pos, block_table).to(work)
     qg = q.to(work).reshape(B, Hkv, G * Lq, call.D)
     s = (qg @ K.transpose(-1, -2)).view(B, Hkv, G, Lq, N) * scale
     dev = q.device
