@@ -307,13 +307,24 @@ def compile_launch(launch: Launch, arch: int = 90, *, num_warps: Optional[int] =
     if sass and "cubin" in asm:
         path = launch.fn.fn.__code__.co_filename
         try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
-            report.sass_instructions, report.loops = sass_loops(asm["cubin"], path, source,
+            report.sass_instructions, report.loops = sass_loops(asm["cubin"], path,
+                                                                _kernel_text(launch.fn),
                                                                 launch.name)
         except (OSError, subprocess.SubprocessError, SyntaxError) as e:
             report.error = f"SASS analysis failed: {e}"
     return report
+
+
+def _kernel_text(fn) -> str:
+    """The kernel's source as Triton read it (not the file now: a file can be rewritten by
+    another process), placed at its line numbers in the file."""
+    raw = getattr(fn, "raw_src", None)
+    start = getattr(fn, "starting_line_number", None)
+    if raw is None or start is None:
+        with open(fn.fn.__code__.co_filename, encoding="utf-8") as f:
+            return f.read()
+    import textwrap
+    return "\n" * (start - 1) + textwrap.dedent("".join(raw))
 
 
 # ---- SASS loops ---------------------------------------------------------------------------
@@ -538,8 +549,10 @@ def run_jobs(jobs: list, *, workers: int = 1, timeout: float = 1200,
     if not jobs:
         return []
     workers = max(1, min(workers, len(jobs)))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     cache = tempfile.mkdtemp(prefix="attncc-aot-")
+    # Own kernel-source and Triton caches: no interference with other processes' files.
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               ATTNCC_CACHE_DIR=os.path.join(cache, "src"))
     results: list = [None] * len(jobs)
     pending = list(range(len(jobs)))
     lock = threading.Lock()
