@@ -77,8 +77,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank stuck in a collective prints its stack and exits (the test fails, never hangs).
+RANK_TIMEOUT_S = 240
+
+
 def _worker(rank: int, world: int, port: int, jobs: list, outdir: str) -> None:
+    import faulthandler
     import torch.distributed as dist
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)

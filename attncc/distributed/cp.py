@@ -234,6 +234,10 @@ class ContextParallel:
             k_pos = torch.cat([me.fetch_positions(s) for s, _ in routes.recv])
             parts.append(partial_attention(self.pattern, q_l, k_f, v_f, q_pos, k_pos, **common))
         out, lse = merge(parts)
+        if not k_f.shape[2] and out.requires_grad:
+            # keep the exchange in the graph: this rank's backward must still run it to send
+            # nothing and to receive the dK/dV of the rows its peers fetched
+            out = out + (k_f.sum() + v_f.sum()).to(out.dtype)
         return finish(self.pattern, out, lse, q_pos, dtype=q_l.dtype, q_len=q_len,
                       kv_len=kv_len, inputs=inputs, return_lse=return_lse)
 
