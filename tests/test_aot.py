@@ -25,9 +25,19 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"no AOT compile: {
 
 # Known faults of issue 8, fixed in the forward code generator: (spec, arch, d, variant) ->
 # reason with the measured figure. Tests of these cases are strict xfails.
+COMPILE = {
+}
 SPILLS = {
+    ("s2_attention", 80, 64, "runtime"):
+        "issue 8 fault 5: 4 B spill stores + 4 B loads at 168 registers (11:21 UTC tree)",
 }
 SHARED = {
+}
+WGMMA = {
+    ("lightning", 90, 64, "runtime"):
+        "linear-attention kernel (32-token blocks): some products lower to mma.sync",
+    ("lightning", 90, 128, "runtime"):
+        "linear-attention kernel (32-token blocks): some products lower to mma.sync",
 }
 
 
@@ -93,7 +103,7 @@ def _marked(cases, known):
     return out
 
 
-@pytest.mark.parametrize("case", _marked(CASES, {}))
+@pytest.mark.parametrize("case", _marked(CASES, COMPILE))
 def test_compiles(case, report):
     for r in report:
         assert r.ok, f"{_case_id(*case)}: {r.name} failed to compile for sm_{r.arch}: {r.error}"
@@ -118,7 +128,7 @@ def test_shared_memory_within_limit(case, report):
             f"allows {aot.SHARED_LIMIT[r.arch]}")
 
 
-@pytest.mark.parametrize("case", _marked([c for c in CASES if c[1] >= 90], {}))
+@pytest.mark.parametrize("case", _marked([c for c in CASES if c[1] >= 90], WGMMA))
 def test_sm90_products_use_wgmma(case, report):
     for r in report:
         assert r.ok, r.error
