@@ -291,18 +291,17 @@ def _transposed_classes(transposed, device) -> torch.Tensor:
 
 
 def _dkv_warps(warps: int, D: int, Dv: int) -> int:
-    """Warps of the dK/dV kernel: it holds two float32 accumulators [BLOCK_N, head dim]
-    (dK and dV) across its loops, so head dims above 64 get at least 8 warps (at 4 warps
-    and d128 ptxas spills; docs/BENCHMARKS.md, backward AOT figures)."""
-    from .launch import _block_d
-    return max(warps, 8) if max(_block_d(D), _block_d(Dv)) > 64 else warps
+    """Warps of the dK/dV kernel: at least 8 (it holds K, V and two float32 accumulators
+    [BLOCK_N, head dim] across its loops; at 4 warps ptxas spills at d64 and d128 on sm_80
+    and sm_90, docs/BENCHMARKS.md)."""
+    return max(warps, 8)
 
 
 def _sub_m(block_m: int, D: int, Dv: int) -> int:
-    """Query slots per dK/dV inner step: the whole tile up to head dim 64, 32-row slices
-    above (the dK/dV program keeps K, V and both accumulators live across the loop)."""
-    from .launch import _block_d
-    return min(block_m, 32) if max(_block_d(D), _block_d(Dv)) > 64 else block_m
+    """Query slots per dK/dV inner step: 32-row slices (the dK/dV program keeps K, V and both
+    accumulators live across its loops; whole 64-row tiles spill at head dim 64 on sm_80 and
+    sm_90, docs/BENCHMARKS.md)."""
+    return min(block_m, 32)
 
 
 def reduce_table_grad(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
