@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from attncc.ir.nodes import FLOAT, TRUE, Binary, Coord, Load, Var, free_vars, walk
+from attncc.ir.nodes import TRUE, Coord, Var, free_vars, walk
 from attncc.passes.derive import derivative, float_loads
 
 from .emitter import fill
