@@ -42,6 +42,8 @@ WGMMA = {
         "linear-attention kernel (32-token blocks): some products lower to mma.sync",
     ("lightning", 90, 128, "runtime"):
         "linear-attention kernel (32-token blocks): some products lower to mma.sync",
+    **{(s, 90, d, "bwd"): "dK/dV backward kernel: some products lower to mma.sync (12:15 UTC)"
+       for s in ("sliding_window", "natten2d", "document", "softcap", "moh") for d in (64, 128)},
 }
 
 
