@@ -37,10 +37,11 @@ import re
 from attncc.ir.nodes import TRUE, Coord, Var, free_vars, walk
 from attncc.passes.derive import derivative, float_loads
 
-from .emitter import fill
-from .forward import (LOG2E, _closed_form, _csr_loops, _coord_lines, _grids, _options_text,
-                      _pow2_tile, _template, _tile_lines, _used_inputs, usable_bounds)
-from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
+from .emitter import fill, template
+from .forward import (_closed_form, _csr_loops, _coord_lines, _grids, _options_text, _pow2_tile,
+                      _tile_lines, usable_bounds)
+from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
+                     safe_identifier, used_inputs)
 
 __all__ = ["generate_backward", "backward_kernel_name", "ROW_ID_T"]
 
@@ -53,17 +54,6 @@ def backward_kernel_name(pattern, schedule, options) -> str:
     name = safe_identifier(pattern.name, "pattern name")[:32]
     key = repr(("bwd", pattern.ir_hash(), options.key(), _grids(schedule)))
     return f"attncc_bwd_{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def _input_refs(inputs):
-    refs, params = {}, []
-    for j, decl in inputs:
-        nd = len(decl.dims)
-        refs[decl.name] = InputRef(f"in{j}", tuple(f"in{j}_s{i}" for i in range(nd)),
-                                   tuple(f"in{j}_n{i}" for i in range(nd)))
-        params.append(", ".join([f"in{j}"] + list(refs[decl.name].strides)
-                                + list(refs[decl.name].sizes)) + f",  # input {decl.name}")
-    return refs, params
 
 
 def _coords(pattern, roots):
@@ -139,8 +129,8 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     mask, score = pattern.mask, pattern.score
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
-    inputs = _used_inputs(pattern, (mask, score))
-    refs, in_params = _input_refs(inputs)
+    inputs = used_inputs(pattern, (mask, score))
+    refs, in_params = input_params(inputs)
     coords = _coords(pattern, (mask, score))
 
     # Chain rule: ∂score/∂s and ∂score/∂(each float table read).
@@ -223,7 +213,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         score_lines = scores(r_dq, masked)
         tab = [ln for ln in table_lines(r_dq, masked, tail) if ln[4:] not in score_lines]
         d_k, d_v = "(offs_d[None, :] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
-        return fill(_template("bwd_dq_step.tmpl"), {
+        return fill(template("bwd_dq_step.tmpl"), {
             "loop_header": loop_header, "tile_index": tile_index,
             "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
             "k_mask": f"k_ok[:, None] & {d_k}" if tail else d_k,
@@ -237,7 +227,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         masked = kind == "PARTIAL" and mask is not TRUE
         sub_scores = [ln.replace("tl.zeros([BLOCK_M, BLOCK_N]", "tl.zeros([SUB_M, BLOCK_N]")
                       for ln in scores(r_kv, masked)]
-        return fill(_template("bwd_dkv_step.tmpl"), {
+        return fill(template("bwd_dkv_step.tmpl"), {
             "loop_header": loop_header, "tile_index": tile_index, "kind": kind,
             "q_tile": q_tile_sub,
             "q_coords": q_coords, "scores": sub_scores,
@@ -297,12 +287,12 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     kv_hoisted = (["# Loop-invariant parts of the mask and score."] + r_kv.hoisted
                   if r_kv.hoisted else [])
     lines = header + ["import triton", "import triton.language as tl", ""] + helper_lines
-    lines += [""] + fill(_template("bwd_dq.tmpl"), {
+    lines += [""] + fill(template("bwd_dq.tmpl"), {
         "kernel": name, "input_params": in_params, "table_params": table_params,
         "q_tile": q_tile, "q_coords": q_coords, "kv_slots": kv_hoist, "hoisted": dq_hoisted,
         "loop_setup": loop_setup, "full_loop": dq_loops["FULL"],
         "partial_loop": dq_loops["PARTIAL"]})
-    lines += ["", ""] + fill(_template("bwd_dkv.tmpl"), {
+    lines += ["", ""] + fill(template("bwd_dkv.tmpl"), {
         "kernel": name + "_dkv", "input_params": in_params, "kv_slots": kv_hoist,
         "kv_tile": kv_tile, "k_coords": k_coords, "hoisted": kv_hoisted,
         "loop_setup": dkv_setup, "full_loop": dkv_loops["FULL"],

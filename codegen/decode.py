@@ -31,41 +31,20 @@ the ranges only decide what is read.
 from __future__ import annotations
 
 import hashlib
-import os
-from functools import lru_cache
 
-from attncc.ir.nodes import FLOAT, TRUE, Coord, Load, free_vars, walk
+from attncc.ir.nodes import FLOAT, TRUE, Coord, free_vars, walk
 
-from .emitter import fill
-from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
+from .emitter import fill, template
+from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
+                     safe_identifier, used_inputs)
 
 __all__ = ["generate_decode", "decode_kernel_name"]
-
-_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
-LOG2E = "1.4426950408889634"
-
-
-@lru_cache(maxsize=None)
-def _template(name: str) -> str:
-    with open(os.path.join(_TEMPLATES, name), encoding="utf-8") as f:
-        return f.read()
-
 
 def decode_kernel_name(pattern, options) -> str:
     """`attncc_dec_<pattern name>_<12 hex digits of (decode IR, options)>`."""
     name = safe_identifier(pattern.name, "pattern name")[:32]
     key = repr((pattern.ir_hash(), options.key()))
     return f"attncc_dec_{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def _used_inputs(pattern, roots):
-    used = {n.input for r in roots if r is not None for n in walk(r) if isinstance(n, Load)}
-    decls = {d.name: (j, d) for j, d in enumerate(pattern.inputs)}
-    for name in sorted(used):
-        safe_identifier(name, "input name")
-        if name not in decls:
-            raise CodegenError(f"input '{name}' is used but not declared")
-    return [decls[name] for name in sorted(used, key=lambda nm: decls[nm][0])]
 
 
 def generate_decode(pattern, options) -> str:
@@ -81,14 +60,8 @@ def generate_decode(pattern, options) -> str:
                                "decode lowering")
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
-    inputs = _used_inputs(pattern, (mask, score, oscale))
-    refs, params = {}, []
-    for j, decl in inputs:
-        nd = len(decl.dims)
-        refs[decl.name] = InputRef(f"in{j}", tuple(f"in{j}_s{i}" for i in range(nd)),
-                                   tuple(f"in{j}_n{i}" for i in range(nd)))
-        params.append(", ".join([f"in{j}"] + list(refs[decl.name].strides)
-                                + list(refs[decl.name].sizes)) + f",  # input {decl.name}")
+    inputs = used_inputs(pattern, (mask, score, oscale))
+    refs, params = input_params(inputs)
     base_vars = {"b": "b", "h": "h", "q": "q", "Q_LEN": "L", "KV_LEN": "L", "HEADS": "HEADS"}
     loop_scope = Scope(vars={**base_vars, "k": "k", "s": "s"}, inputs=refs,
                        varying=frozenset({"k", "s"}))
@@ -116,7 +89,7 @@ def generate_decode(pattern, options) -> str:
             text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
         scores.append(f"x = {text} * {LOG2E}  # score modifier, then base 2")
     keep = "keep = row_ok[:, None] & k_ok[None, :]" + (f" & {rendered.text(mask)}" if masked else "")
-    kv_loop = fill(_template("decode_step.tmpl"), {"scores": scores, "keep": keep})
+    kv_loop = fill(template("decode_step.tmpl"), {"scores": scores, "keep": keep})
 
     header = [
         "# attncc split-KV decode kernel (generated source; edit the pattern, not this file).",
@@ -134,7 +107,7 @@ def generate_decode(pattern, options) -> str:
             "inputs": tuple(safe_identifier(d.name, "input name") for _, d in inputs),
             "input_dims": tuple(len(d.dims) for _, d in inputs),
             "num_warps": int(options.num_warps), "num_stages": int(options.num_stages)}
-    lines = fill(_template("decode.tmpl"), {
+    lines = fill(template("decode.tmpl"), {
         "header": header, "helpers": helper_lines, "kernel": name, "input_params": params,
         "hoisted": hoisted, "kv_loop": kv_loop, "output_scale": epilogue})
     lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]

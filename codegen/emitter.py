@@ -8,8 +8,10 @@ its generator cannot drift apart silently.
 """
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator, Mapping, Sequence, Union
 
 _HOLE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
@@ -92,3 +94,13 @@ def fill(template: str, holes: Mapping[str, Filling]) -> list[str]:
     if unused:
         raise TemplateError(f"fillings without a hole: {', '.join(sorted(unused))}")
     return out
+
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+
+
+@lru_cache(maxsize=None)
+def template(name: str) -> str:
+    """Text of `codegen/templates/<name>` (read once per process)."""
+    with open(os.path.join(TEMPLATES, name), encoding="utf-8") as f:
+        return f.read()

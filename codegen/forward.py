@@ -47,31 +47,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-from contextlib import ExitStack
-from functools import lru_cache
 from typing import Optional
 
-from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, Load, free_vars, walk
+from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, free_vars, walk
 
-from .emitter import Emitter, fill
-from .render import HELPERS, CodegenError, InputRef, Renderer, Scope, safe_identifier
+from .emitter import fill, template
+from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
+                     safe_identifier, used_inputs)
 
 __all__ = ["generate_forward", "kernel_name", "usable_bounds", "CodegenError", "ROW_ID"]
 
 ROW_ID = "(tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m"
 # `normalize none` patterns get the no-softmax key-tile step (codegen/none_step.py).
 SUPPORTS_NORMALIZE_NONE = True
-
-_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
-LOG2E = "1.4426950408889634"
-
-
-@lru_cache(maxsize=None)
-def _template(name: str) -> str:
-    with open(os.path.join(_TEMPLATES, name), encoding="utf-8") as f:
-        return f.read()
-
 
 # ---- names --------------------------------------------------------------------------------
 
@@ -318,16 +306,6 @@ def _options_text(options) -> str:
     return " ".join(parts)
 
 
-def _used_inputs(pattern, roots) -> list[tuple[int, object]]:
-    used = {n.input for r in roots if r is not None for n in walk(r) if isinstance(n, Load)}
-    decls = {d.name: (j, d) for j, d in enumerate(pattern.inputs)}
-    for name in sorted(used):
-        safe_identifier(name, "input name")
-        if name not in decls:
-            raise CodegenError(f"input '{name}' is used but not declared")
-    return [decls[name] for name in sorted(used, key=lambda nm: decls[nm][0])]
-
-
 def generate_forward(pattern, schedule, options) -> str:
     """Triton source of the forward kernel of `pattern` for `schedule`'s tile structure.
 
@@ -347,15 +325,9 @@ def generate_forward(pattern, schedule, options) -> str:
     block_n = _pow2_tile(kg.tile_size, "key")
     mask = pattern.mask
     score, oscale = pattern.score, pattern.output_scale
-    inputs = _used_inputs(pattern, (mask, score, oscale))
+    inputs = used_inputs(pattern, (mask, score, oscale))
 
-    refs, params = {}, []
-    for j, decl in inputs:
-        nd = len(decl.dims)
-        refs[decl.name] = InputRef(f"in{j}", tuple(f"in{j}_s{i}" for i in range(nd)),
-                                   tuple(f"in{j}_n{i}" for i in range(nd)))
-        params.append(", ".join([f"in{j}"] + list(refs[decl.name].strides)
-                                + list(refs[decl.name].sizes)) + f",  # input {decl.name}")
+    refs, params = input_params(inputs)
 
     coords = {"q": set(), "k": set()}
     for r in (mask, score, oscale):
@@ -443,12 +415,12 @@ def generate_forward(pattern, schedule, options) -> str:
         else:
             org = k_origin if " + " not in k_origin else f"({k_origin})"
             ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
-        template = "kv_step.tmpl"
+        step = "kv_step.tmpl"
         if pattern.normalize == "none":  # no softmax: the step of codegen/none_step.py
             from .none_step import TEMPLATE, none_step
             scores, softmax = none_step(rendered, score, keep, need)
-            template = TEMPLATE
-        return fill(_template(template), {
+            step = TEMPLATE
+        return fill(template(step), {
             "k_ptrs": ptrs[0], "v_ptrs": ptrs[1],
             "loop_header": loop_header, "tile_index": tile_index,
             "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
@@ -495,7 +467,7 @@ def generate_forward(pattern, schedule, options) -> str:
             "closed_form": bounds is not None}
     hoisted = (["# Loop-invariant parts of the mask and score."] + rendered.hoisted
                if rendered.hoisted else [])
-    lines = fill(_template("forward.tmpl"), {
+    lines = fill(template("forward.tmpl"), {
         "header": header,
         "helpers": helper_lines,
         "kernel": name,

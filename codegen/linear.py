@@ -23,24 +23,12 @@ Kernel contract (what `attncc.runtime.linear` passes):
 from __future__ import annotations
 
 import hashlib
-import os
-from functools import lru_cache
 
-from .emitter import fill
+from .emitter import fill, template
 
 __all__ = ["generate_linear_forward", "generate_linear_backward", "linear_kernel_name",
            "block_sizes"]
 
-_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "linear_fwd.tmpl")
-
-
-@lru_cache(maxsize=None)
-def _template(path: str = _TEMPLATE) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-_BWD_TEMPLATE = os.path.join(os.path.dirname(_TEMPLATE), "linear_bwd.tmpl")
 
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
@@ -62,7 +50,7 @@ def block_sizes(head_dim: int, head_dim_v: int, block: int, max_dv: int = 64) ->
 
 def linear_kernel_name(options) -> str:
     """`attncc_linear_fwd_<12 hex digits>` of the template text and the launch options."""
-    key = repr((_template(), int(options.num_warps), int(options.num_stages)))
+    key = repr((template("linear_fwd.tmpl"), int(options.num_warps), int(options.num_stages)))
     return f"attncc_linear_fwd_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -73,7 +61,7 @@ def generate_linear_forward(options) -> str:
     header = ["# attncc linear attention forward kernel (chunked, Lightning Attention-2;",
               "# generated source). Pattern-independent: per-head decays come in LOG_R.",
               f"# options: num_warps={int(options.num_warps)} num_stages={int(options.num_stages)}"]
-    lines = fill(_template(), {"header": header, "kernel": name})
+    lines = fill(template("linear_fwd.tmpl"), {"header": header, "kernel": name})
     meta = {"kernel": name, "num_warps": int(options.num_warps),
             "num_stages": int(options.num_stages)}
     lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]
@@ -92,13 +80,13 @@ def generate_linear_backward(options) -> str:
     with dU_t = Σ_{s > t} r^(β(s-t-1)) (Q_s ⊙ r^(r+1))ᵀ dO_s; the intra-block products are
     recomputed per block. Arguments as in the forward contract, plus dO and the gradient
     output; all gradients carry `sm_scale` (the forward's output is linear in it)."""
-    key = repr((_template(_BWD_TEMPLATE), int(options.num_warps), int(options.num_stages)))
+    key = repr((template("linear_bwd.tmpl"), int(options.num_warps), int(options.num_stages)))
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     names = {f"{g}_kernel": f"attncc_linear_bwd_{g}_{digest}" for g in ("dq", "dk", "dv")}
     header = ["# attncc linear attention backward kernels (chunked, Lightning Attention-2;",
               "# generated source). Pattern-independent: per-head decays come in LOG_R.",
               f"# options: num_warps={int(options.num_warps)} num_stages={int(options.num_stages)}"]
-    lines = fill(_template(_BWD_TEMPLATE), {"header": header, **names})
+    lines = fill(template("linear_bwd.tmpl"), {"header": header, **names})
     meta = {"kernels": tuple(names.values()), "num_warps": int(options.num_warps),
             "num_stages": int(options.num_stages)}
     lines += ["", "", f"DQ_KERNEL = {names['dq_kernel']}", f"DK_KERNEL = {names['dk_kernel']}",

@@ -352,3 +352,31 @@ def _comment(n: Expr) -> str:
         text = text[:57] + "..."
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in " +-*/%<>=!&|?:()[],._")
                    else "?" for ch in text)
+
+
+LOG2E = "1.4426950408889634"  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
+
+
+def used_inputs(pattern, roots) -> list[tuple[int, object]]:
+    """(declaration index, InputDecl) of every input read by the IR `roots`, in declaration
+    order. Raises CodegenError for an unsafe or undeclared input name."""
+    used = {n.input for r in roots if r is not None for n in walk(r) if isinstance(n, Load)}
+    decls = {d.name: (j, d) for j, d in enumerate(pattern.inputs)}
+    for name in sorted(used):
+        safe_identifier(name, "input name")
+        if name not in decls:
+            raise CodegenError(f"input '{name}' is used but not declared")
+    return [decls[name] for name in sorted(used, key=lambda nm: decls[nm][0])]
+
+
+def input_params(inputs) -> tuple[dict, list[str]]:
+    """({input name: InputRef}, kernel parameter lines) for `used_inputs(...)`: input j is
+    passed as pointer `in{j}`, strides `in{j}_s{i}` and sizes `in{j}_n{i}`."""
+    refs, params = {}, []
+    for j, decl in inputs:
+        nd = len(decl.dims)
+        refs[decl.name] = InputRef(f"in{j}", tuple(f"in{j}_s{i}" for i in range(nd)),
+                                   tuple(f"in{j}_n{i}" for i in range(nd)))
+        params.append(", ".join([f"in{j}"] + list(refs[decl.name].strides)
+                                + list(refs[decl.name].sizes)) + f",  # input {decl.name}")
+    return refs, params
