@@ -234,7 +234,8 @@ class _Attention(torch.autograd.Function):
 def _autograd_function(backend: str):
     """The autograd Function of a differentiable call on `backend`: the generated dQ and
     dK/dV kernels (`runtime.autograd.GeneratedAttention`) on "triton" and "interpret",
-    the dense float64 `_Attention` otherwise."""
+    the dense float64 `_Attention` otherwise ("flex" on CPU, "reference"). Backends in
+    `SELF_DIFFERENTIABLE`, and "flex" on CUDA (FlexAttention's own backward), need none."""
     if backend in ("triton", "interpret"):
         from .autograd import GeneratedAttention
         return GeneratedAttention
@@ -444,7 +445,9 @@ class Kernel:
             from .linear import run_none
             out, lse = run_none(self, backend, q, k, v, inputs, scale, return_lse, grad)
             return (out, lse) if return_lse else out
-        if grad and backend not in SELF_DIFFERENTIABLE:
+        # FlexAttention differentiates itself on CUDA (it has no CPU backward).
+        own_grad = backend in SELF_DIFFERENTIABLE or (backend == "flex" and q.is_cuda)
+        if grad and not own_grad:
             names = tuple(inputs)
             out, lse = _autograd_function(backend).apply(self, backend, scale, return_lse,
                                                          names, q, k, v, *inputs.values())
