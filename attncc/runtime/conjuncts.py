@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..ir.terms import conjuncts, document_input
 from ..ir.nodes import INT, Binary, Blocks, Const, Expr, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import TileGrid
 from .prepass import (EMPTY, FULL, PARTIAL, PrepassError, _block_gids, _intersect, block_select,
@@ -63,27 +64,6 @@ def document_classes(doc: torch.Tensor, q_grid: TileGrid, kv_grid: TileGrid, *,
 
 
 # ---- whole patterns -------------------------------------------------------------------------
-
-def conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return conjuncts(e.a) + conjuncts(e.b)
-    return [e]
-
-
-def document_input(e: Expr) -> Optional[str]:
-    """Name of `doc` when `e` is `doc[b, q] == doc[b, k]` (either side order)."""
-    if not (isinstance(e, Binary) and e.op == "eq" and isinstance(e.a, Load)
-            and isinstance(e.b, Load) and e.a.input == e.b.input and len(e.a.index) == 2):
-        return None
-    sides = []
-    for ld in (e.a, e.b):
-        i0, i1 = ld.index
-        if not (isinstance(i0, Var) and i0.name == "b" and isinstance(i1, Var)
-                and i1.name in ("q", "k")):
-            return None
-        sides.append(i1.name)
-    return e.a.input if sorted(sides) == ["k", "q"] else None
-
 
 _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
 

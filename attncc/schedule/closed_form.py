@@ -48,6 +48,7 @@ import torch
 
 from ..ir.dense import Evaluator, eval_expr
 from ..ir.intervals import linear_form
+from ..ir.terms import conjuncts
 from ..ir.nodes import Binary, Const, Coord, Expr, Select, Unary, Var, transform, walk
 from ..passes.simplify import build_linear, simplify
 from ..passes.tiles import combine_axes
@@ -114,12 +115,6 @@ def _bool_to_int(cond: Expr) -> Expr:
 
 class _Unsupported(Exception):
     pass
-
-
-def _conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return _conjuncts(e.a) + _conjuncts(e.b)
-    return [e]
 
 
 def _free_of(e: Expr, node: Expr) -> bool:
@@ -264,7 +259,7 @@ def _visited_on(ax: _Axis, band, ka, kb) -> Expr:
 def _prefix_of(e: Expr, i, j) -> Optional[int]:
     """p when `e` is the constant key range [0, p) (e.g. `k < 4`), else None."""
     try:
-        lo, hi = _band(_conjuncts(e), i, j, None)
+        lo, hi = _band(conjuncts(e), i, j, None)
     except _Unsupported:
         return None
     if isinstance(lo, Const) and isinstance(hi, Const) and lo.value <= 0:
@@ -273,7 +268,7 @@ def _prefix_of(e: Expr, i, j) -> Optional[int]:
 
 
 def _ranges_1d(mask: Expr, ax: _Axis) -> list[Range]:
-    items = _conjuncts(mask)
+    items = conjuncts(mask)
     ors = [x for x in items if isinstance(x, Binary) and x.op == "or"]
     if not ors:
         return _band_ranges(ax, _band(items, ax.i, Var("k"), ax.kv_len))
@@ -288,7 +283,7 @@ def _ranges_1d(mask: Expr, ax: _Axis) -> list[Range]:
     else:
         raise _Unsupported
     x_band = _band(common, ax.i, j, ax.kv_len)
-    xy_band = _band(common + _conjuncts(other), ax.i, j, ax.kv_len)
+    xy_band = _band(common + conjuncts(other), ax.i, j, ax.kv_len)
     generic = not isinstance(ax.kv_len, int)
     p = max(p, 0) if generic else min(max(p, 0), ax.kv_len)
     bn = ax.bn
@@ -353,7 +348,7 @@ def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
             if generic or nd > 4 or any(isinstance(n, Var) and n.name in ("q", "k") for n in walk(mask)):
                 return None
             per_axis: list[list[Expr]] = [[] for _ in range(nd)]
-            for atom in _conjuncts(mask):
+            for atom in conjuncts(mask):
                 axes_used = {n.axis for n in walk(atom) if isinstance(n, Coord)}
                 if len(axes_used) != 1:
                     if atom is Const(True):

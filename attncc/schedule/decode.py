@@ -33,6 +33,7 @@ import torch
 
 from ..ir.dense import eval_expr, select_blocks
 from ..ir.intervals import linear_form
+from ..ir.terms import conjuncts, document_input
 from ..ir.nodes import Binary, Blocks, Const, Coord, Expr, Load, Route, Select, Unary, Var, walk
 from ..passes.simplify import build_linear, simplify, substitute
 
@@ -241,26 +242,6 @@ def _intervals(e: Expr) -> list[tuple[Expr, Expr]]:
     return [(simplify(lo), simplify(hi))]
 
 
-def _conjuncts(e: Expr) -> list[Expr]:
-    if isinstance(e, Binary) and e.op == "and":
-        return _conjuncts(e.a) + _conjuncts(e.b)
-    return [e]
-
-
-def _document_input(e: Expr) -> Optional[str]:
-    if not (isinstance(e, Binary) and e.op == "eq" and isinstance(e.a, Load)
-            and isinstance(e.b, Load) and e.a.input == e.b.input and len(e.a.index) == 2):
-        return None
-    sides = []
-    for ld in (e.a, e.b):
-        i0, i1 = ld.index
-        if not (isinstance(i0, Var) and i0.name == "b" and isinstance(i1, Var)
-                and i1.name in ("q", "k")):
-            return None
-        sides.append(i1.name)
-    return e.a.input if sorted(sides) == ["k", "q"] else None
-
-
 def decode_schedule(pattern, heads: int) -> DecodeSchedule:
     """The symbolic decode schedule of `pattern` for `heads` query heads (see module doc).
     Raises DecodeError for patterns whose rows depend on the whole query sequence
@@ -275,8 +256,8 @@ def decode_schedule(pattern, heads: int) -> DecodeSchedule:
         raise DecodeError(f"pattern '{pattern.name}' uses route(...), whose selection pools "
                           "the queries of the whole sequence: it has no decode form")
     base = square_mask(substitute(pattern.mask, {"HEADS": heads}))
-    tops = _conjuncts(base)
-    documents = tuple(dict.fromkeys(d for d in map(_document_input, tops) if d is not None))
+    tops = conjuncts(base)
+    documents = tuple(dict.fromkeys(d for d in map(document_input, tops) if d is not None))
     blocks = tuple(t for t in tops if isinstance(t, Blocks))
     groups: dict[int, list[int]] = {}
     masks: dict[int, Expr] = {}
