@@ -58,8 +58,6 @@ from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params
 __all__ = ["generate_forward", "kernel_name", "usable_bounds", "CodegenError", "ROW_ID"]
 
 ROW_ID = "(tl.load(HEAD_CLASS + h) + b * ROWS_PER_BATCH) * N_Q_TILES + m"
-# `normalize none` patterns get the no-softmax key-tile step (codegen/none_step.py).
-SUPPORTS_NORMALIZE_NONE = True
 
 # ---- names --------------------------------------------------------------------------------
 

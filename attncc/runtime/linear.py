@@ -358,13 +358,6 @@ def algorithm(pattern, heads: int, q_len: int, kv_len: int) -> LinearDecision:
     return decide(pattern, heads, q_len, kv_len)[0]
 
 
-def _generated_none_supported() -> bool:
-    """Whether the generated forward kernel has its no-softmax key-tile step (otherwise the
-    quadratic path runs in torch on every backend)."""
-    from ..codegen import forward
-    return bool(getattr(forward, "SUPPORTS_NORMALIZE_NONE", False))
-
-
 def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: bool,
              grad: bool = False):
     """(out in q's dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq] or None) of a `normalize
@@ -392,7 +385,7 @@ def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: 
             row = torch.arange(Lq, device=q.device) + d >= 0
             lse = torch.where(row, 0.0, float("-inf")).to(torch.float32).expand(B, Hq, Lq)
         return out.to(q.dtype), lse
-    if backend in ("triton", "interpret") and not grad and _generated_none_supported():
+    if backend in ("triton", "interpret") and not grad:
         from .compile import RUNNERS
         out, lse = RUNNERS[backend](kern, q, k, v, inputs, scale, True)
         return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
