@@ -87,7 +87,8 @@ def _transposed_closed_form(bounds, transposed, dkv_step):
     swap = lambda ln: _SWAP_RE.sub(lambda mt: _SWAP_NAMES[mt.group(1)], ln)  # noqa: E731
     out = {}
     for kind, lines in loops.items():
-        body = dkv_step(kind, "", [])[1:]  # the step without its loop header
+        # The step without its loop header (its comments stay: they name the tile class).
+        body = [ln for ln in dkv_step(kind, "__HEADER__", []) if ln != "__HEADER__"]
         done = []
         for ln in lines:
             if ln.strip().startswith("__STEP_"):
@@ -150,23 +151,27 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
                           varying=frozenset({"q", "s", "q.", "h"})), "t").render(roots)
     helpers = set(r_dq.helpers) | set(r_kv.helpers)
 
-    def scores(rendered, masked: bool) -> list[str]:
+    def scores(rendered, masked: bool, transposed: bool = False) -> list[str]:
+        """Score tile x (base 2): [query, key] = Q·Kᵀ in dQ, [key, query] = K·Qᵀ in dK/dV."""
         need = ([score, d_s] if score is not None else []) + ([mask] if masked else [])
+        dot, shape = (("tl.dot(k_blk, tl.trans(q_blk))", "[BLOCK_N, SUB_M]") if transposed
+                      else ("tl.dot(q_blk, tl.trans(k_blk))", "[BLOCK_M, BLOCK_N]"))
         if score is None:
-            return (["x = tl.dot(q_blk, tl.trans(k_blk)) * (sm_scale * 1.4426950408889634)"]
+            return ([f"x = {dot} * (sm_scale * 1.4426950408889634)"]
                     + rendered.loop_lines(need))
-        lines = ["s = tl.dot(q_blk, tl.trans(k_blk)) * sm_scale"] + rendered.loop_lines(need)
+        lines = [f"s = {dot} * sm_scale"] + rendered.loop_lines(need)
         text = rendered.text(score)
         if "s" not in free_vars(score):
-            text = f"({text} + tl.zeros([BLOCK_M, BLOCK_N], tl.float32))"
+            text = f"({text} + tl.zeros({shape}, tl.float32))"
         return lines + [f"x = {text} * {LOG2E}  # score modifier, then base 2"]
 
-    def probs(rendered, masked: bool, tail: bool) -> list[str]:
+    def probs(rendered, masked: bool, tail: bool, transposed: bool = False) -> list[str]:
+        row = "lse2[None, :]" if transposed else "lse2[:, None]"
         keep = (["k_ok[None, :]"] if tail else []) + ([rendered.text(mask)] if masked else [])
         if not keep:
-            return ["p = tl.exp2(x - lse2[:, None])"]
+            return [f"p = tl.exp2(x - {row})"]
         return [f"keep = {' & '.join(keep)}",
-                "p = tl.where(keep, tl.exp2(x - lse2[:, None]), 0.0)"]
+                f"p = tl.where(keep, tl.exp2(x - {row}), 0.0)"]
 
     def chain(rendered) -> list[str]:
         if score is None:
@@ -204,6 +209,8 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
     k_coords = _coord_lines("k", kg, layout, coords["k"])
     q_coords = _coord_lines("q", qg, layout, coords["q"])
+    k_coords_t = _coord_lines("k", kg, layout, coords["k"], transposed=True)
+    q_coords_t = _coord_lines("q", qg, layout, coords["q"], transposed=True)
 
     def dq_step(kind: str, loop_header: str, tile_index: list[str],
                 tail: bool = True) -> list[str]:
@@ -225,13 +232,11 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         """One query-tile step of dK/dV. Query slots past Q_LEN have lse = +inf (P = 0) and
         key slots past KV_LEN are never stored, so FULL steps need no select at all."""
         masked = kind == "PARTIAL" and mask is not TRUE
-        sub_scores = [ln.replace("tl.zeros([BLOCK_M, BLOCK_N]", "tl.zeros([SUB_M, BLOCK_N]")
-                      for ln in scores(r_kv, masked)]
         return fill(template("bwd_dkv_step.tmpl"), {
             "loop_header": loop_header, "tile_index": tile_index, "kind": kind,
-            "q_tile": q_tile_sub,
-            "q_coords": q_coords, "scores": sub_scores,
-            "probs": probs(r_kv, masked, False), "chain": chain(r_kv)})
+            "q_tile": q_tile_sub, "q_coords": q_coords_t,
+            "scores": scores(r_kv, masked, transposed=True),
+            "probs": probs(r_kv, masked, False, transposed=True), "chain": chain(r_kv)})
 
     # dQ loops: the forward's key-tile loops (closed form or CSR rows).
     bounds = usable_bounds(schedule)
@@ -294,7 +299,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         "partial_loop": dq_loops["PARTIAL"]})
     lines += ["", ""] + fill(template("bwd_dkv.tmpl"), {
         "kernel": name + "_dkv", "input_params": in_params, "kv_slots": kv_hoist,
-        "kv_tile": kv_tile, "k_coords": k_coords, "hoisted": kv_hoisted,
+        "kv_tile": kv_tile, "k_coords": k_coords_t, "hoisted": kv_hoisted,
         "loop_setup": dkv_setup, "full_loop": dkv_loops["FULL"],
         "partial_loop": dkv_loops["PARTIAL"]})
     meta = {"kernel": name, "kernel_dkv": name + "_dkv", "block_m": block_m, "block_n": block_n,

@@ -141,12 +141,18 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
     return hoist, per_tile
 
 
-def _coord_lines(side: str, grid, layout, axes: set[int]) -> list[str]:
-    """Definitions of the 2-D coordinate tensors `<side>_c<axis>` used by the IR."""
+def _coord_lines(side: str, grid, layout, axes: set[int], transposed: bool = False) -> list[str]:
+    """Definitions of the 2-D coordinate tensors `<side>_c<axis>` used by the IR: queries
+    along rows and keys along columns, or the other way round when `transposed` (the dK/dV
+    kernel's [key, query] tiles)."""
     out = []
+    rows = "[:, None]"
+    cols = "[None, :]"
+    if transposed:
+        rows, cols = cols, rows
     for a in sorted(axes):
         if len(grid.tile) > 1:
-            out.append(f"q_c{a} = qc{a}[:, None]" if side == "q" else f"k_c{a} = kc{a}[None, :]")
+            out.append(f"q_c{a} = qc{a}{rows}" if side == "q" else f"k_c{a} = kc{a}{cols}")
         else:
             stride, size = layout.strides[a], layout.shape[a]
             text = side if stride == 1 else f"({side} // {stride})"

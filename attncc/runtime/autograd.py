@@ -92,12 +92,12 @@ def kernel_backward_source(kern, schedule) -> str:
     options = region_aligned_options(pattern, kern.options)
     fake = {n: (torch.zeros(1, 1, 1, 1, dtype=torch.bool),) for n in walk(pattern.mask)
             if isinstance(n, (Route, Blocks))}
-    lowered, _ = lower_selectors(pattern, fake)
     terms = [t for t in conjuncts(pattern.mask) if is_static(t)]
     static = dataclasses.replace(pattern, inputs=(), mask=static_expr(terms) or TRUE, score=None,
                                  output_scale=None)
     sched = build_schedule(static, schedule.q_len, schedule.kv_len, schedule.heads,
                            options=options)
+    lowered, _ = lower_selectors(pattern, fake, (sched.q_grid, sched.kv_grid))
     sched = dataclasses.replace(sched, pattern=lowered, runtime=("lists",), classes=tuple(
         dataclasses.replace(c, bounds=None) for c in sched.classes))
     return _source("bwd", lowered, sched, options)
@@ -165,7 +165,9 @@ def _plan(kern, q, k, inputs, skip: bool = False) -> _Plan:
         active = _active_tiles(weights, sched.q_grid, (B, Hq), q.device)
         cls = torch.where(active[..., None], cls, torch.zeros_like(cls))
         skipped = int((~active).sum())
-    lowered, sel_inputs = lower_selectors(pattern, selections)
+    # Listed tiles hold a selected pair, so tile-aligned selectors are dropped (as in the
+    # forward): no per-element selection load in dQ or dK/dV.
+    lowered, sel_inputs = lower_selectors(pattern, selections, (sched.q_grid, sched.kv_grid))
     kinds = tuple(dict.fromkeys(
         "route" if isinstance(n, Route) else "blocks" for n in selections)) or ("lists",)
     ksched = dataclasses.replace(sched, pattern=lowered, runtime=kinds, classes=tuple(
