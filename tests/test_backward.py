@@ -16,7 +16,7 @@ import attncc
 from attncc.ir.dense import Evaluator
 from attncc.ir.nodes import Var
 from attncc.passes.derive import derivative, float_loads
-from attncc.runtime.autograd import reduce_table_grad
+from attncc.runtime.reduce import reduce_table_grad
 from attncc.schedule.transpose import transpose_classes, transposed_rows, transposed_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -38,6 +38,7 @@ import torch
 from ..ir.nodes import Load, Route, walk
 from ..schedule.transpose import (forward_rows, max_visits, transpose_classes, transposed_rows,
                                   transposed_schedule)
+from .reduce import reduce_table_grad
 
 __all__ = ["GeneratedAttention", "backward_source", "kernel_backward_source", "run_backward", "reduce_table_grad"]
 
@@ -304,21 +305,6 @@ def _sub_m(block_m: int, D: int, Dv: int) -> int:
     accumulators live across its loops; whole 64-row tiles spill at head dim 64 on sm_80 and
     sm_90, docs/BENCHMARKS.md)."""
     return min(block_m, 32)
-
-
-def reduce_table_grad(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
-    """Deterministic scatter-sum: float32 [numel] with out[i] = Σ val[idx == i] (entries with
-    idx < 0 dropped), summed per index in the order of `idx` (stable sort, then one
-    `segment_reduce` per run): bit-identical across runs, no atomics."""
-    keep = idx >= 0
-    idx, val = idx[keep], val[keep]
-    out = torch.zeros(numel, dtype=torch.float32, device=val.device)
-    if idx.numel() == 0:
-        return out
-    sidx, order = torch.sort(idx, stable=True)
-    uniq, counts = torch.unique_consecutive(sidx, return_counts=True)
-    out[uniq] = torch.segment_reduce(val[order], "sum", lengths=counts)
-    return out
 
 
 class GeneratedAttention(torch.autograd.Function):

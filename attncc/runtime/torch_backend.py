@@ -22,9 +22,10 @@ The forward and the backward visit only the kept tiles of attncc's schedule:
   calling `torch.autograd.grad` on that chunk only — so softcap, alibi, temperature, selects
   and table lookups all differentiate, and floating-point tables read in `score` get their
   gradients, summed chunk after chunk in a fixed order. dK / dV of each visited tile are
-  accumulated per (batch, KV head, key tile) with `index_add_` in a fixed order (serial on
-  CPU: two runs are bit-identical; on CUDA `index_add_` uses atomics, so bit-identical
-  gradients are a CPU property of this backend); GQA sums the query heads of a group there.
+  accumulated per (batch, KV head, key tile) in a fixed order (`runtime.reduce.index_add_rows`:
+  the serial `index_add_` on CPU, a stable sort plus `segment_reduce` on CUDA, whose
+  `index_add_` uses atomics), so two runs are bit-identical on every device; GQA sums the
+  query heads of a group there.
   dQ rows belong to one query tile, so they are accumulated per tile, never scattered.
 * *Output scale* `w[b, q, h]`: out = w · O. dO reaching the attention is w · dO and
   dW = rowsum(O ⊙ dO); (batch, head, query tile) triples the forward skipped (all weights
@@ -51,6 +52,7 @@ from ..ir.lower_torch import output_scale, to_mask_mod, to_score_mod
 from ..ir.nodes import FLOAT, Blocks, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import CSR
 from .prepass import lists_from_classes
+from .reduce import index_add_rows
 
 __all__ = ["torch_attention", "plan_lists", "TorchPlan", "Segment"]
 
@@ -386,7 +388,7 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
                 p = torch.where(keep, p, zero)
             tgt = (bkv + torch.where(val, ent, torch.full_like(ent, nkt))).flatten()
             if need[2]:
-                dv_a.index_add_(0, tgt, (p.transpose(-1, -2) @ dog).reshape(-1, sk * Dv))
+                index_add_rows(dv_a, tgt, (p.transpose(-1, -2) @ dog).reshape(-1, sk * Dv))
             ds = p * ((dog @ vg.transpose(-1, -2)) - dl_c)
             if score_fn_grad is not None:
                 grads = torch.autograd.grad(s, [s_raw, *tables_req], ds, allow_unused=True)
@@ -397,7 +399,7 @@ def _backward_core(plan: TorchPlan, q, k, v, scale: float, score_fn_grad, lse, d
             if need[0]:
                 dq_t[:, :, t0:t1] += ds @ kg
             if need[1]:
-                dk_a.index_add_(0, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
+                index_add_rows(dk_a, tgt, (ds.transpose(-1, -2) @ qg).reshape(-1, sk * D))
 
     def untile_kv(acc, width):
         return _untile(acc.view(B, Hkv, nkt + 1, sk, width)[:, :, :nkt], plan.k_tok, Lkv, 0.0, kc_)
