@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--backward", action="store_true",
+                   help="time a training step: forward, then backward into q, k and v")
     s.add_argument("--decode", action="store_true",
                    help="time one decode step against a KV cache of --kv-len tokens (default "
                         "4096) with --q-len new tokens per sequence (default 1)")

@@ -1,7 +1,10 @@
-"""Forward of every library pattern on a CUDA device: attncc ("triton" backend) against SDPA
-(dense, and with a dense bool mask) and compiled FlexAttention, bf16, B=1, H=8, per head dim.
+"""Forward (or, with --backward, forward + backward) of every library pattern on a CUDA device:
+attncc ("triton" backend: generated forward, dQ and dK/dV kernels) against SDPA (dense, and
+with a dense bool mask) and compiled FlexAttention (its own backward), bf16, B=1, H=8, per
+head dim.
 
     python bench/bench_library_gpu.py --dims 64 128 --out out/library.md
+    python bench/bench_library_gpu.py --backward --dims 128 --out out/library_train.md
 
 1-D patterns run at --len tokens (default 8192), grid patterns at their layout's size. Each
 row is appended to --out as soon as it is measured, so a run cut short by a timeout keeps
@@ -48,13 +51,16 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--backward", action="store_true",
+                    help="time training steps (forward + backward into q, k, v)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout
     if not torch.cuda.is_available():
         out.write("skipped: no CUDA device\n")
         return 0
-    out.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
+    mode = "forward + backward" if args.backward else "forward"
+    out.write(f"{mode}: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
               f"H={args.heads}, 1-D length {args.len}, reps {args.reps}\n\n" + HEADER)
     out.flush()
     specs = args.only or sorted(f[:-5] for f in os.listdir(SPECS) if f.endswith(".attn"))
@@ -65,7 +71,8 @@ def main(argv=None) -> int:
                 p = attncc.load(os.path.join(SPECS, name + ".attn"))
                 q_len = None if p.layout is not None else args.len
                 res = bench_forward(p, heads=args.heads, head_dim=d, q_len=q_len,
-                                    dtype=torch.bfloat16, reps=args.reps, warmup=2)
+                                    dtype=torch.bfloat16, reps=args.reps, warmup=2,
+                                    backward=args.backward)
                 out.write(_row(name, d, res))
             except Exception as e:  # noqa: BLE001 - one failing pattern must not end the run
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:160].replace("|", "/")

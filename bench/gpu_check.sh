@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check: the gpu-marked tests, the forward benchmark suite (attncc vs FlexAttention and
-# SDPA, bf16, D 64 and 128) and every library pattern, in under 8 minutes, with a Markdown
+# SDPA, bf16, D 64 and 128), every library pattern forward, and forward + backward of the
+# library patterns at D 128, in under 8.5 minutes, with a Markdown
 # report in $OUT/gpu_check.md (or out/gpu_check.md). Each part has its own timeout and the
 # script goes on after a failing part; without a CUDA device it writes a note and exits 0.
 #
@@ -44,18 +45,22 @@ note ""
 # 1. gpu-marked tests (~2.5 min)
 part gpu_tests 150 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 # 2. forward suite (causal, sliding window, NATTEN, GNA, documents) at D 64 and D 128
-part forward_d64 75 "$PY" bench/bench_forward.py --suite gpu --head-dim 64 --reps 10 \
+part forward_d64 60 "$PY" bench/bench_forward.py --suite gpu --head-dim 64 --reps 10 \
     --out "$DEST/forward_d64.md"
-part forward_d128 75 "$PY" bench/bench_forward.py --suite gpu --head-dim 128 --reps 10 \
+part forward_d128 60 "$PY" bench/bench_forward.py --suite gpu --head-dim 128 --reps 10 \
     --out "$DEST/forward_d128.md"
 # 3. every library pattern, D 64 and 128 (rows written as they finish)
 : > "$DEST/library.md"
-part library 140 "$PY" bench/bench_library_gpu.py --dims 64 128 --reps 10 --out "$DEST/library.md"
+part library 130 "$PY" bench/bench_library_gpu.py --dims 64 128 --reps 10 --out "$DEST/library.md"
+# 4. forward + backward of every library pattern at D 128 (generated dQ/dK-dV vs flex's own)
+: > "$DEST/library_train.md"
+part library_train 100 "$PY" bench/bench_library_gpu.py --backward --dims 128 --reps 5 \
+    --out "$DEST/library_train.md"
 
 note ""
 note "## gpu tests (tail)"
 tail -n 15 "$DEST/gpu_tests.log" 2>/dev/null | sed 's/^/    /' >> "$REPORT"
-for f in forward_d64 forward_d128 library; do
+for f in forward_d64 forward_d128 library library_train; do
     note ""
     note "## $f"
     note ""

@@ -367,8 +367,24 @@ def test_bench_forward_counts_kept_pairs():
     assert t.tflops == pytest.approx(2 * (8 + 8) * kept / (t.ms * 1e-3) / 1e12)
     assert res.ratio("attncc") == 1.0
     text = str(res)
-    assert text.startswith("sliding_window: B=2 H=2 Lq=100 Lkv=100 D=8 float32 on cpu")
+    assert text.startswith("sliding_window (forward): B=2 H=2 Lq=100 Lkv=100 D=8 float32 on cpu")
     assert "| sdpa+mask |" in text
+
+
+def test_bench_training_step_times_forward_and_backward():
+    """backward=True: every row is a training step (gradients reach q, k, v), counted as
+    2·(4·D + 3·Dv) FLOP per kept pair; FlexAttention has no CPU backward and says so."""
+    from attncc.runtime.bench import bench_forward
+    p = attncc.load(os.path.join(SPECS, "sliding_window.attn"), window=16)
+    res = bench_forward(p, batch=1, heads=2, q_len=96, head_dim=8, backend="torch",
+                        baselines=("sdpa+mask", "flex"), warmup=0, reps=1, backward=True)
+    kept = 2 * sum(min(i + 1, 16) for i in range(96))
+    assert res.kept_pairs == kept and res.mode == "forward + backward"
+    t = res.timing("sdpa+mask")
+    assert t.tflops == pytest.approx(2 * (4 * 8 + 3 * 8) * kept / (t.ms * 1e-3) / 1e12)
+    flex = res.timing("flex")
+    assert flex.ms != flex.ms and flex.note == "not run: FlexAttention has no backward on CPU"
+    assert str(res).startswith("sliding_window (forward + backward): B=1 H=2 Lq=96")
 
 
 def test_autograd_reaches_float_runtime_inputs():

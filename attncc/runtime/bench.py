@@ -1,4 +1,5 @@
-"""Forward-pass benchmarks: a pattern's attncc kernel against PyTorch baselines.
+"""Forward (and forward + backward) benchmarks: a pattern's attncc kernel against PyTorch
+baselines.
 
 For one pattern and shape, `bench_forward` times
 
@@ -13,6 +14,11 @@ For one pattern and shape, `bench_forward` times
 and reports the median time of `reps` runs after `warmup` runs, the throughput counted on the
 pairs the pattern keeps, 2·(D + Dv)·kept_pairs FLOP (so a dense kernel that computes masked
 pairs gets no credit for them), and each time relative to attncc's.
+
+With `backward=True` every implementation is timed as one training step: the forward, then
+`out.backward(dout)` into q, k and v (gradients reset before each step), counted as
+2·(4·D + 3·Dv)·kept_pairs FLOP (the forward's two products plus the backward's five: S
+recomputed, dP, dV, dQ, dK). FlexAttention has no backward on CPU, so its row says so there.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class BenchResult:
     density: float
     timings: tuple[Timing, ...]
     extra: dict = field(default_factory=dict)   # e.g. {"flex create_block_mask ms": ...}
+    mode: str = "forward"                        # or "forward + backward" (a training step)
 
     def timing(self, name: str) -> Timing:
         for t in self.timings:
@@ -76,7 +83,7 @@ class BenchResult:
 
     def __str__(self) -> str:
         B, H, Lq, Lkv, D = self.shape
-        head = (f"{self.pattern}: B={B} H={H} Lq={Lq} Lkv={Lkv} D={D} {self.dtype} on "
+        head = (f"{self.pattern} ({self.mode}): B={B} H={H} Lq={Lq} Lkv={Lkv} D={D} {self.dtype} on "
                 f"{self.device}, attncc backend {self.backend}, density {self.density:.4f}")
         lines = [head, "", "| impl | ms | TFLOP/s (kept pairs) | time / attncc | note |",
                  "|---|---|---|---|---|", *self.rows()]
@@ -131,7 +138,7 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
                   backend: Optional[str] = None, options=None, inputs: Optional[dict] = None,
                   warmup: Optional[int] = None, reps: Optional[int] = None,
                   baselines: tuple[str, ...] = ("sdpa", "sdpa+mask", "flex"),
-                  seed: int = 0) -> BenchResult:
+                  seed: int = 0, backward: bool = False) -> BenchResult:
     """Time `pattern` on q [batch, heads, q_len, head_dim], k, v [batch, heads, kv_len,
     head_dim] (random N(0, 1)); see the module docstring for what is measured.
 
@@ -139,6 +146,7 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     "triton" on CUDA, on CPU the per-call default (`attncc.runtime.choose`: the attncc row's
     note says which backend the rule picked and why); lengths the layout's size (grid patterns) or 1024;
     warmup/reps 5/20 on CUDA, 1/3 on CPU. `inputs` overrides the random runtime inputs.
+    `backward`: time forward + backward of q, k, v (see the module docstring).
     """
     from .compile import compile as compile_pattern
     from .verify import random_inputs
@@ -156,7 +164,8 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
 
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device, dtype)
-               for n in (q_len, kv_len, kv_len))
+               .requires_grad_(backward) for n in (q_len, kv_len, kv_len))
+    dout = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(device, dtype)
     rand = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                          device=device, generator=gen)
     rand.update(inputs or {})
@@ -168,13 +177,23 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     mask = dense_mask_for(pattern, q, k, rand)
     kept = int(mask.sum()) * (batch * heads if mask.shape[:2] == (1, 1) else 1)
     total = batch * heads * q_len * kv_len
-    flop = 2 * (head_dim + head_dim) * kept
+    flop = 2 * ((4 * head_dim + 3 * head_dim) if backward else (head_dim + head_dim)) * kept
 
     def tf(ms: float) -> float:
         return flop / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
 
+    def step(fn):
+        """fn() as timed: the forward alone, or forward + backward into fresh gradients."""
+        if not backward:
+            return fn
+
+        def train():
+            q.grad = k.grad = v.grad = None
+            fn().backward(dout)
+        return train
+
     kern = compile_pattern(pattern, backend=backend, options=options)
-    ms = time_fn(lambda: kern(q, k, v, **rand), device, warmup=warmup, reps=reps)
+    ms = time_fn(step(lambda: kern(q, k, v, **rand)), device, warmup=warmup, reps=reps)
     note = f"backend {kern.last_backend}"
     if kern.last_choice is not None:  # chosen per call shape (attncc.runtime.choose)
         note += f", chosen: {kern.last_choice.reason}"
@@ -183,17 +202,23 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     extra: dict = {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if "sdpa" in baselines:
-        timings.append(_guarded("sdpa", lambda: sdpa(q, k, v), device, warmup, reps, tf,
+        timings.append(_guarded("sdpa", step(lambda: sdpa(q, k, v)), device, warmup, reps, tf,
                                 "no mask: every pair computed"))
     if "sdpa+mask" in baselines:
-        timings.append(_guarded("sdpa+mask", lambda: sdpa(q, k, v, attn_mask=mask), device,
+        timings.append(_guarded("sdpa+mask", step(lambda: sdpa(q, k, v, attn_mask=mask)), device,
                                 warmup, reps, tf, "dense bool mask"))
     if "flex" in baselines:
-        timings.append(_bench_flex(pattern, q, k, v, rand, device, warmup, reps, tf, extra))
+        if backward and not gpu:
+            timings.append(Timing("flex", float("nan"), float("nan"),
+                                  "not run: FlexAttention has no backward on CPU"))
+        else:
+            timings.append(_bench_flex(pattern, q, k, v, rand, device, warmup, reps, tf, extra,
+                                       step))
     return BenchResult(pattern=pattern.name, shape=(batch, heads, q_len, kv_len, head_dim),
                        dtype=str(dtype).replace("torch.", ""), device=str(device),
                        backend=backend, kept_pairs=kept, density=kept / max(total, 1),
-                       timings=tuple(timings), extra=extra)
+                       timings=tuple(timings), extra=extra,
+                       mode="forward + backward" if backward else "forward")
 
 
 def _guarded(name, fn, device, warmup, reps, tf, note) -> Timing:
@@ -207,7 +232,7 @@ def _guarded(name, fn, device, warmup, reps, tf, note) -> Timing:
     return Timing(name, ms, tf(ms), note)
 
 
-def _bench_flex(pattern, q, k, v, inputs, device, warmup, reps, tf, extra) -> Timing:
+def _bench_flex(pattern, q, k, v, inputs, device, warmup, reps, tf, extra, step) -> Timing:
     try:
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -233,7 +258,7 @@ def _bench_flex(pattern, q, k, v, inputs, device, warmup, reps, tf, extra) -> Ti
     _sync(device)
     extra["flex create_block_mask ms (first call)"] = (time.perf_counter() - t0) * 1e3
     flex = compiled_flex_attention()
-    fn = lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)  # noqa: E731
+    fn = step(lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask))
     return _guarded("flex", fn, device, max(1, warmup), reps, tf,
                     "compiled flex_attention, own create_block_mask")
 
@@ -245,5 +270,6 @@ def bench_cli(pattern: Pattern, args) -> str:
     options = CompileOptions(block_m=args.block_m, block_n=args.block_n, tile_1d=args.tile_1d)
     res = bench_forward(pattern, batch=args.batch, heads=args.heads or 8, q_len=args.q_len,
                         kv_len=args.kv_len, head_dim=args.head_dim, dtype=dtype,
-                        backend=args.backend, options=options)
+                        backend=args.backend, options=options,
+                        backward=bool(getattr(args, "backward", False)))
     return str(res)
