@@ -10,7 +10,8 @@ batch 2, `Kernel.default_shape()`, default CompileOptions), captured on CPU tens
 compiled in worker processes with a fresh Triton cache. Per kernel: registers, spill bytes,
 shared memory (KB), wgmma (sm_90), SASS instructions in total and per FULL / PARTIAL tile
 iteration ("u": unrolled or single-iteration loop, counted whole; for dK/dV one iteration is
-one SUB_M-row slice of a query tile), CPU seconds of the cold compile.
+one SUB_M-row slice of a query tile, for dQ of scores that read float tables one SUB_N-slot
+slice of a key tile), CPU seconds of the cold compile.
 """
 from __future__ import annotations
 

@@ -14,17 +14,19 @@ P = exp(score(s) - lse) recomputed from the forward's saved log-sum-exp, Δ = ro
 
 Score modifiers: ∂score/∂s and ∂score/∂table[...] come from `attncc.passes.derive` and are
 rendered by the forward's per-node renderer. Gradients of float tables read in `score`
-(`TABLE_GRAD`): the dQ kernel writes, for each table read j and each visited tile pair, the
-per-pair contribution dS·∂score/∂table and the flat table index (−1 for pairs that are not
-kept or read out of range) into scratch slots owned by that (program, visit) — no atomics;
-the runtime reduces them in a fixed order (`attncc.runtime.autograd`).
+(`TABLE_GRAD`): the dQ kernel writes, for each table read j and each visited tile, the
+per-pair contributions dS·∂score/∂table_j (0 at pairs that are not kept) as one
+[BLOCK_M, BLOCK_N] scratch tile owned by that (program, visit), and the key tile it visited;
+the runtime evaluates the table index of every pair and reduces in a fixed order — no
+atomics (`attncc.runtime.table_grad`).
 
 Kernel contract (what `attncc.runtime.autograd` passes), beyond the forward's (see
 `codegen.forward`): DO like O; LSE and DELTA float32 [B, Hq, Lq] (same strides); DQ
 float32 [B, Hq, Lq, D]; DK, DV float32 [B, Hkv, Lkv, D(v)]; the dK/dV kernel's CSR rows are
 `(HEAD_CLASS[h] + b·ROWS_PER_BATCH)·N_KV_TILES + n` over the transposed lists; per table
-read j of the score, pointers `tg{j}_val` (float32) and `tg{j}_idx` (int64), each
-[B·Hq·nQT·MAX_VISITS·BLOCK_M·BLOCK_N], read only when TABLE_GRAD is set.
+read j of the score, a pointer `tg{j}_val` (float32 [slots·BLOCK_M·BLOCK_N]), and
+TG_TILES (int32 [slots], −1 where no tile was visited), slot (bh·N_CHUNK + m − M_OFFSET)·
+MAX_VISITS + visit; written only when TABLE_GRAD is set.
 
 The module defines `KERNEL` (= `KERNEL_DQ`), `KERNEL_DKV` and `META` (`meta["tables"]`: per
 table read, (input name, number of index dimensions)).
@@ -155,7 +157,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         """Score tile x (base 2): [query, key] = Q·Kᵀ in dQ, [key, query] = K·Qᵀ in dK/dV."""
         need = ([score, d_s] if score is not None else []) + ([mask] if masked else [])
         dot, shape = (("tl.dot(k_blk, tl.trans(q_blk))", "[BLOCK_N, SUB_M]") if transposed
-                      else ("tl.dot(q_blk, tl.trans(k_blk))", "[BLOCK_M, BLOCK_N]"))
+                      else ("tl.dot(q_blk, tl.trans(k_blk))", "[BLOCK_M, SUB_N]"))
         if score is None:
             return ([f"x = {dot} * (sm_scale * 1.4426950408889634)"]
                     + rendered.loop_lines(need))
@@ -181,24 +183,20 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     def table_lines(rendered, masked: bool, tail: bool) -> list[str]:
         if not tables:
             return []
+        # Per pair and table read j, dS·∂score/∂table_j goes to this (program, visit)'s own
+        # [BLOCK_M, BLOCK_N] scratch tile and the visited key tile n to TG_TILES; the runtime
+        # indexes the pairs and reduces them (no atomics).
         out = ["if TABLE_GRAD:",
-               "    # Per-pair table gradients into this (program, visit)'s own scratch slots.",
-               "    tg_slot = (visit + n_visit) * (BLOCK_M * BLOCK_N) + "
-               "tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]"]
-        need = [*d_tab] + [i for ld in tables for i in ld.index] + ([mask] if masked else [])
-        out += ["    " + ln for ln in rendered.loop_lines(need)]
-        for j, (ld, dt) in enumerate(zip(tables, d_tab)):
-            ref = refs[ld.input]
-            idx = [rendered.text(i) for i in ld.index]
-            flat = idx[0]
-            for i, size in zip(idx[1:], ref.sizes[1:]):
-                flat = f"({flat}) * {size} + {i}"
-            ok = " & ".join(f"({i} >= 0) & ({i} < {size})" for i, size in zip(idx, ref.sizes))
-            cond = f"keep & {ok}" if (masked or tail) else ok
-            out += [f"    tg_i = tl.where({cond}, ({flat}).to(tl.int64), -1)",
-                    f"    tl.store(tg{j}_idx + tg_slot, tg_i)",
-                    f"    tl.store(tg{j}_val + tg_slot, ds * {rendered.text(dt)})"]
-        return out + ["n_visit += 1"]
+               "    tg_at = visit + n_visit",
+               "    tl.store(TG_TILES + tg_at, n)",
+               "    tg_at = tg_at * (BLOCK_M * BLOCK_N) + sub * SUB_N"]
+        out += ["    " + ln for ln in rendered.loop_lines(list(d_tab))]
+        for j, dt in enumerate(d_tab):
+            val = f"ds * {rendered.text(dt)}"
+            if masked or tail:
+                val = f"tl.where(keep, {val}, 0.0)"
+            out += [f"    tl.store(tg{j}_val + tg_at + tg_offs, {val})"]
+        return out
 
     _, q_tile = _tile_lines("q", qg, layout)
     # dK/dV walks each query tile in slices of SUB_M slots (sub = slice index).
@@ -207,6 +205,12 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     if q_tile_sub == q_tile:
         raise CodegenError("query tile lines have no slot range to slice")
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
+    # dQ walks each key tile in slices of SUB_N slots (sub = slice index): the slot lines
+    # move into the slice loop.
+    kv_tile_sub = [ln.replace("tl.arange(0, BLOCK_N)", "(sub * SUB_N + tl.arange(0, SUB_N))")
+                   for ln in kv_hoist + kv_tile]
+    if kv_tile_sub == kv_hoist + kv_tile:
+        raise CodegenError("key tile lines have no slot range to slice")
     k_coords = _coord_lines("k", kg, layout, coords["k"])
     q_coords = _coord_lines("q", qg, layout, coords["q"])
     k_coords_t = _coord_lines("k", kg, layout, coords["k"], transposed=True)
@@ -221,8 +225,10 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         tab = [ln for ln in table_lines(r_dq, masked, tail) if ln[4:] not in score_lines]
         d_k, d_v = "(offs_d[None, :] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
         return fill(template("bwd_dq_step.tmpl"), {
-            "loop_header": loop_header, "tile_index": tile_index,
-            "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+            "loop_header": loop_header, "tile_index": tile_index, "kind": kind,
+            "kv_tile": kv_tile_sub if tail else [ln for ln in kv_tile_sub
+                                                 if not ln.startswith("k_ok")],
+            "visit_count": ["n_visit += 1"] if tables else [],
             "k_mask": f"k_ok[:, None] & {d_k}" if tail else d_k,
             "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
             "k_coords": k_coords, "scores": score_lines, "probs": probs(r_dq, masked, tail),
@@ -250,7 +256,9 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         helpers |= helpers_cf
         list_kind = "dQ key-tile loops: closed-form bounds (no index arrays)"
     if tables:
-        loop_setup = ["n_visit = 0"] + loop_setup
+        loop_setup = ["n_visit = 0",
+                      "tg_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + "
+                      "tl.arange(0, SUB_N)[None, :]"] + loop_setup
     # dK/dV loops: closed-form query-tile ranges from the transposed pattern's schedule, else
     # transposed CSR rows per (head class, key tile).
     t_bounds = usable_bounds(transposed) if transposed is not None else None
@@ -285,7 +293,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     helper_lines: list[str] = []
     for hname in sorted(helpers):
         helper_lines += [""] + list(HELPERS[hname]) + [""]
-    table_params = [f"tg{j}_val, tg{j}_idx,  # table read {j}: input {ld.input}"
+    table_params = [f"tg{j}_val,  # table read {j}: input {ld.input}"
                     for j, ld in enumerate(tables)]
     dq_hoisted = (["# Loop-invariant parts of the mask and score."] + r_dq.hoisted
                   if r_dq.hoisted else [])
@@ -294,7 +302,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     lines = header + ["import triton", "import triton.language as tl", ""] + helper_lines
     lines += [""] + fill(template("bwd_dq.tmpl"), {
         "kernel": name, "input_params": in_params, "table_params": table_params,
-        "q_tile": q_tile, "q_coords": q_coords, "kv_slots": kv_hoist, "hoisted": dq_hoisted,
+        "q_tile": q_tile, "q_coords": q_coords, "kv_slots": [], "hoisted": dq_hoisted,
         "loop_setup": loop_setup, "full_loop": dq_loops["FULL"],
         "partial_loop": dq_loops["PARTIAL"]})
     lines += ["", ""] + fill(template("bwd_dkv.tmpl"), {

@@ -38,11 +38,15 @@ def _inputs(pattern, B, Hq, Lq, Lkv, gen):
 
 
 def check_grads(spec, *, B=1, Hq=2, Hkv=1, Lq=37, Lkv=None, D=16, dtype=torch.float32,
-                seed=0, tol=2e-5, params=None, block=(16, 16)):
-    """Run kernel forward + backward and compare every gradient with the reference's."""
+                seed=0, tol=2e-5, params=None, block=(16, 16), tiles=None):
+    """Run kernel forward + backward and compare every gradient with the reference's
+    (`tiles`: multi-dimensional query and key tile shape, instead of `block`)."""
     Lkv = Lq if Lkv is None else Lkv
-    kern = attncc.compile(spec, backend="interpret", block_m=block[0], block_n=block[1],
-                          params=params)
+    shape = dict(q_tile=tiles, kv_tile=tiles) if tiles else dict(block_m=block[0],
+                                                                 block_n=block[1])
+    kern = attncc.compile(spec, backend="interpret", params=params, **shape)
+    if tiles:
+        assert kern.schedule(Lq, Lkv, Hq).q_grid.tile == tiles
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype).requires_grad_(True)
     k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype).requires_grad_(True)
@@ -92,6 +96,16 @@ CASES = {
     "natten2d": dict(spec=None, Lq=48, params={"height": 8, "width": 6, "kernel": 3}),
     # routing on a 2-D map: the selection (from q and k) held fixed, region-aligned tiles
     "biformer": dict(spec=None, Lq=64, params={"height": 8, "width": 8, "region": 4, "topk": 2}),
+    # Swin-style 2-D relative position bias on multi-dimensional tiles (the table index is a
+    # function of both coordinates), plus a second table read (per-key bias, GQA 2:1): the
+    # table gradients index pairs through the tiles' token maps
+    "relpos2d": dict(spec="pattern rp2(height = 8, width = 6)\nlayout grid(y = height, x = width)\n"
+                          "input rel: float[h, 2 * height - 1, 2 * width - 1]\n"
+                          "input kb: float[b, k]\n"
+                          "mask abs(q.y - k.y) <= 2 & abs(q.x - k.x) <= 2\n"
+                          "score s + rel[h, q.y - k.y + height - 1, q.x - k.x + width - 1]"
+                          " + 0.5 * kb[b, k]\n",
+                     B=2, Hq=4, Hkv=2, Lq=48, tiles=(4, 4)),
     # block selection: gradients with the selection held fixed; the gate gets none
     "seer_gate": dict(spec=None, Hq=2, Hkv=2, Lq=45, params={"block": 16, "keep": 0.4}),
 }

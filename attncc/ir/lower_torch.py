@@ -234,6 +234,14 @@ def _lengths(q_len: int, kv_len: int, heads: int) -> dict[str, int]:
     return {"Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
 
 
+def to_index_fn(expr: Expr, pattern, inputs: Optional[Mapping[str, torch.Tensor]] = None, *,
+                q_len: int, kv_len: int, heads: int) -> Callable:
+    """An integer IR expression of `pattern` (e.g. one index of a table read) as a callable
+    (b, h, q_idx, kv_idx) -> int tensor over broadcastable index tensors."""
+    return _Program(expr, layout=pattern.layout, inputs=dict(inputs or {}),
+                    lengths=_lengths(q_len, kv_len, heads))
+
+
 def to_mask_mod(pattern, inputs: Optional[Mapping[str, torch.Tensor]] = None, *, q_len: int,
                 kv_len: int, heads: int = 1, float_dtype=torch.float32):
     """FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool tensor` for `pattern.mask`.

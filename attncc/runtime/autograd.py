@@ -5,11 +5,13 @@ backward, the generated dQ and dK/dV kernels of `codegen.backward`:
 
 1. Δ = rowsum(dO ⊙ O) in float32 (a torch pre-pass, O(B·Hq·Lq·Dv));
 2. the dQ kernel over the forward's key-tile lists (or closed-form loops), which also writes
-   per-pair gradients of float tables read in `score` when those require grad;
+   the per-pair factors dS·∂score/∂table of float tables read in `score` when those require
+   grad (one scratch tile per visited tile, `attncc.runtime.table_grad`);
 3. the dK/dV kernel over the transposed lists (`attncc.schedule.transpose`), the GROUP query
    heads of a key head summed in a fixed order inside one program;
-4. table gradients reduced deterministically: contributions sorted stably by table index,
-   each index's run summed by `torch.segment_reduce` — no atomics, two runs bit-identical.
+4. table gradients reduced deterministically: each pair's table index evaluated by torch,
+   contributions sorted stably by index, each index's run summed by `torch.segment_reduce`
+   — no atomics, two runs bit-identical.
 
 Patterns whose lists come from the runtime pre-pass (route, blocks, document ids): the tile
 classes of the call are kept from the forward (the selection is held fixed; `route` / `blocks`
@@ -24,12 +26,14 @@ B·Hq·Lq values); otherwise (batch, head, query tile) triples with all-zero wei
 skipped in forward and backward, as in the forward-only kernels.
 
 Memory: O(kept tiles) besides q, k, v, out, lse, Δ and the gradients; table gradients add
-per-pair scratch, at most TABLE_SCRATCH_BYTES per dQ launch (the dQ grid is launched in
-chunks of query tiles when the scratch of all of them would exceed it).
+per-pair scratch (4 bytes per pair and table read, plus the reduction's temporaries), at
+most TABLE_SCRATCH_BYTES per dQ launch (the dQ grid is launched in chunks of query tiles when
+the scratch of all of them would exceed it).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from typing import Optional
 
@@ -39,6 +43,7 @@ from ..ir.nodes import Load, Route, walk
 from ..schedule.transpose import (forward_rows, max_visits, transpose_classes, transposed_rows,
                                   transposed_schedule)
 from .reduce import reduce_table_grad
+from .table_grad import TableScratch, reduce_chunk
 
 __all__ = ["GeneratedAttention", "backward_source", "kernel_backward_source", "run_backward", "reduce_table_grad"]
 
@@ -205,13 +210,13 @@ TABLE_SCRATCH_BYTES = 256 << 20
 
 
 def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, scale: float,
-                 tables: Optional[dict] = None):
+                 tables: Optional[dict] = None):  # noqa: C901
     """Launch the generated dQ and dK/dV kernels of `module`.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], dout [B, Hq, Lq, Dv] (the
     gradient of the unscaled output), lse and delta float32 [B, Hq, Lq] (contiguous);
     `inputs` the tensors the kernels read; `tables` maps the table reads j (indices into
-    META["tables"]) whose gradients are wanted to their table's number of elements.
+    META["tables"]) whose gradients are wanted to their table's shape.
 
     Returns (dq float32 [B, Hq, Lq, D], dk, dv float32 [B, Hkv, Lkv, D(v)],
     {j: float32 [numel]} gradient of each requested table read, flat).
@@ -240,35 +245,37 @@ def run_backward(module, plan: _Plan, q, k, v, dout, lse, delta, inputs: dict, s
                   DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
                   num_warps=getattr(plan.options, "num_warps", None) or meta["num_warps"],
                   num_stages=getattr(plan.options, "num_stages", None) or meta["num_stages"])
-    # Table gradients: per-pair scratch of a chunk of query tiles at a time (at most
+    # Table gradients: per-tile scratch of a chunk of query tiles at a time (at most
     # TABLE_SCRATCH_BYTES), each chunk reduced in order and added: deterministic.
-    per_tile = B * Hq * max(plan.visits, 1) * meta["block_m"] * meta["block_n"]
+    visits = max(plan.visits, 1)
+    slots_per_tile = B * Hq * visits
+    per_slot = TableScratch.bytes_per_slot(len(tables), meta["block_m"], meta["block_n"])
     chunk = nqt if not tables else \
-        max(1, min(nqt, TABLE_SCRATCH_BYTES // max(1, per_tile * 12 * len(tables))))
-    grads = {j: torch.zeros(n, dtype=torch.float32, device=dev) for j, n in tables.items()}
-    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+        max(1, min(nqt, TABLE_SCRATCH_BYTES // max(1, slots_per_tile * per_slot)))
+    grads = {j: torch.zeros(math.prod(shape), dtype=torch.float32, device=dev)
+             for j, shape in tables.items()}
+    dummy_i = torch.full((1,), -1, dtype=torch.int32, device=dev)
     dummy_v = torch.zeros(1, dtype=torch.float32, device=dev)
     for m0 in range(0, nqt, chunk):
         n_chunk = min(chunk, nqt - m0)
-        scratch, tab_args = {}, []
-        for j in range(len(meta["tables"])):
-            if j in tables:
-                scratch[j] = (torch.full((per_tile * n_chunk,), -1, dtype=torch.int64,
-                                         device=dev),
-                              torch.zeros(per_tile * n_chunk, dtype=torch.float32, device=dev))
-                tab_args += [scratch[j][1], scratch[j][0]]
-            else:
-                tab_args += [dummy_v, dummy_i]
+        scratch = TableScratch(tables, slots_per_tile * n_chunk, meta["block_m"],
+                               meta["block_n"], dev) if tables else None
+        tab_args = [scratch.vals.get(j, dummy_v) if scratch else dummy_v
+                    for j in range(len(meta["tables"]))]
         module.KERNEL_DQ[(n_chunk, B * Hq)](
             q, k, v, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *dq.stride(),
             rows["full_offsets"], rows["full_indices"], rows["partial_offsets"],
             rows["partial_indices"], rows["head_class"], rows_per_batch,
-            *in_args, *tab_args,
-            Lq, Lkv, Hq, Hq // Hkv, nqt, max(plan.visits, 1), m0, n_chunk, D, Dv, float(scale),
-            TABLE_GRAD=bool(scratch), **common)
-        for j, (idx, val) in scratch.items():
-            grads[j] += reduce_table_grad(idx, val, tables[j])
+            *in_args, scratch.tiles if scratch else dummy_i, *tab_args,
+            Lq, Lkv, Hq, Hq // Hkv, nqt, visits, m0, n_chunk, D, Dv, float(scale),
+            TABLE_GRAD=scratch is not None, SUB_N=_dq_sub_n(meta), **common)
+        if scratch is not None:
+            part = reduce_chunk(plan.pattern, sched, scratch, m0=m0, n_chunk=n_chunk,
+                                max_visits=visits, heads=Hq, q_len=Lq, kv_len=Lkv,
+                                inputs=inputs, table_sizes=tables)
+            for j, g in part.items():
+                grads[j] += g
     head_class_t = rows_t["head_class"]
     if meta.get("closed_form_t"):  # loops over the transposed schedule's bounds, its classes
         head_class_t = _transposed_classes(plan.transposed, dev)
@@ -291,6 +298,14 @@ def _transposed_classes(transposed, device) -> torch.Tensor:
     if key not in per:
         per[key] = torch.tensor(transposed.head_class, dtype=torch.int32, device=device)
     return per[key]
+
+
+def _dq_sub_n(meta) -> int:
+    """Key slots per dQ inner step: 32-slot slices of each key tile when the score reads
+    float tables (the lookups, their index arithmetic and the table-gradient stores keep
+    several more [BLOCK_M, BLOCK_N] temporaries live: whole tiles spill for t5_bias and
+    music_transformer, docs/BENCHMARKS.md), whole tiles otherwise."""
+    return min(meta["block_n"], 32) if meta["tables"] else meta["block_n"]
 
 
 def _dkv_warps(warps: int, D: int, Dv: int) -> int:
@@ -359,7 +374,8 @@ class GeneratedAttention(torch.autograd.Function):
             dout = dout * w[..., None]
         delta = (dout * out_u.to(torch.float32)).sum(-1).contiguous()
         module = load_kernel(plan.source())
-        tables = {j: inputs[name].numel() for j, (name, _) in enumerate(module.META["tables"])
+        tables = {j: tuple(inputs[name].shape)
+                  for j, (name, _) in enumerate(module.META["tables"])
                   if wanted.get(name) and inputs[name].is_floating_point()}
         dq, dk, dv, tgrads = run_backward(
             module, plan, q, k, v, dout.to(q.dtype) if q.dtype != torch.float32 else dout,
@@ -409,4 +425,4 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
     lse = torch.zeros(batch, heads, q_len, dtype=torch.float32)
     run_backward(module, plan, q, k, v, dout, lse, torch.zeros_like(lse),
                  {**inputs, **plan.extra}, head_dim ** -0.5,
-                 {j: inputs[name].numel() for j, (name, _) in enumerate(module.META["tables"])})
+                 {j: tuple(inputs[name].shape) for j, (name, _) in enumerate(module.META["tables"])})
