@@ -30,10 +30,6 @@ COMPILE = {
 SPILLS = {
     ("s2_attention", 80, 64, "runtime"):
         "issue 8 fault 5: 4 B spill stores + 4 B loads at 168 registers (11:21 UTC tree)",
-    ("document", 80, 64, "bwd"):
-        "issue 9: the dK/dV kernel spills 32 B at 255 registers (12:11 UTC, tree 2248af9)",
-    ("softcap", 80, 64, "bwd"):
-        "issue 9: the dK/dV kernel spills 32 B at 255 registers (12:11 UTC, tree 2248af9)",
 }
 SHARED = {
 }
@@ -42,8 +38,9 @@ WGMMA = {
         "linear-attention kernel (32-token blocks): some products lower to mma.sync",
     ("lightning", 90, 128, "runtime"):
         "linear-attention kernel (32-token blocks): some products lower to mma.sync",
-    **{(s, 90, d, "bwd"): "dK/dV backward kernel: some products lower to mma.sync (12:15 UTC)"
-       for s in ("sliding_window", "natten2d", "document", "softcap", "moh") for d in (64, 128)},
+    **{("lightning", 90, d, "bwd"):
+       "linear-attention backward kernels (32-token blocks): some products lower to mma.sync"
+       for d in (64, 128)},
 }
 
 
@@ -51,10 +48,9 @@ def _case_id(spec, arch, d, variant="runtime"):
     return f"{spec}-sm{arch}-d{d}" + ("" if variant == "runtime" else f"-{variant}")
 
 
-# Generated backward kernels (dQ + dK/dV, `attncc.runtime.autograd:backward_case`) of one spec
-# per loop kind: closed form, multi-D CSR, pre-pass lists, score chain rule + output scale.
-# (bench/bench_static_bwd.py compiles the whole library.)
-BWD_SPECS = ("sliding_window", "natten2d", "document", "softcap", "moh")
+# Generated backward kernels (dQ + dK/dV, `attncc.runtime.autograd:backward_case`; the linear
+# kernels for `normalize none`) of every library spec.
+BWD_SPECS = SPECS
 CASES = [(s, a, d, "runtime") for s in SPECS for a in ARCHS for d in DIMS] + \
         [(s, a, 128, "lists") for s in LIST_VARIANTS for a in ARCHS] + \
         [(s, a, d, "bwd") for s in BWD_SPECS for a in ARCHS for d in DIMS]

@@ -41,6 +41,46 @@ def test_cost_rule_extremes():
         == "dense"
 
 
+def modelled_train(backend, Lq, Lkv, H, visited):
+    pairs = H * Lq * Lkv
+    if backend == "dense":
+        return ch.DENSE_TRAIN_NS * pairs * 1e-6
+    return ch.TORCH_TRAIN_FIXED_MS + ch.TORCH_TRAIN_NS * pairs * visited * 1e-6
+
+
+@pytest.mark.parametrize("L", [64, 512, 2048, 8192])
+@pytest.mark.parametrize("visited", [0.02, 0.1, 0.5, 1.0])
+def test_train_rule_picks_the_cheaper_model(L, visited):
+    c = ch.train_cost_rule(q_len=L, kv_len=L, heads=4, visited=visited)
+    if 4 * L * L > ch.DENSE_TRAIN_MAX_ELEMS:
+        assert c.backend == "torch" and "dense training limit" in c.reason
+        return
+    t, d = modelled_train("torch", L, L, 4, visited), modelled_train("dense", L, L, 4, visited)
+    assert c.backend == ("torch" if t < d else "dense"), c
+
+
+def test_train_rule_counts_the_batch_against_the_memory_limit():
+    small = ch.train_cost_rule(q_len=4096, kv_len=4096, heads=8, visited=1.0, batch=1)
+    big = ch.train_cost_rule(q_len=4096, kv_len=4096, heads=8, visited=1.0, batch=4)
+    assert small.backend == "dense" and big.backend == "torch"
+
+
+def test_dense_training_matches_reference_with_empty_rows_and_gqa():
+    p = attncc.parse("pattern t\nmask causal & q >= 3\nscore softcap(s, 5)\n")
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 20, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 20, 8, generator=g, requires_grad=True) for _ in range(2))
+    for spec in (p, attncc.parse("pattern e\nmask k < q - 3\n")):
+        out = attncc.compile(spec, backend="dense")(q, k, v)
+        got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = attncc.reference(spec, *leaves)
+        want = torch.autograd.grad(ref, leaves, torch.ones_like(ref))
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            assert (a.double() - b).abs().max() < 1e-5
+
+
 def test_call_properties_override_the_rule():
     kw = dict(q_len=8192, kv_len=8192, heads=8, visited=0.05)
     assert ch.choose_cpu_backend(**kw).backend == "flex"
@@ -67,8 +107,14 @@ def test_kernel_chooses_per_call_and_keeps_explicit_backends():
     out, lse = kern(q, k, v, return_lse=True)
     assert kern.last_backend == "dense" and (lse.double() - ref_lse).abs().max() < 1e-5
     qg = q.clone().requires_grad_()
-    kern(qg, k, v).sum().backward()
-    assert kern.last_backend == "torch" and qg.grad is not None
+    kern(qg, k, v).sum().backward()      # a small training step: dense autograd
+    assert kern.last_backend == "dense" and kern.last_choice.reason.startswith(
+        "gradients needed") and qg.grad is not None
+    # A long sparse training step goes to the block-sparse torch backend (its tile fraction
+    # from the schedule, nothing run).
+    long = attncc.compile(attncc.load("specs/sliding_window.attn", window=256))
+    choice = long.choose(4096, 4096, 4, grad=True)
+    assert choice.backend == "torch" and "visits" in choice.reason
     explicit = attncc.compile(p, backend="reference")
     explicit(q, k, v)
     assert explicit.last_backend == "reference" and explicit.last_choice is None

@@ -14,12 +14,21 @@ The rule (`cost_rule`) compares two cost models fitted to `python bench/bench_ch
            coordinates by division per element and whose 1-D blocks are mostly partial)
 
 with `visited` the fraction of (query block, key block) pairs FlexAttention's block mask
-visits (1.0 when the mask depends on runtime data: then only the size can favour flex). The
-constants are in one unit (the machine was heavily shared while measuring, so absolute times
-are inflated; their ratios decide). Calls that need gradients go to "torch" (block-sparse
-with its own backward pass; FlexAttention has none on CPU); float64 inputs and calls that
-need the log-sum-exp go to "dense" (FlexAttention's CPU path has neither); masks whose dense
-form per head would pass DENSE_MAX_PAIRS go to "flex".
+visits (1.0 when the mask depends on runtime data: then only the size can favour flex).
+Float64 inputs and calls that need the log-sum-exp go to "dense" (FlexAttention's CPU path
+has neither); masks whose dense form per head would pass DENSE_MAX_PAIRS go to "flex".
+
+Calls that need gradients (FlexAttention has no backward on CPU) are a training step; the
+training rule (`train_cost_rule`) compares
+
+    dense  autograd through SDPA over the dense mask: t ≈ DENSE_TRAIN_NS · H·Lq·Lkv, and
+           memory for several [B, H, Lq, Lkv] float32 matrices (refused past
+           DENSE_TRAIN_MAX_ELEMS)
+    torch  block-sparse torch with its own backward over the schedule's kept 64×64 tiles:
+           t ≈ TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS · H·Lq·Lkv·visited
+
+with `visited` the fraction of the schedule's tiles the torch backend visits (1.0 when its
+lists come from runtime data). The constants are in one unit; their ratios decide.
 """
 from __future__ import annotations
 
@@ -34,6 +43,13 @@ FLEX_GRID_NS = 400.0
 FLEX_FIXED_MS = 20.0
 # Above this many mask elements per head the dense mask itself is a memory problem.
 DENSE_MAX_PAIRS = 1 << 26
+# Training step (forward + backward) models, fitted to `python bench/bench_choose.py --train`.
+DENSE_TRAIN_NS = 60.0
+TORCH_TRAIN_NS = 150.0
+TORCH_TRAIN_FIXED_MS = 20.0
+# Dense training keeps scores, probabilities and their gradients: past this many elements per
+# call (B·H·Lq·Lkv; 1 GiB per float32 matrix) it is not chosen.
+DENSE_TRAIN_MAX_ELEMS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -78,12 +94,36 @@ def cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
     return Choice("dense", f"{what}: modelled {dense:.1f} ms <= flex {flex:.1f} ms")
 
 
+def train_cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
+                    batch: int = 1) -> Choice:
+    """"dense" or "torch" for a call that needs gradients (a training step), whichever the
+    training cost models say is faster; `visited` in [0, 1] is the fraction of the schedule's
+    tiles the torch backend visits (None when its lists come from runtime data)."""
+    elems = batch * heads * q_len * kv_len
+    if elems > DENSE_TRAIN_MAX_ELEMS:
+        return Choice("torch", f"gradients needed: {elems} score elements is past the dense "
+                               f"training limit {DENSE_TRAIN_MAX_ELEMS}")
+    pairs = heads * q_len * kv_len
+    dense = DENSE_TRAIN_NS * pairs * 1e-6
+    v = 1.0 if visited is None else float(visited)
+    torch_ms = TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS * pairs * v * 1e-6
+    what = (f"torch visits {v:.1%} of tiles" if visited is not None
+            else "tiles decided at run time")
+    if torch_ms < dense:
+        return Choice("torch", f"gradients needed, {what}: modelled {torch_ms:.1f} ms < dense "
+                               f"{dense:.1f} ms")
+    return Choice("dense", f"gradients needed, {what}: modelled {dense:.1f} ms <= torch "
+                           f"{torch_ms:.1f} ms")
+
+
 def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
                        grid: bool = False, grad: bool = False, need_lse: bool = False,
-                       float64: bool = False) -> Choice:
-    """The backend for a CPU call without an explicit backend (see the module docstring)."""
+                       float64: bool = False, batch: int = 1) -> Choice:
+    """The backend for a CPU call without an explicit backend (see the module docstring);
+    with `grad`, `visited` is the torch backend's tile fraction (`train_cost_rule`)."""
     if grad:
-        return Choice("torch", "gradients needed: block-sparse torch with its own backward")
+        return train_cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
+                               batch=batch)
     if float64:
         return Choice("dense", "float64 inputs (FlexAttention's CPU path is float32)")
     if need_lse:
