@@ -60,9 +60,11 @@ def test_train_rule_picks_the_cheaper_model(L, visited):
 
 
 def test_train_rule_counts_the_batch_against_the_memory_limit():
-    small = ch.train_cost_rule(q_len=4096, kv_len=4096, heads=8, visited=1.0, batch=1)
-    big = ch.train_cost_rule(q_len=4096, kv_len=4096, heads=8, visited=1.0, batch=4)
-    assert small.backend == "dense" and big.backend == "torch"
+    # 1024² × 4 heads: dense by cost with every tile visited; 8× the batch passes the limit
+    small = ch.train_cost_rule(q_len=1024, kv_len=1024, heads=4, visited=1.0, batch=1)
+    big = ch.train_cost_rule(q_len=1024, kv_len=1024, heads=4, visited=1.0, batch=8)
+    assert 4 * 1024 * 1024 <= ch.DENSE_TRAIN_MAX_ELEMS < 8 * 4 * 1024 * 1024
+    assert small.backend == "dense" and big.backend == "torch" and "limit" in big.reason
 
 
 def test_dense_training_matches_reference_with_empty_rows_and_gqa():
@@ -113,7 +115,7 @@ def test_kernel_chooses_per_call_and_keeps_explicit_backends():
     # A long sparse training step goes to the block-sparse torch backend (its tile fraction
     # from the schedule, nothing run).
     long = attncc.compile(attncc.load("specs/sliding_window.attn", window=256))
-    choice = long.choose(4096, 4096, 4, grad=True)
+    choice = long.choose(2048, 2048, 2, grad=True)
     assert choice.backend == "torch" and "visits" in choice.reason
     explicit = attncc.compile(p, backend="reference")
     explicit(q, k, v)

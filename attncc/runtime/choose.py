@@ -48,8 +48,9 @@ DENSE_TRAIN_NS = 60.0
 TORCH_TRAIN_NS = 150.0
 TORCH_TRAIN_FIXED_MS = 20.0
 # Dense training keeps scores, probabilities and their gradients: past this many elements per
-# call (B·H·Lq·Lkv; 1 GiB per float32 matrix) it is not chosen.
-DENSE_TRAIN_MAX_ELEMS = 1 << 28
+# call (B·H·Lq·Lkv; 64 MiB per float32 matrix) it is not chosen, so that a default CPU
+# training step stays within a small multiple of O(kept tiles) memory.
+DENSE_TRAIN_MAX_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
