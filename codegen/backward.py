@@ -118,9 +118,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     Returns Python source defining `KERNEL_DQ`, `KERNEL_DKV`, `KERNEL` and `META`.
     Raises CodegenError for constructs the kernels cannot express.
     """
-    if getattr(pattern, "normalize", "softmax") != "softmax":
-        raise CodegenError("backward kernels are for softmax attention (`normalize none` "
-                           "patterns have their own path)")
+    none = getattr(pattern, "normalize", "softmax") == "none"
     if pattern.output_scale is not None:
         raise CodegenError("backward kernels take the pattern without its output scale "
                            "(the runtime applies and differentiates it)")
@@ -158,27 +156,49 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         need = ([score, d_s] if score is not None else []) + ([mask] if masked else [])
         dot, shape = (("tl.dot(k_blk, tl.trans(q_blk))", "[BLOCK_N, SUB_M]") if transposed
                       else ("tl.dot(q_blk, tl.trans(k_blk))", "[BLOCK_M, SUB_N]"))
-        if score is None:
-            return ([f"x = {dot} * (sm_scale * 1.4426950408889634)"]
-                    + rendered.loop_lines(need))
+        if score is None:  # the weight s (no softmax), or s in base 2
+            factor = "sm_scale" if none else "(sm_scale * 1.4426950408889634)"
+            return [f"x = {dot} * {factor}"] + rendered.loop_lines(need)
         lines = [f"s = {dot} * sm_scale"] + rendered.loop_lines(need)
         text = rendered.text(score)
         if "s" not in free_vars(score):
             text = f"({text} + tl.zeros({shape}, tl.float32))"
+        if none:
+            return lines + [f"x = {text}  # score modifier: the weight itself"]
         return lines + [f"x = {text} * {LOG2E}  # score modifier, then base 2"]
 
-    def probs(rendered, masked: bool, tail: bool, transposed: bool = False) -> list[str]:
-        row = "lse2[None, :]" if transposed else "lse2[:, None]"
-        keep = (["k_ok[None, :]"] if tail else []) + ([rendered.text(mask)] if masked else [])
-        if not keep:
-            return [f"p = tl.exp2(x - {row})"]
-        return [f"keep = {' & '.join(keep)}",
-                f"p = tl.where(keep, tl.exp2(x - {row}), 0.0)"]
+    def keeps(rendered, masked: bool, tail: bool, transposed: bool = False) -> list[str]:
+        """Texts ANDed into `keep`: the key tail (dQ), the query tail (dK/dV without softmax:
+        no lse = +inf makes those weights 0) and the mask on PARTIAL tiles."""
+        tails = (["q_ok[None, :]"] if none else []) if transposed else \
+            (["k_ok[None, :]"] if tail else [])
+        return tails + ([rendered.text(mask)] if masked else [])
 
-    def chain(rendered) -> list[str]:
+    def probs(rendered, masked: bool, tail: bool, transposed: bool = False) -> list[str]:
+        """P recomputed from the saved lse; without softmax the weights are the scores."""
+        row = "lse2[None, :]" if transposed else "lse2[:, None]"
+        keep = keeps(rendered, masked, tail, transposed)
+        x = "x" if none else f"tl.exp2(x - {row})"
+        if not keep:
+            return [f"p = {x}"]
+        return [f"keep = {' & '.join(keep)}", f"p = tl.where(keep, {x}, 0.0)"]
+
+    def dscore(rendered, masked: bool, tail: bool, transposed: bool = False) -> list[str]:
+        """ds = ∂L/∂(weight before the chain rule): softmax P ⊙ (dP − Δ), or dP itself."""
+        if not none:
+            return [f"ds = p * (dp - delta{'[None, :]' if transposed else '[:, None]'})"]
+        return ["ds = tl.where(keep, dp, 0.0)" if keeps(rendered, masked, tail, transposed)
+                else "ds = dp"]
+
+    def chain(rendered, masked: bool = False, tail: bool = False,
+              transposed: bool = False) -> list[str]:
         if score is None:
             return ["ds_s = ds"]
-        return [f"ds_s = ds * {rendered.text(d_s)}  # chain rule: d score / d s"]
+        d = rendered.text(d_s)
+        if none and keeps(rendered, masked, tail, transposed):
+            # ∂score/∂s may be non-finite off the mask: select, do not multiply by 0
+            return [f"ds_s = tl.where(keep, ds * {d}, 0.0)  # chain rule: d score / d s"]
+        return [f"ds_s = ds * {d}  # chain rule: d score / d s"]
 
     def table_lines(rendered, masked: bool, tail: bool) -> list[str]:
         if not tables:
@@ -232,7 +252,8 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
             "k_mask": f"k_ok[:, None] & {d_k}" if tail else d_k,
             "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
             "k_coords": k_coords, "scores": score_lines, "probs": probs(r_dq, masked, tail),
-            "chain": chain(r_dq), "table_grads": tab})
+            "dscore": dscore(r_dq, masked, tail), "chain": chain(r_dq, masked, tail),
+            "table_grads": tab})
 
     def dkv_step(kind: str, loop_header: str, tile_index: list[str]) -> list[str]:
         """One query-tile step of dK/dV. Query slots past Q_LEN have lse = +inf (P = 0) and
@@ -242,7 +263,9 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
             "loop_header": loop_header, "tile_index": tile_index, "kind": kind,
             "q_tile": q_tile_sub, "q_coords": q_coords_t,
             "scores": scores(r_kv, masked, transposed=True),
-            "probs": probs(r_kv, masked, False, transposed=True), "chain": chain(r_kv)})
+            "probs": probs(r_kv, masked, False, transposed=True),
+            "dscore": dscore(r_kv, masked, False, transposed=True),
+            "chain": chain(r_kv, masked, False, transposed=True)})
 
     # dQ loops: the forward's key-tile loops (closed form or CSR rows).
     bounds = usable_bounds(schedule)
@@ -289,7 +312,8 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         + (f" over grid {'x'.join(map(str, kg.shape))}" if len(kg.tile) > 1 else " tokens"),
         f"# {list_kind}; dK/dV query-tile loops: {list_kind_t}.",
         f"# score tables with gradients: {len(tables)}",
-    ]
+    ] + (["# normalize none: the weights are the scores (no softmax: P = keep · score, "
+          "dS = keep · dP)."] if none else [])
     helper_lines: list[str] = []
     for hname in sorted(helpers):
         helper_lines += [""] + list(HELPERS[hname]) + [""]

@@ -49,8 +49,14 @@ def _case_id(spec, arch, d, variant="runtime"):
 
 
 # Generated backward kernels (dQ + dK/dV, `attncc.runtime.autograd:backward_case`; the linear
-# kernels for `normalize none`) of every library spec.
-BWD_SPECS = SPECS
+# kernels for separable `normalize none`) of every library spec, and of a `normalize none`
+# spec that is not separable (the generated kernels without softmax, with a table gradient).
+INLINE_SPECS = {
+    "none_band": "pattern none_band\ninput bias: float[h, 64]\nmask causal & q - k < 200\n"
+                 "score tanh(s) * exp(-0.01 * (q - k)) + bias[h, clamp(q - k, 0, 63)]\n"
+                 "normalize none\n",
+}
+BWD_SPECS = SPECS + sorted(INLINE_SPECS)
 CASES = [(s, a, d, "runtime") for s in SPECS for a in ARCHS for d in DIMS] + \
         [(s, a, 128, "lists") for s in LIST_VARIANTS for a in ARCHS] + \
         [(s, a, d, "bwd") for s in BWD_SPECS for a in ARCHS for d in DIMS]
@@ -58,8 +64,9 @@ CASES = [(s, a, d, "runtime") for s in SPECS for a in ARCHS for d in DIMS] + \
 
 def _job(spec, arch, d, variant):
     if variant == "bwd":
+        text = INLINE_SPECS.get(spec) or os.path.join(SPECS_DIR, spec + ".attn")
         return {"arch": arch, "sass": False, "entry": "attncc.runtime.autograd:backward_case",
-                "kwargs": {"spec": os.path.join(SPECS_DIR, spec + ".attn"), "head_dim": d}}
+                "kwargs": {"spec": text, "head_dim": d}}
     return {"arch": arch, "sass": False,
             "kwargs": {"spec": os.path.join(SPECS_DIR, spec + ".attn"), "head_dim": d,
                        "variant": variant}}

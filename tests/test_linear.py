@@ -204,6 +204,8 @@ def test_fallback_matches_reference(mask, score, backend):
     q, k, v = qkv(1, 4, 2, 45, 45, 8, 8, seed=1, grad=True)
     out, lse = kern(q, k, v, return_lse=True)
     assert kern.last_algorithm.linear is False
+    if backend == "interpret":  # gradients by the generated dQ and dK/dV kernels
+        assert "normalize none: the weights are the scores" in kern.backward_source
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = attncc.reference(p, *leaves, return_lse=True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
@@ -213,6 +215,29 @@ def test_fallback_matches_reference(mask, score, backend):
     ref.backward(g.double())
     for t, r in zip((q, k, v), leaves):
         torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_backward_without_softmax_table_gqa_and_lengths():
+    """Non-separable `normalize none` trains through the generated kernels: a learned table in
+    the score (its gradient too), GQA 2:1, Lq != Lkv, a band that leaves rows empty."""
+    p = attncc.parse("pattern nb\ninput bias: float[h, 64]\nmask q - k < 20 & k - q < 9 & q >= 3\n"
+                     "score tanh(s) * exp(-0.1 * abs(q - k)) + bias[h, clamp(q - k + 30, 0, 63)]\n"
+                     "normalize none\n")
+    kern = attncc.compile(p, backend="interpret", block_m=16, block_n=16)
+    q, k, v = qkv(1, 4, 2, 37, 41, 16, 16, seed=3, grad=True)
+    bias = torch.randn(4, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    out = kern(q, k, v, bias=bias)
+    leaves = [q, k, v, bias]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    rl = [t.detach().double().requires_grad_() for t in leaves]
+    ref = attncc.reference(p, *rl[:3], bias=rl[3])
+    want = torch.autograd.grad(ref, rl, g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    assert not out[:, :, :3].any()
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mask,score", [

@@ -415,11 +415,12 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
     n, _, h = kern.default_shape()
     q_len, heads = q_len or n, heads or h
     if getattr(pattern, "normalize", "softmax") == "none":
-        # Linear attention trains through its own dQ / dK / dV kernels (pattern-independent:
-        # the proved decay is a launch argument).
-        from .linear import aot_backward_case
-        return aot_backward_case(head_dim=head_dim, dtype=dtype, batch=batch, heads=heads,
-                                 q_len=q_len)
+        from .linear import algorithm, aot_backward_case
+        if algorithm(pattern, heads, q_len, q_len).linear:
+            # Linear attention trains through its own dQ / dK / dV kernels (pattern-
+            # independent: the proved decay is a launch argument).
+            return aot_backward_case(head_dim=head_dim, dtype=dtype, batch=batch, heads=heads,
+                                     q_len=q_len)
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     q, k, v, dout = (torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)

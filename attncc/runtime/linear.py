@@ -363,8 +363,8 @@ def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: 
     """(out in q's dtype [B, Hq, Lq, Dv], lse float32 [B, Hq, Lq] or None) of a `normalize
     none` pattern by `backend`; arguments already validated by `Kernel.__call__`. With `grad`
     (some input requires grad) the result is differentiable: the linear paths and the torch
-    quadratic path directly; the generated quadratic kernel has no backward for `normalize
-    none`, so such calls run the torch quadratic path."""
+    quadratic path directly, the generated quadratic kernel through its generated dQ and
+    dK/dV kernels (`runtime.autograd.GeneratedAttention`, no softmax)."""
     pattern = kern.pattern
     B, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     Lkv = k.shape[2]
@@ -385,7 +385,12 @@ def run_none(kern, backend: str, q, k, v, inputs: dict, scale: float, need_lse: 
             row = torch.arange(Lq, device=q.device) + d >= 0
             lse = torch.where(row, 0.0, float("-inf")).to(torch.float32).expand(B, Hq, Lq)
         return out.to(q.dtype), lse
-    if backend in ("triton", "interpret") and not grad:
+    if backend in ("triton", "interpret"):
+        if grad:  # the generated dQ and dK/dV kernels, without softmax
+            from .autograd import GeneratedAttention
+            out, lse = GeneratedAttention.apply(kern, backend, scale, need_lse, tuple(inputs),
+                                                q, k, v, *inputs.values())
+            return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
         from .compile import RUNNERS
         out, lse = RUNNERS[backend](kern, q, k, v, inputs, scale, True)
         return out.to(q.dtype), (lse.to(torch.float32) if need_lse else None)
