@@ -18,7 +18,8 @@ visits (1.0 when the mask depends on runtime data: then only the size can favour
 constants are in one unit (the machine was heavily shared while measuring, so absolute times
 are inflated; their ratios decide). Calls that need gradients go to "torch" (block-sparse
 with its own backward pass; FlexAttention has none on CPU); float64 inputs and calls that
-need the log-sum-exp go to "dense" (FlexAttention's CPU path has neither); masks whose dense
+need the log-sum-exp go to "dense" (FlexAttention's CPU path has neither); calls asking for
+block scores (`return_block_scores`) go to "torch", which pools them over its kept tiles; masks whose dense
 form per head would pass DENSE_MAX_PAIRS go to "flex".
 """
 from __future__ import annotations
@@ -80,8 +81,11 @@ def cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
 
 def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
                        grid: bool = False, grad: bool = False, need_lse: bool = False,
-                       float64: bool = False) -> Choice:
+                       float64: bool = False, block_scores: bool = False) -> Choice:
     """The backend for a CPU call without an explicit backend (see the module docstring)."""
+    if block_scores:
+        return Choice("torch", "block scores requested: block-sparse torch pools them in a "
+                               "second pass over its kept tiles")
     if grad:
         return Choice("torch", "gradients needed: block-sparse torch with its own backward")
     if float64:

@@ -149,7 +149,8 @@ def runtime_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
 
 
 def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   inputs: Mapping[str, torch.Tensor], *, scale: float, options):
+                   inputs: Mapping[str, torch.Tensor], *, scale: float, options,
+                   block_scores=None):
     """Data-dependent forward through the generated Triton kernel (CUDA, or the interpreter).
 
     q [B, Hq, Lq, D], k / v [B, Hkv, Lkv, D(v)], validated `inputs`. The static conjuncts of
@@ -186,7 +187,7 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          full_tiles=full, partial_tiles=partial,
                          extra={"interpreted": interpreter_enabled()})
     out, lse = run_forward(module, ksched, q, k, v, inputs={**inputs, **sel_inputs}, scale=scale,
-                           options=options, lists=lists)
+                           options=options, lists=lists, block_scores=block_scores)
     return out, lse, stats
 
 
