@@ -177,13 +177,16 @@ def cluster_ids(x: torch.Tensor, centroids: torch.Tensor, normalize: bool = True
 
 
 def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torch.Tensor:
-    """MoBA block selection (specs/moba.attn: chosen[b, h, q, topk]).
+    """MoBA block selection as indices: chosen[b, h, q, topk] (the blocks that
+    `route(region = block, topk = topk, query_region = 1, causal = true)` keeps, in
+    specs/moba.attn, for inspection or for masks written with explicit block lists).
 
-    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (Hq % Hkv == 0; queries aligned to the last Lq key
-    positions) → int64 [B, Hq, Lq, topk]: for each query token the key blocks of `block`
-    tokens ranked by q · mean(k over the block) (the last block averages its real tokens),
-    blocks after the query's own excluded, its own block always first; ties to the lower block
-    index; slots beyond the available blocks are -1."""
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (Hq % Hkv == 0; query head h reads key head
+    h // (Hq // Hkv); queries aligned to the last Lq key positions) → int64 [B, Hq, Lq, topk]:
+    for each query token the key blocks of `block` tokens ranked by q · mean(k over the block)
+    in float64 (the last block averages its real tokens), blocks after the query's own
+    excluded, its own block always first; ties to the lower block index; slots beyond the
+    available blocks are -1."""
     if not (_is_int(block) and block >= 1 and _is_int(topk) and topk >= 1):
         raise HelperError(f"block and topk must be positive integers, got {block!r}, {topk!r}")
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
@@ -194,12 +197,12 @@ def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torc
     B, Hq, Lq, D = q.shape
     Lkv = k.shape[2]
     nb = -(-Lkv // block)
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - Lkv))
-    counts = torch.full((nb,), float(block), device=k.device)
+    kf = torch.nn.functional.pad(k.to(torch.float64), (0, 0, 0, nb * block - Lkv))
+    counts = torch.full((nb,), float(block), dtype=torch.float64, device=k.device)
     counts[-1] = Lkv - (nb - 1) * block
     means = kf.view(B, k.shape[1], nb, block, D).sum(3) / counts[:, None]
     means = means.repeat_interleave(Hq // k.shape[1], 1)
-    gate = q.float() @ means.transpose(-1, -2)                      # [B, Hq, Lq, nb]
+    gate = q.to(torch.float64) @ means.transpose(-1, -2)             # [B, Hq, Lq, nb]
     own = (torch.arange(Lq, device=q.device) + (Lkv - Lq)).div(block, rounding_mode="floor")
     blocks = torch.arange(nb, device=q.device)
     gate = gate.masked_fill(blocks[None, :] > own[:, None], float("-inf"))

@@ -43,9 +43,10 @@ def _group_expr(side: str, node, layout) -> Expr:
     `_block_gids`: regions row-major over the region grid of the layout."""
     if isinstance(node, Blocks):
         return Binary("floordiv", Var(side), Const(node.block))
+    size = node.query_region if side == "q" else node.region
     if layout is None:
-        return Binary("floordiv", Var(side), Const(node.region[0]))
-    region = _region_tuple(node.region, len(layout.axes))
+        return Var(side) if size[0] == 1 else Binary("floordiv", Var(side), Const(size[0]))
+    region = _region_tuple(size, len(layout.axes))
     out: Expr = Const(0)
     for a, (axis, r) in enumerate(zip(layout.axes, region)):
         out = Binary("add", Binary("mul", out, Const(-(-axis.size // r))),
@@ -57,13 +58,16 @@ def tile_aligned(node, pattern, grids) -> bool:
     """Whether every (query tile, key tile) of `grids` = (q_grid, kv_grid) lies inside one
     (query group, key group) of selector `node`, so the selection is one value per tile."""
     q_grid, kv_grid = grids
+    if isinstance(node, Blocks):
+        sizes = ((node.block,), (node.block,))
+    else:
+        nd = 1 if pattern.layout is None else len(pattern.layout.axes)
+        sizes = (_region_tuple(node.query_region, nd), _region_tuple(node.region, nd))
     if isinstance(node, Blocks) or pattern.layout is None:
-        size = node.block if isinstance(node, Blocks) else _region_tuple(node.region, 1)[0]
         return len(q_grid.tile) == 1 and len(kv_grid.tile) == 1 \
-            and size % q_grid.tile[0] == 0 and size % kv_grid.tile[0] == 0
-    region = _region_tuple(node.region, len(pattern.layout.axes))
-    return all(len(g.tile) == len(region) and all(r % t == 0 for r, t in zip(region, g.tile))
-               for g in (q_grid, kv_grid))
+            and sizes[0][0] % q_grid.tile[0] == 0 and sizes[1][0] % kv_grid.tile[0] == 0
+    return all(len(g.tile) == len(r) and all(a % t == 0 for a, t in zip(r, g.tile))
+               for g, r in zip((q_grid, kv_grid), sizes))
 
 
 def lower_selectors(pattern, selections: Mapping, grids=None):
@@ -201,7 +205,11 @@ def region_aligned_options(pattern, options):
     if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
             or options.kv_tile is not None:
         return options
-    region = _region_tuple(routes[0].region, len(layout.axes))
-    if all(r & (r - 1) == 0 for r in region) and 16 <= math.prod(region) <= 256:
-        return options.replace(q_tile=region, kv_tile=region)
+    nd = len(layout.axes)
+    region, q_region = (_region_tuple(r, nd) for r in (routes[0].region, routes[0].query_region))
+
+    def box(r):
+        return all(x & (x - 1) == 0 for x in r) and 16 <= math.prod(r) <= 256
+    if box(region) and box(q_region):
+        return options.replace(q_tile=q_region, kv_tile=region)
     return options
