@@ -339,10 +339,12 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
                     raise CodegenError(f"coordinate {n.side}.{n.name} needs a grid layout axis")
                 coords[n.side].add(n.axis)
     base_vars = {v: v for v in ("b", "h", "q", "Q_LEN", "KV_LEN", "HEADS")}
-    loop_scope = Scope(vars={**base_vars, "k": "k", "s": "s"},
+    # `kt` (lowered selections of tile-aligned key regions): the key tile's first token.
+    tile_var = {"kt": "(n * BLOCK_N)"} if len(kg.tile) == 1 else {}
+    loop_scope = Scope(vars={**base_vars, "k": "k", "s": "s", **tile_var},
                        coords={**{("q", a): f"q_c{a}" for a in coords["q"]},
                                **{("k", a): f"k_c{a}" for a in coords["k"]}},
-                       inputs=refs, varying=frozenset({"k", "s", "k."}))
+                       inputs=refs, varying=frozenset({"k", "s", "k.", "kt"}))
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
     roots = [mask] + ([score] if score is not None else [])

@@ -36,7 +36,9 @@ INT, FLOAT, BOOL = "int", "float", "bool"
 INDEX_VARS = ("b", "h", "q", "k")
 LENGTH_VARS = ("Q_LEN", "KV_LEN", "HEADS")
 SCORE_VAR = "s"
-TILE_VARS = ("qt", "qt0", "qt1", "qt2", "qt3")  # query-tile index (1-D / per axis), schedule bounds
+# Query-tile index (1-D / per axis) of schedule bounds; "kt": the first token of the forward
+# kernel's current 1-D key tile (selections lowered for tile-aligned key regions).
+TILE_VARS = ("qt", "qt0", "qt1", "qt2", "qt3", "kt")
 VAR_TYPES = {**{n: INT for n in INDEX_VARS + LENGTH_VARS + TILE_VARS}, SCORE_VAR: FLOAT}
 
 ARITH_OPS = ("add", "sub", "mul", "floordiv", "mod", "div", "min", "max")

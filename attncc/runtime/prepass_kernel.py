@@ -38,14 +38,17 @@ def needs_prepass(pattern) -> bool:
         or any(document_input(t) is not None for t in conjuncts(pattern.mask))
 
 
-def _group_expr(side: str, node, layout) -> Expr:
+def _group_expr(side: str, node, layout, per_tile: bool = False) -> Expr:
     """IR of the group (region / block) index of token `side`, matching `route_select` /
-    `_block_gids`: regions row-major over the region grid of the layout."""
+    `_block_gids`: regions row-major over the region grid of the layout. `per_tile` (key
+    side, 1-D key tiles inside one group each): the group of the key tile's first token
+    `kt`, one value per tile (so the kernel loads one selection per query row)."""
+    token = Var("kt") if per_tile else Var(side)
     if isinstance(node, Blocks):
-        return Binary("floordiv", Var(side), Const(node.block))
+        return Binary("floordiv", token, Const(node.block))
     size = node.query_region if side == "q" else node.region
     if layout is None:
-        return Var(side) if size[0] == 1 else Binary("floordiv", Var(side), Const(size[0]))
+        return token if size[0] == 1 else Binary("floordiv", token, Const(size[0]))
     region = _region_tuple(size, len(layout.axes))
     out: Expr = Const(0)
     for a, (axis, r) in enumerate(zip(layout.axes, region)):
@@ -77,7 +80,9 @@ def lower_selectors(pattern, selections: Mapping, grids=None):
     grids  (q_grid, kv_grid) of a kernel that reads pre-pass lists (which hold only tiles
            with a selected pair): a selector that is a conjunct of the mask and whose groups
            contain whole tiles (`tile_aligned`) is constant true on every listed tile, so it
-           is dropped (no per-element selection load).
+           is dropped (no per-element selection load); one whose key groups contain whole
+           1-D key tiles reads its selection per (query row, key tile) through `kt`, the
+           kernel's key-tile start (the forward generator's loop variable).
 
     Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}); the
     lowered pattern declares the selections (as bool inputs) and drops inputs that only the
@@ -97,12 +102,18 @@ def lower_selectors(pattern, selections: Mapping, grids=None):
             taken.add(names[node])
             tensors[names[node]] = selections[node][0].to(torch.int8).contiguous()
 
+    def key_aligned(n):
+        if grids is None or pattern.layout is not None or len(grids[1].tile) != 1:
+            return False
+        size = n.block if isinstance(n, Blocks) else n.region[0]
+        return size % grids[1].tile[0] == 0
+
     def rewrite(n):
         if n in dropped:
             return TRUE
         if n in names:
             return Load(names[n], (Var("b"), Var("h"), _group_expr("q", n, pattern.layout),
-                                   _group_expr("k", n, pattern.layout)), BOOL)
+                                   _group_expr("k", n, pattern.layout, key_aligned(n))), BOOL)
         return None
 
     mask = transform(pattern.mask, rewrite)
