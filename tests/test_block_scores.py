@@ -109,15 +109,17 @@ def test_block_gate_pattern_and_empty_rows():
         assert (scores[~keep.view(1, 2, 4, 16, 4, 16).any(-1).any(-2)] == 0).all()
 
 
-def test_grid_pattern_uses_one_dimensional_tiles_for_the_pass():
-    """A grid pattern (multi-D tiles by default) runs the pass on 1-D tiles dividing β."""
+@pytest.mark.parametrize("tile_1d,how", [(False, "tiles"), (True, "kernel")])
+def test_grid_pattern(tile_1d, how):
+    """A grid pattern's box tiles do not align with runs of β tokens: the kernel's forward,
+    then the tile pass; with 1-D tiles requested the kernel pools them itself."""
     p = attncc.parse("pattern n\nlayout grid(y = 8, x = 12)\nmask neighborhood(3)\n")
     q, k, v = _qkv(5, B=1, Hq=2, Hkv=2, Lq=96, Lkv=96)
     keep = p.dense_mask(96, 96)
     probs = dense_probs(q, k, keep, 8 ** -0.5)
-    kern = attncc.compile(p, backend="interpret")
+    kern = attncc.compile(p, backend="interpret", tile_1d=tile_1d)
     _, scores = kern(q, k, v, return_block_scores=32)
-    assert kern.last_block_scores == "kernel"
+    assert kern.last_block_scores == how
     torch.testing.assert_close(scores.double(), max_pool(probs, 32), rtol=1e-4, atol=1e-6)
 
 

@@ -17,13 +17,15 @@ pass over the forward's key-tile lists (QKᵀ, mask and score modifier; no P·V)
   behind the constexpr `BLOCK_SCORES` (the default launch compiles the pass away). 1-D tiles
   whose sizes divide β are required, so every tile lies in one block: the call uses the
   kernel's own tiles when they do, else 1-D tiles of the largest power of two >= 16 dividing
-  β (`aligned_options`). Max: one float atomic max per tile into the output (exact and
-  order-independent); mean: one partial sum per (query tile, key tile), summed in a fixed
+  β (`aligned_options`; grid layouts, whose tiles are boxes, take the torch pass below unless
+  their options ask for 1-D tiles). Max: one float atomic max per tile into the output (exact
+  and order-independent); mean: one partial sum per (query tile, key tile), summed in a fixed
   order here (no float atomic adds: two runs are bit-identical).
 * backend "torch" (and the default CPU choice): the block-sparse torch forward, then the same
   second pass over its tile lists (`pooled_scores`), O(kept tiles) work and memory.
-* other backends ("flex", "dense", generated kernels under autograd, or β with no power-of-two
-  divisor >= 16): their forward, then `pooled_scores` with the lse they return.
+* other backends ("flex", "dense", generated kernels under autograd or with grid tiles, or β
+  with no power-of-two divisor >= 16): their forward, then `pooled_scores` with the lse they
+  return.
 * "reference": `block_scores` below, dense float64 (the definition, O(β·Lkv) memory per block).
 
 (batch, head, query tile) triples that an `output scale` skips (all weights zero) have lse
@@ -156,14 +158,22 @@ def pooled_scores(pattern, plan, q: torch.Tensor, k: torch.Tensor, lse: torch.Te
         qg, lse_g = qt[:, :, t0:t1], lse_t[:, :, t0:t1, :, None]
         for ktok, kreal, full, ent, _ in slab_iter:
             s = _scores(slabs, qg, slabs.gather(kt, ent), score_fn, qc, ktok)
-            p = torch.exp(s - lse_g)                                   # [B, H, G, Sq, N]
             keep = slabs.keep(qc, qreal, ktok, kreal, full)
-            if keep is not None:
-                p = torch.where(keep, p, zero)
+            if tiled and pool == "max":
+                # exp increases: a tile's largest P is exp(row max - lse) of one of its rows
+                if keep is not None:
+                    s = s.masked_fill(~keep, -math.inf)
+                G, Ec = s.shape[2], ent.shape[-1]
+                rmax = s.reshape(B, Hq, G, sq, Ec, sk).amax(-1)          # [B, H, G, Sq, Ec]
+                p = torch.exp(rmax - lse_g).amax(3)                      # [B, H, G, Ec]
+            else:
+                p = torch.exp(s - lse_g)                                 # [B, H, G, Sq, N]
+                if keep is not None:
+                    p = torch.where(keep, p, zero)
             if tiled:  # one value per (query tile, listed key tile), then into its block
                 G, Ec = p.shape[2], ent.shape[-1]
-                p = p.view(B, Hq, G, sq, Ec, sk)
-                p = p.amax((3, 5)) if pool == "max" else p.sum((3, 5))  # [B, H, G, Ec]
+                if pool != "max":
+                    p = p.view(B, Hq, G, sq, Ec, sk).sum((3, 5))          # [B, H, G, Ec]
                 qb = (torch.arange(t0, t1, device=q.device) * sq // block).view(-1, 1)
                 idx = qb * nkb + ent * sk // block
             else:  # token pairs into their blocks
@@ -178,10 +188,16 @@ def pooled_scores(pattern, plan, q: torch.Tensor, k: torch.Tensor, lse: torch.Te
 
 # ---- inside the generated kernel ------------------------------------------------------------
 
-def aligned_options(options, block: int, layout):
-    """CompileOptions whose (1-D) tiles divide `block`: `options` itself when its tiles already
-    do (1-D patterns or `tile_1d`), else 1-D tiles of the largest powers of two >= 16 dividing
-    `block` and at most the options' sizes; None when `block` has no such divisor."""
+def aligned_options(options, block: int, layout, head_dim: int = 64):
+    """CompileOptions for a forward launch with the block-score pass: 1-D tiles that divide
+    `block` — the options' own when they do, else the largest powers of two >= 16 dividing
+    `block` and at most the options' sizes — and 8 warps for head dims above 64 (with 4, the
+    pass of t5_bias at head dim 128 spills 404 B on sm_90 and music_transformer 24 B; none do
+    with 8). None when `block` has no such divisor, or the pattern has a grid layout whose
+    options do not ask for 1-D tiles (its tiles are boxes, not runs of β tokens)."""
+    if layout is not None and not options.tile_1d:
+        return None
+
     def fit(size):
         t = size
         while t >= 16 and block % t:
@@ -190,11 +206,10 @@ def aligned_options(options, block: int, layout):
     bm, bn = fit(options.block_m), fit(options.block_n)
     if bm is None or bn is None:
         return None
-    one_d = layout is None or options.tile_1d
-    if one_d and (bm, bn) == (options.block_m, options.block_n):
+    warps = max(options.num_warps, 8) if head_dim > 64 else options.num_warps
+    if (bm, bn, warps) == (options.block_m, options.block_n, options.num_warps):
         return options
-    return options.replace(block_m=bm, block_n=bn, tile_1d=True, q_tile=None, kv_tile=None,
-                           autotune=False)
+    return options.replace(block_m=bm, block_n=bn, num_warps=warps, autotune=False)
 
 
 class KernelScores:
@@ -204,11 +219,14 @@ class KernelScores:
     mean: float32 [B, Hq, nQT, nKT] zeros; the kernel stores each visited tile's sum, `result`
           adds the tiles of each block in a fixed order and divides by the block's pairs
     `launch` is the keyword arguments `attncc.runtime.launch.run_forward(block_scores=...)`
-    passes to the kernel launch, `maxnreg=255` among them: the hardware limit, so no cap, but
-    without it ptxas holds some of these kernels to 168 registers on sm_80 (3 blocks per SM)
-    and spills 8-16 B (alibi, gna, natten2d, dilated_1d, mmdit_natten; 179-188 without)."""
+    passes to the kernel launch. On compute capability 8.x (`capability`, default: q's CUDA
+    device) it adds `maxnreg=255`: the hardware limit, so no cap, but without it ptxas holds
+    some of these kernels to 168 registers on sm_80 (3 blocks per SM) and spills 8-16 B
+    (alibi, gna, natten2d, dilated_1d, mmdit_natten; 179-188 registers with it). On sm_90
+    they do not spill without it, and it would raise causal from 128 to 180 registers."""
 
-    def __init__(self, shape, block: int, pool: str, q_tile: int, kv_tile: int, device):
+    def __init__(self, shape, block: int, pool: str, q_tile: int, kv_tile: int, device,
+                 capability=None):
         B, Hq, Lq, Lkv = shape
         self.shape, self.block, self.pool = shape, block, pool
         self.nqb, self.nkb = -(-Lq // block), -(-Lkv // block)
@@ -219,12 +237,18 @@ class KernelScores:
                                       device=device)
             self.launch = dict(BS=self.buffer.view(torch.int32), BS_ROWS=self.nqb,
                                BS_COLS=self.nkb, BS_QDIV=self.rq, BS_KDIV=self.rk,
-                               BLOCK_SCORES=1, maxnreg=255)
+                               BLOCK_SCORES=1)
         else:
             self.buffer = torch.zeros(B, Hq, self.nqt, self.nkt, dtype=torch.float32,
                                       device=device)
             self.launch = dict(BS=self.buffer, BS_ROWS=self.nqt, BS_COLS=self.nkt, BS_QDIV=1,
-                               BS_KDIV=1, BLOCK_SCORES=2, maxnreg=255)
+                               BS_KDIV=1, BLOCK_SCORES=2)
+
+        device = torch.device(device)
+        if capability is None and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+        if capability is not None and capability[0] == 8:
+            self.launch["maxnreg"] = 255
 
     def result(self) -> torch.Tensor:
         """float32 [B, Hq, nqb, nkb]."""
@@ -237,18 +261,20 @@ class KernelScores:
         return _mean(sums, Lq, Lkv, self.block)
 
 
-def _kernel_path(kern, q, k, v, inputs, scale, block, pool):
+def _kernel_path(kern, q, k, v, inputs, scale, block, pool, capability=None):
     """(out, lse, scores) from one generated-kernel launch with the block-score pass, or None
-    when β has no power-of-two divisor >= 16."""
+    when β has no power-of-two divisor >= 16. `capability`: the CUDA target (default: q's
+    device; `aot_case` compiles for a named one)."""
     from .launch import run_forward
     from .prepass_kernel import kernel_forward, needs_prepass
     pattern = kern.pattern
-    opts = aligned_options(kern.options, block, pattern.layout)
+    opts = aligned_options(kern.options, block, pattern.layout, max(q.shape[3], v.shape[3]))
     if opts is None:
         return None
     B, Hq, Lq, _ = q.shape
     Lkv = k.shape[2]
-    target = KernelScores((B, Hq, Lq, Lkv), block, pool, opts.block_m, opts.block_n, q.device)
+    target = KernelScores((B, Hq, Lq, Lkv), block, pool, opts.block_m, opts.block_n, q.device,
+                          capability)
     if needs_prepass(pattern):
         out, lse, stats = kernel_forward(pattern, q, k, v, inputs, scale=scale, options=opts,
                                          block_scores=target.launch)
@@ -307,14 +333,16 @@ def call_with_block_scores(kern, backend: str, q, k, v, inputs: dict, scale: flo
 
 # ---- ahead-of-time compilation entry --------------------------------------------------------
 
-def aot_case(spec: str, *, mode: str = "max", head_dim: int = 64, block: int = 64,
-             dtype: str = "bfloat16", batch: int = 2, seed: int = 0) -> None:
+def aot_case(spec: str, *, mode: str = "max", arch: int = 90, head_dim: int = 64,
+             block: int = 64, dtype: str = "bfloat16", batch: int = 2, seed: int = 0,
+             options: Optional[dict] = None) -> None:
     """Launch path for `attncc.runtime.aot.run_jobs` (entry
     "attncc.runtime.block_scores:aot_case"; the launches are captured, not run), on CPU
     tensors shaped by `Kernel.default_shape()`. mode "max" / "mean": the CUDA launch of
     `kern(q, k, v, return_block_scores=block, block_scores_pool=mode)`; "off": the default
     forward launch of the same source; "none": the source generated without the block-score
-    pass (`generate_forward(..., block_scores=False)`), launched the same way."""
+    pass (`generate_forward(..., block_scores=False)`), launched the same way. `arch`: the
+    target the launch is made for (sm_`arch`); `options`: CompileOptions fields."""
     from .. import api
     from ..codegen.forward import generate_forward
     from .compile import Kernel
@@ -322,7 +350,7 @@ def aot_case(spec: str, *, mode: str = "max", head_dim: int = 64, block: int = 6
     from .options import CompileOptions
     from .verify import random_inputs
     pattern = api.load(spec)
-    kern = Kernel(pattern, CompileOptions(backend="triton"))
+    kern = Kernel(pattern, CompileOptions(backend="triton", **(options or {})))
     n, _, heads = kern.default_shape()
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(getattr(torch, dtype))
@@ -330,8 +358,9 @@ def aot_case(spec: str, *, mode: str = "max", head_dim: int = 64, block: int = 6
     inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=n, kv_len=n, generator=gen)
     scale = head_dim ** -0.5
     if mode in POOLS:
-        if _kernel_path(kern, q, k, v, inputs, scale, block, mode) is None:
-            raise ValueError(f"block {block} has no power-of-two divisor >= 16")
+        if _kernel_path(kern, q, k, v, inputs, scale, block, mode, (arch // 10, arch % 10)) is None:
+            raise ValueError(f"no block-score kernel for block {block} (no power-of-two divisor "
+                             ">= 16, or grid tiles)")
         return
     sched = kern.schedule(n, n, heads)
     if mode == "off":
