@@ -348,6 +348,7 @@ def aot_case(spec: str, *, mode: str = "max", arch: int = 90, head_dim: int = 64
     from .compile import Kernel
     from .launch import load_kernel, run_forward
     from .options import CompileOptions
+    from .prepass_kernel import needs_prepass
     from .verify import random_inputs
     pattern = api.load(spec)
     kern = Kernel(pattern, CompileOptions(backend="triton", **(options or {})))
@@ -362,6 +363,9 @@ def aot_case(spec: str, *, mode: str = "max", arch: int = 90, head_dim: int = 64
             raise ValueError(f"no block-score kernel for block {block} (no power-of-two divisor "
                              ">= 16, or grid tiles)")
         return
+    if needs_prepass(pattern):
+        raise ValueError(f"mode {mode!r} launches the static schedule; pattern "
+                         f"'{pattern.name}' needs the runtime pre-pass (use 'max' / 'mean')")
     sched = kern.schedule(n, n, heads)
     if mode == "off":
         module = kern._module(sched)
