@@ -249,7 +249,10 @@ class Kernel:
     k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0) in float16/bfloat16/float32 on one
     device, plus the pattern's declared runtime inputs by name. Returns out [B, Hq, Lq, Dv] in
     q's dtype, and with `return_lse=True` also the log-sum-exp float32 [B, Hq, Lq] (natural
-    log; -inf for a query that sees no key, whose output row is 0).
+    log; -inf for a query that sees no key, whose output row is 0). With
+    `return_block_scores=β` (`block_scores_pool="max"` or `"mean"`) the call also returns the
+    pooled softmax probabilities float32 [B, Hq, ⌈Lq/β⌉, ⌈Lkv/β⌉] last (SeerAttention gate
+    targets, no gradient; `runtime.block_scores`; `last_block_scores` says how they were made).
 
     Autograd: on "triton" and "interpret" the generated backward kernels run
     (`runtime.autograd`: dQ over the forward's key-tile loops, dK/dV over the transposed
