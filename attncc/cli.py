@@ -211,6 +211,18 @@ def _cmd_show(args) -> int:
             raise UsageError(NO_MATPLOTLIB) from None
     pattern = load_pattern(args.spec, dict(args.param))
     q_len, kv_len, heads = resolve_shape(pattern, _shape(args))
+    if pattern.normalize == "none":
+        from .passes.linear import algorithm_text, decide
+        dec, values = decide(pattern, heads, q_len, kv_len)
+        if dec.linear:  # what runs is the chunked linear algorithm, not a tile schedule
+            from .schedule.draw_linear import draw_linear_png, linear_text
+            print(linear_text(pattern, q_len, kv_len, heads, args.block_m, dec, values), end="")
+            if args.out:
+                draw_linear_png(pattern, args.out, q_len, kv_len, heads, args.block_m, dec,
+                                head=args.head)
+                print(f"wrote {args.out}")
+            return 0
+        print(algorithm_text(pattern, heads, q_len, kv_len, _options(args))[0], end="")
     sched = build_schedule(pattern, q_len, kv_len, heads, options=_options(args))
     print(sched)
     if args.out:

@@ -401,7 +401,8 @@ def _call_traced(fn, layout, decls, params, clause, extra=None):
         _ACTIVE.pop()
 
 
-def _trace(fn, layout, name, inputs, score=None, overrides=None) -> Pattern:
+def _trace(fn, layout, name, inputs, score=None, overrides=None,
+           normalize="softmax") -> Pattern:
     decls = {n: _input_decl(n, s) for n, s in (inputs or {}).items()}
     params = _params_of(fn, decls, dict(overrides or {}))
     mask = _call_traced(fn, layout, decls, params, "mask")
@@ -418,7 +419,7 @@ def _trace(fn, layout, name, inputs, score=None, overrides=None) -> Pattern:
             raise _user_error(f"score must be a float expression, got {score_ir.dtype}")
     return Pattern(name=name or fn.__name__, params=tuple(params.items()), layout=layout,
                    inputs=tuple(decls.values()), mask=mask, score=score_ir,
-                   filename=inspect.getsourcefile(fn))
+                   normalize=normalize, filename=inspect.getsourcefile(fn))
 
 
 class PatternFunction:
@@ -442,9 +443,9 @@ class PatternFunction:
     def bind(self, **params) -> "PatternFunction":
         """The same function traced with other values of its keyword parameters (like
         `attncc.load(path, window=64)` for a spec)."""
-        layout, name, inputs, score = self._trace_args
+        layout, name, inputs, score, normalize = self._trace_args
         fn = self.__wrapped__
-        return PatternFunction(_trace(fn, layout, name, inputs, score, params), fn,
+        return PatternFunction(_trace(fn, layout, name, inputs, score, params, normalize), fn,
                                self._trace_args)
 
     def __call__(self, q, k, v, *, scale=None, return_lse: bool = False, **inputs):
@@ -470,7 +471,7 @@ class PatternFunction:
         return f"<attncc pattern function {self.pattern.name} ir_hash={self.pattern.ir_hash()}>"
 
 
-def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None):
+def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None, normalize="softmax"):
     """Decorator: trace `fn(q, k)` (or any of b, h, q, k, Q_LEN, KV_LEN, HEADS and declared
     inputs) into a `PatternFunction` (the `Pattern` plus a call that runs attention).
 
@@ -478,13 +479,19 @@ def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None):
     inputs   maps names to declarations such as `"int[b, k]"`
     score    a score modifier: a function of `s` (the scaled score) and any of the names
              above and the pattern parameters, e.g. `lambda s: attncc.softcap(s, 50.0)`
+    normalize  "softmax" (default) or "none": the spec clause `normalize none`, no softmax,
+             out[q] = Σ_k keep · score · v[k] (linear attention; a causal mask with a score
+             s · c_h · r_h^(q − k) runs the chunked linear-time algorithm, docs/LINEAR.md)
 
     Keyword parameters of `fn` with defaults (`def f(q, k, window=128)`) are the pattern's
     parameters (`f.bind(window=64)` re-traces with another value). The pattern's
     `dense_mask` is `bool [B, H, Lq, Lkv]`."""
+    if normalize not in ("softmax", "none"):
+        raise _user_error(f"normalize must be 'softmax' or 'none', got {normalize!r}")
+
     def wrap(f):
-        args = (layout, name, inputs, score)
-        return PatternFunction(_trace(f, *args), f, args)
+        args = (layout, name, inputs, score, normalize)
+        return PatternFunction(_trace(f, *args[:4], None, normalize), f, args)
     if fn is None:
         return wrap
     return wrap(fn)

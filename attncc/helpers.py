@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 
 __all__ = ["HelperError", "moh_weights", "document_ids", "document_offsets",
-           "check_document_ids", "cluster_ids", "moba_blocks"]
+           "check_document_ids", "cluster_ids", "moba_blocks", "combiner_kv"]
 
 Lengths = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -177,13 +177,16 @@ def cluster_ids(x: torch.Tensor, centroids: torch.Tensor, normalize: bool = True
 
 
 def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torch.Tensor:
-    """MoBA block selection (specs/moba.attn: chosen[b, h, q, topk]).
+    """MoBA block selection as indices: chosen[b, h, q, topk] (the blocks that
+    `route(region = block, topk = topk, query_region = 1, causal = true)` keeps, in
+    specs/moba.attn, for inspection or for masks written with explicit block lists).
 
-    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (Hq % Hkv == 0; queries aligned to the last Lq key
-    positions) → int64 [B, Hq, Lq, topk]: for each query token the key blocks of `block`
-    tokens ranked by q · mean(k over the block) (the last block averages its real tokens),
-    blocks after the query's own excluded, its own block always first; ties to the lower block
-    index; slots beyond the available blocks are -1."""
+    q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (Hq % Hkv == 0; query head h reads key head
+    h // (Hq // Hkv); queries aligned to the last Lq key positions) → int64 [B, Hq, Lq, topk]:
+    for each query token the key blocks of `block` tokens ranked by q · mean(k over the block)
+    in float64 (the last block averages its real tokens), blocks after the query's own
+    excluded, its own block always first; ties to the lower block index; slots beyond the
+    available blocks are -1."""
     if not (_is_int(block) and block >= 1 and _is_int(topk) and topk >= 1):
         raise HelperError(f"block and topk must be positive integers, got {block!r}, {topk!r}")
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
@@ -194,12 +197,12 @@ def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torc
     B, Hq, Lq, D = q.shape
     Lkv = k.shape[2]
     nb = -(-Lkv // block)
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - Lkv))
-    counts = torch.full((nb,), float(block), device=k.device)
+    kf = torch.nn.functional.pad(k.to(torch.float64), (0, 0, 0, nb * block - Lkv))
+    counts = torch.full((nb,), float(block), dtype=torch.float64, device=k.device)
     counts[-1] = Lkv - (nb - 1) * block
     means = kf.view(B, k.shape[1], nb, block, D).sum(3) / counts[:, None]
     means = means.repeat_interleave(Hq // k.shape[1], 1)
-    gate = q.float() @ means.transpose(-1, -2)                      # [B, Hq, Lq, nb]
+    gate = q.to(torch.float64) @ means.transpose(-1, -2)             # [B, Hq, Lq, nb]
     own = (torch.arange(Lq, device=q.device) + (Lkv - Lq)).div(block, rounding_mode="floor")
     blocks = torch.arange(nb, device=q.device)
     gate = gate.masked_fill(blocks[None, :] > own[:, None], float("-inf"))
@@ -210,3 +213,60 @@ def moba_blocks(q: torch.Tensor, k: torch.Tensor, block: int, topk: int) -> torc
     if out.shape[-1] < topk:
         out = torch.nn.functional.pad(out, (0, topk - out.shape[-1]), value=-1)
     return out
+
+
+def combiner_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int,
+                scale=None, pool: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of Combiner-Fixed (Ren et al. 2021; specs/combiner.attn): the tokens
+    followed by one summary per segment of `segment` tokens, as in google-research/combiner
+    `sqrt_fixed_full`.
+
+    q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (Hq % Hkv == 0) →
+    (keys [B, Hq, L + n, D], values [B, Hq, L + n, Dv]) in k's / v's dtype, n = ⌈L / segment⌉,
+    with the key heads repeated to the Hq query heads (a summary value depends on the query
+    head). Segment r holds tokens r·segment .. min(L, (r + 1)·segment) − 1 (the last may be
+    shorter); with `pool` "mean" (or "max", elementwise over the segment's tokens):
+
+        keys[L + r]   = k̄_r = pool(K_r)
+        values[L + r] = v̄_r = Σ_{j ∈ r} softmax_j(q̄_r · k_j · scale) · v_j,   q̄_r = pool(Q_r)
+
+    `scale` defaults to 1/sqrt(D), the scale the kernel's call uses (pass the same). Computed
+    in float32 (float64 for float64 inputs); differentiable in q, k and v. Call the pattern
+    with q and these keys and values: KV_LEN = L + n."""
+    if not (_is_int(segment) and segment >= 1):
+        raise HelperError(f"segment must be a positive integer, got {segment!r}")
+    if pool not in ("mean", "max"):
+        raise HelperError(f"pool must be 'mean' or 'max', got {pool!r}")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+               for t in (q, k, v)) or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or k.shape[1] < 1 \
+            or q.shape[1] % k.shape[1]:
+        raise HelperError("q, k, v must be float tensors [B, Hq, L, D], [B, Hkv, L, D], "
+                          "[B, Hkv, L, Dv] with Hq % Hkv == 0")
+    B, Hq, L, D = q.shape
+    g = Hq // k.shape[1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = D ** -0.5 if scale is None else float(scale)
+    n = -(-L // segment)
+    pad = n * segment - L
+    kk = k.to(dt).repeat_interleave(g, 1)
+    vv = v.to(dt).repeat_interleave(g, 1)
+    real = torch.arange(n * segment, device=q.device) < L                   # [n·segment]
+
+    def segs(x, fill):
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill)
+        return x.view(B, Hq, n, segment, x.shape[-1])
+
+    counts = real.view(n, segment).sum(-1).to(dt)[:, None]                  # [n, 1]
+    if pool == "mean":
+        qbar = segs(q.to(dt), 0.0).sum(3) / counts
+        kbar = segs(kk, 0.0).sum(3) / counts
+    else:
+        qbar = segs(q.to(dt), float("-inf")).amax(3)
+        kbar = segs(kk, float("-inf")).amax(3)
+    logits = (segs(kk, 0.0) @ qbar[..., None])[..., 0] * scale              # [B, H, n, segment]
+    logits = logits.masked_fill(~real.view(n, segment), float("-inf"))
+    vbar = (torch.softmax(logits, -1)[..., None] * segs(vv, 0.0)).sum(3)    # [B, H, n, Dv]
+    keys = torch.cat([kk, kbar], 2).to(k.dtype)
+    values = torch.cat([vv, vbar], 2).to(v.dtype)
+    return keys, values

@@ -143,10 +143,12 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
         roots += [dt, *ld.index]
 
     base_vars = {v: v for v in ("b", "h", "q", "k", "s", "Q_LEN", "KV_LEN", "HEADS")}
+    if len(kg.tile) == 1:  # `kt` (lowered tile-aligned key selections): the key tile's first token
+        base_vars["kt"] = "(n * BLOCK_N)"
     all_coords = {**{("q", a): f"q_c{a}" for a in coords["q"]},
                   **{("k", a): f"k_c{a}" for a in coords["k"]}}
     r_dq = Renderer(Scope(vars=base_vars, coords=all_coords, inputs=refs,
-                          varying=frozenset({"k", "s", "k."})), "t").render(roots)
+                          varying=frozenset({"k", "s", "k.", "kt"})), "t").render(roots)
     r_kv = Renderer(Scope(vars=base_vars, coords=all_coords, inputs=refs,
                           varying=frozenset({"q", "s", "q.", "h"})), "t").render(roots)
     helpers = set(r_dq.helpers) | set(r_kv.helpers)

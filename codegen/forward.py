@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from typing import Optional
 
 from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, free_vars, walk
@@ -310,13 +311,16 @@ def _options_text(options) -> str:
     return " ".join(parts)
 
 
-def generate_forward(pattern, schedule, options) -> str:
+def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -> str:
     """Triton source of the forward kernel of `pattern` for `schedule`'s tile structure.
 
     pattern   attncc Pattern (mask, optional score over `s`, optional output scale)
     schedule  attncc Schedule: only its tile grids (shapes of 1-D or multi-D tiles) are
               used; tile lists are passed at launch
     options   CompileOptions (recorded in the header and META; launch parameters)
+    block_scores  emit the block-score pass behind the constexpr BLOCK_SCORES (off at a
+              default launch, so it compiles away); False leaves it out of the source
+              (for checking that the default kernel's machine code is unchanged)
 
     Returns Python source defining the `@triton.jit` kernel (named `kernel_name(...)`),
     its helpers and `META`. Raises CodegenError for unsupported constructs (runtime
@@ -341,10 +345,12 @@ def generate_forward(pattern, schedule, options) -> str:
                     raise CodegenError(f"coordinate {n.side}.{n.name} needs a grid layout axis")
                 coords[n.side].add(n.axis)
     base_vars = {v: v for v in ("b", "h", "q", "Q_LEN", "KV_LEN", "HEADS")}
-    loop_scope = Scope(vars={**base_vars, "k": "k", "s": "s"},
+    # `kt` (lowered selections of tile-aligned key regions): the key tile's first token.
+    tile_var = {"kt": "(n * BLOCK_N)"} if len(kg.tile) == 1 else {}
+    loop_scope = Scope(vars={**base_vars, "k": "k", "s": "s", **tile_var},
                        coords={**{("q", a): f"q_c{a}" for a in coords["q"]},
                                **{("k", a): f"k_c{a}" for a in coords["k"]}},
-                       inputs=refs, varying=frozenset({"k", "s", "k."}))
+                       inputs=refs, varying=frozenset({"k", "s", "k.", "kt"}))
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
     roots = [mask] + ([score] if score is not None else [])
@@ -382,15 +388,10 @@ def generate_forward(pattern, schedule, options) -> str:
         f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
         f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
 
-    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
-        """One key-tile step of the online softmax.
-
-        kind FULL: no mask code; PARTIAL: the mask predicate per element and the empty-row
-        guard. `tail` masks the key slots past the sequence (`k_ok`); a FULL step without
-        it has no per-element select at all (every score is finite, so the running maximum
-        of every row is finite after the first step and needs no guard)."""
+    def tile_scores(kind: str, tail: bool):
+        """(score lines ending in the base-2 scores `x`, the scale factor text applied to `x`
+        at use, keep texts, IR roots needed) of one key tile of class `kind`."""
         masked = kind == "PARTIAL" and mask is not TRUE
-        guarded = kind == "PARTIAL" or score is not None
         need = ([score] if score is not None else []) + ([mask] if masked else [])
         if score is None:
             # Scores stay unscaled; the scale is folded into the exp2 argument (one FMA).
@@ -406,6 +407,30 @@ def generate_forward(pattern, schedule, options) -> str:
         keep = (["k_ok[None, :]"] if tail else []) + ([rendered.text(mask)] if masked else [])
         if keep:
             scores += [f"keep = {' & '.join(keep)}", 'x = tl.where(keep, x, float("-inf"))']
+        return scores, scale, keep, need
+
+    def tile_holes(loop_header: str, tile_index: list[str], tail: bool) -> dict:
+        """Template holes shared by the softmax step and the block-score step."""
+        if k_origin is None:  # a single key tile
+            ptrs = ["k_base + k_offs", "v_base + v_offs"]
+        else:
+            org = k_origin if " + " not in k_origin else f"({k_origin})"
+            ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
+        d_k = "(offs_d[:, None] < HEAD_DIM)"
+        return {"k_ptrs": ptrs[0], "loop_header": loop_header, "tile_index": tile_index,
+                "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+                "k_coords": ["k = k_idx[None, :]"] + _coord_lines("k", kg, layout, coords["k"]),
+                "k_mask": f"k_ok[None, :] & {d_k}" if tail else d_k}, ptrs[1]
+
+    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
+        """One key-tile step of the online softmax.
+
+        kind FULL: no mask code; PARTIAL: the mask predicate per element and the empty-row
+        guard. `tail` masks the key slots past the sequence (`k_ok`); a FULL step without
+        it has no per-element select at all (every score is finite, so the running maximum
+        of every row is finite after the first step and needs no guard)."""
+        guarded = kind == "PARTIAL" or score is not None
+        scores, scale, keep, need = tile_scores(kind, tail)
         softmax = [f"m_new = tl.maximum(m_i, tl.max(x, 1){scale})"]
         if guarded:
             softmax += ["# A row with no kept key so far has m = -inf: shift by 0, not by -inf.",
@@ -413,25 +438,31 @@ def generate_forward(pattern, schedule, options) -> str:
         shift = "m_use" if guarded else "m_new"
         softmax += [f"p = tl.exp2(x{scale} - {shift}[:, None])",
                     f"alpha = tl.exp2(m_i - {shift})"]
-        d_k, d_v = "(offs_d[:, None] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
-        if k_origin is None:  # a single key tile
-            ptrs = ["k_base + k_offs", "v_base + v_offs"]
-        else:
-            org = k_origin if " + " not in k_origin else f"({k_origin})"
-            ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
+        d_v = "(offs_dv[None, :] < HEAD_DIM_V)"
         step = "kv_step.tmpl"
         if pattern.normalize == "none":  # no softmax: the step of codegen/none_step.py
             from .none_step import TEMPLATE, none_step
             scores, softmax = none_step(rendered, score, keep, need)
             step = TEMPLATE
+        holes, v_ptrs = tile_holes(loop_header, tile_index, tail)
         return fill(template(step), {
-            "k_ptrs": ptrs[0], "v_ptrs": ptrs[1],
-            "loop_header": loop_header, "tile_index": tile_index,
-            "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
-            "k_coords": ["k = k_idx[None, :]"] + _coord_lines("k", kg, layout, coords["k"]),
-            "k_mask": f"k_ok[None, :] & {d_k}" if tail else d_k,
+            **holes, "v_ptrs": v_ptrs,
             "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
             "scores": scores, "softmax": softmax})
+
+    def score_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
+        """One key tile of the block-score pass: QKᵀ, mask and score as in `kv_step`, then the
+        final probabilities exp2(x - lse2) pooled over the tile (templates/kv_scores.tmpl)."""
+        scores, scale, _, _ = tile_scores(kind, tail)
+        # No software pipelining here: it would keep a second K tile and score block live.
+        m = re.fullmatch(r"for (\w+) in range\((.*)\):", loop_header)
+        if m is None:
+            raise CodegenError(f"unexpected key-tile loop header {loop_header!r}")
+        loop_header = f"for {m.group(1)} in tl.range({m.group(2)}, 1, num_stages=1):"
+        holes, _ = tile_holes(loop_header, tile_index, tail)
+        return fill(template("kv_scores.tmpl"), {**holes, "scores": scores,
+                                                 "x_scaled": f"x{scale}",
+                                                 "row_max": f"tl.max(x, 1){scale}"})
 
     # FULL tiles need the key-tail mask only where a tile can reach past the keys: the last
     # tile of 1-D tiles (peeled: it runs with the PARTIAL tiles), and on multi-dimensional
@@ -446,6 +477,15 @@ def generate_forward(pattern, schedule, options) -> str:
         loop_setup, loops, helpers_cf = _closed_form(bounds, qg, kg, kv_step)
         helpers |= helpers_cf
         list_kind = "key-tile loops: closed-form bounds (no index arrays)."
+    scores_pass = []
+    if block_scores and pattern.normalize != "none":
+        # The same loops again (their bounds and lists are already set up), with the score step.
+        if bounds is None:
+            _, score_loops = _csr_loops(score_step, peel, full_tail)
+        else:
+            _, score_loops, _ = _closed_form(bounds, qg, kg, score_step)
+        scores_pass = fill(template("block_scores.tmpl"), {
+            "full_loop": score_loops["FULL"], "partial_loop": score_loops["PARTIAL"]})
 
     header = [
         "# attncc forward attention kernel (generated source; edit the pattern, not this file).",
@@ -484,6 +524,7 @@ def generate_forward(pattern, schedule, options) -> str:
         "full_loop": loops["FULL"],
         "partial_loop": loops["PARTIAL"],
         "output_scale": epilogue,
+        "block_scores": scores_pass,
     })
     lines += ["", "", f"KERNEL = {name}", f"META = {meta!r}"]
     return "\n".join(lines) + "\n"

@@ -99,7 +99,7 @@ _FUNCS = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "sqrt": "tl.sqrt"
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 _NONNEG_VARS = frozenset({"b", "h", "q", "k", "Q_LEN", "KV_LEN", "HEADS",
-                          "qt", "qt0", "qt1", "qt2", "qt3"})
+                          "qt", "qt0", "qt1", "qt2", "qt3", "kt"})
 
 
 def nonneg(node: Expr, memo: Optional[dict] = None) -> bool:

@@ -20,7 +20,7 @@ LIBRARY = ["causal", "sliding_window", "chunked", "prefix_lm", "streaming_sinks"
            "softcap",
            # issue 12 (mask and score formulas in tests/test_specs_extra.py)
            "lightning", "music_transformer", "t5_bias", "s2_attention", "swin", "swin_shifted",
-           "routing", "moba",
+           "routing", "moba", "combiner",
            # issue 13: token segments beside a grid (tests/test_segments.py)
            "mmdit_natten", "vit_cls_natten", "hilo"]
 

@@ -145,7 +145,7 @@ def test_linear_torch_matches_formula(heads, group, decay, L, block, kv_extra, s
     lam = [math.exp(-decay * (h + 1) / hq) for h in range(hq)]
     ref = decayed(q, k, v, lam, 8 ** -0.5, offset=Lkv - Lq)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(out)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 7))
     out.backward(g)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     decayed_ad(leaves, lam, 8 ** -0.5, Lkv - Lq).backward(g.double())

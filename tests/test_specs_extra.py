@@ -238,36 +238,3 @@ def test_routing_tiles_from_cluster_sets():
     kern, _ = kernel_vs_reference(p, q, k, v, qc=ids, kc=ids)
     assert kern.last_stats["full_tiles"] == int(same.sum()) * 2
     assert kern.last_stats["partial_tiles"] == 0
-
-
-# ---- MoBA -----------------------------------------------------------------------------------------
-
-def moba_mask_loops(q, k, block, topk):
-    """MoBA's selection rule per query token, in Python loops (independent of the helper)."""
-    B, H, L, _ = q.shape
-    nb = -(-L // block)
-    keep = torch.zeros(B, H, L, L, dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            for i in range(L):
-                own = i // block
-                scores = []
-                for j in range(own + 1):
-                    kb = k[b, h, j * block:min(L, (j + 1) * block)].double()
-                    scores.append((float("inf") if j == own else float(q[b, h, i].double() @ kb.mean(0)), -j))
-                for _, neg_j in sorted(scores, reverse=True)[:topk]:
-                    j = -neg_j
-                    keep[b, h, i, j * block:min(i + 1, (j + 1) * block)] = True
-    assert nb >= 1
-    return keep
-
-
-def test_moba_selection_and_kernel():
-    from attncc.helpers import moba_blocks
-    p = spec("moba", block=16)
-    q, k, v = qkv(1, 2, 90, seed=10)
-    chosen = moba_blocks(q, k, 16, 3)
-    assert chosen.shape == (1, 2, 90, 3)
-    got = p.dense_mask(90, 90, heads=2, inputs={"chosen": chosen})
-    assert torch.equal(got, moba_mask_loops(q, k, 16, 3))
-    kernel_vs_reference(p, q, k, v, chosen=chosen)

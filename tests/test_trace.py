@@ -257,3 +257,33 @@ def test_float_arithmetic_stays_out_of_masks():
         @attncc.pattern
         def bad(q, k):
             return q * 0.5 < k
+
+
+def test_normalize_none_gives_the_spec_ir_and_the_linear_path():
+    @attncc.pattern(normalize="none",
+                    score=lambda s, h, q, k, heads=4: s * trace.exp(-0.5 * (h + 1) / heads * (q - k)))
+    def decay(q, k, heads=4):
+        return attncc.causal()
+    spec = attncc.parse("pattern decay(heads = 4)\nmask causal\n"
+                        "score s * exp(-0.5 * (h + 1) / heads * (q - k))\nnormalize none\n")
+    assert decay == spec and decay.normalize == "none"
+    assert decay.bind(heads=4) == spec
+    # the call runs the chunked linear algorithm and equals the float64 formula
+    from attncc.runtime.compile import kernel_for
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 37, 8, generator=gen) for _ in range(3))
+    out = decay(q, k, v)
+    assert kernel_for(decay.pattern).last_algorithm.linear
+    h = torch.arange(4).view(1, -1, 1, 1).double()
+    i, j = torch.arange(37).view(-1, 1), torch.arange(37).view(1, -1)
+    w = (q.double() @ k.double().transpose(-1, -2)) * 8 ** -0.5 \
+        * torch.exp(-0.5 * (h + 1) / 4 * (i - j)) * (j <= i)
+    torch.testing.assert_close(out.double(), w @ v.double(), rtol=1e-4, atol=1e-4)
+    plain = attncc.pattern(lambda q, k: q >= k)
+    assert plain.normalize == "softmax"
+
+
+def test_bad_normalize_is_a_located_error():
+    with pytest.raises(attncc.SpecError, match="normalize must be 'softmax' or 'none', got 'linear'") as e:
+        attncc.pattern(normalize="linear")
+    assert "test_trace.py" in str(e.value)

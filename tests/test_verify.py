@@ -34,7 +34,7 @@ SMALL = {
     "s2_attention": {"block": 16, "local_blocks": 2, "vert_stride": 4, "heads": 2},
     "swin": {"height": 8, "width": 8, "window": 4},
     "swin_shifted": {"height": 8, "width": 8, "window": 4, "shift": 2},
-    "routing": {"causal_mask": True}, "moba": {"block": 16},
+    "routing": {"causal_mask": True}, "moba": {"block": 16}, "combiner": {"segment": 16},
 }
 DEFAULT_RUN = ("causal", "document", "moh", "natten2d", "softcap")
 TILES = dict(block_m=16, block_n=16)

@@ -95,14 +95,22 @@ def _region_means(x: torch.Tensor, rid: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
-                    layout_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """BiFormer region routing (DESIGN §4) → bool [B, Hq, n_q_regions, n_kv_regions].
+                    layout_shape: Optional[tuple[int, ...]] = None, *, q_region=None,
+                    causal: bool = False) -> torch.Tensor:
+    """Region routing (DESIGN §4) → bool [B, Hq, n_q_regions, n_kv_regions].
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D] (query head h uses key head h // (Hq // Hkv)).
     Tokens are the row-major flattening of `layout_shape` (both sides); without a layout
-    they are 1-D sequences of Lq and Lkv tokens. Region means of q and k are taken in
-    float64 over all D channels; affinity = q̄ k̄ᵀ per (b, h); each query region keeps its
-    min(topk, n_kv_regions) highest-affinity key regions, ties to the lower region index.
+    they are 1-D sequences of Lq and Lkv tokens. Key regions have `region` tokens per axis,
+    query regions `q_region` (default `region`; 1 gives one region per query token, MoBA).
+    Region means of q and k are taken in float64 over all D channels; affinity = q̄ k̄ᵀ per
+    (b, h); each query region keeps its min(topk, n_kv_regions) highest-affinity key regions,
+    ties to the lower region index.
+
+    `causal` (1-D): with off = Lkv − Lq, query region i's own key region is
+    o_i = (last query of region i + off) // region; key regions after o_i are not eligible, o_i
+    is always kept (it counts towards topk) and the rest are the best eligible ones; a region
+    with o_i < 0 keeps none.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]
@@ -114,16 +122,27 @@ def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     if math.prod(q_shape) != Lq or math.prod(k_shape) != Lkv:
         raise MaskEvalError(f"route: layout {q_shape} does not match Lq={Lq}, Lkv={Lkv}")
     region = _broadcast_region(region, len(q_shape))
-    nq, nk = math.prod(region_grid(q_shape, region)), math.prod(region_grid(k_shape, region))
-    qbar = _region_means(q, region_index(q_shape, region, q.device), nq)
+    q_region = region if q_region is None else _broadcast_region(q_region, len(q_shape))
+    if causal and len(q_shape) != 1:
+        raise MaskEvalError(f"route: causal needs a 1-D sequence, not a {len(q_shape)}-D layout")
+    nq, nk = math.prod(region_grid(q_shape, q_region)), math.prod(region_grid(k_shape, region))
+    qbar = _region_means(q, region_index(q_shape, q_region, q.device), nq)
     kbar = _region_means(k, region_index(k_shape, region, k.device), nk)
     kbar = kbar.repeat_interleave(Hq // Hkv, dim=1)
     affinity = qbar @ kbar.transpose(-1, -2)
     keep = min(int(topk), nk)
+    eligible = None
+    if causal:
+        last = torch.clamp((torch.arange(nq, device=q.device) + 1) * q_region[0], max=Lq) - 1
+        own = torch.div(last + (Lkv - Lq), region[0], rounding_mode="floor")[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        eligible = j <= own                                               # [nq, nk]
+        affinity = torch.where(j == own, math.inf, torch.where(eligible, affinity, -math.inf))
     # Stable sort on -score keeps equal scores in index order: ties go to the lower index.
     order = torch.sort(-affinity, dim=-1, stable=True).indices[..., :keep]
     sel = torch.zeros(B, Hq, nq, nk, dtype=torch.bool, device=q.device)
-    return sel.scatter_(-1, order, True)
+    sel.scatter_(-1, order, True)
+    return sel if eligible is None else sel & eligible
 
 
 def blocks_keep(top: float, k_blocks: int) -> int:
@@ -369,12 +388,14 @@ class Evaluator:
         if key not in self.shared:
             q, k = self._input("query"), self._input("key")
             shape = self.layout.shape if self.layout is not None else None
-            sel = route_selection(q, k, node.region, node.topk, shape)
+            sel = route_selection(q, k, node.region, node.topk, shape,
+                                  q_region=node.q_region, causal=node.causal)
             if sel.shape[1] != self.env["HEADS"].item():
                 raise MaskEvalError(f"route: query has {sel.shape[1]} heads but the mask is "
                                     f"evaluated for heads={self.env['HEADS'].item()}")
             region = _broadcast_region(node.region, len(shape) if shape else 1)
-            rq = region_index(shape or (q.shape[2],), region, sel.device)
+            q_region = _broadcast_region(node.query_region, len(shape) if shape else 1)
+            rq = region_index(shape or (q.shape[2],), q_region, sel.device)
             rk = region_index(shape or (k.shape[2],), region, sel.device)
             self.shared[key] = (sel, rq, rk)
         sel, rq, rk = self.shared[key]

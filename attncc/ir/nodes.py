@@ -36,7 +36,9 @@ INT, FLOAT, BOOL = "int", "float", "bool"
 INDEX_VARS = ("b", "h", "q", "k")
 LENGTH_VARS = ("Q_LEN", "KV_LEN", "HEADS")
 SCORE_VAR = "s"
-TILE_VARS = ("qt", "qt0", "qt1", "qt2", "qt3")  # query-tile index (1-D / per axis), schedule bounds
+# Query-tile index (1-D / per axis) of schedule bounds; "kt": the first token of the forward
+# kernel's current 1-D key tile (selections lowered for tile-aligned key regions).
+TILE_VARS = ("qt", "qt0", "qt1", "qt2", "qt3", "kt")
 VAR_TYPES = {**{n: INT for n in INDEX_VARS + LENGTH_VARS + TILE_VARS}, SCORE_VAR: FLOAT}
 
 ARITH_OPS = ("add", "sub", "mul", "floordiv", "mod", "div", "min", "max")
@@ -268,13 +270,25 @@ class Load(Expr):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Route(Expr):
-    """BiFormer routing: region size per layout axis (1 entry on 1-D), keep `topk` regions."""
+    """Region routing (DESIGN §4): key region size per layout axis (1 entry on 1-D), keep
+    `topk` key regions per query region. `q_region`: query region size per axis (None: the
+    key region; (1,) gives token-level queries, MoBA); `causal` (1-D): key regions after a
+    query region's own are excluded and its own is always kept."""
     region: tuple[int, ...]
     topk: int
+    q_region: tuple[int, ...] | None = None
+    causal: bool = False
 
     def __post_init__(self):
-        if not self.region or any(r < 1 for r in self.region) or self.topk < 1:
-            raise IRTypeError(f"bad route({self.region}, {self.topk})")
+        if not self.region or any(r < 1 for r in self.region) or self.topk < 1 \
+                or (self.q_region is not None and (len(self.q_region) != len(self.region)
+                                                   or any(r < 1 for r in self.q_region))):
+            raise IRTypeError(f"bad route({self.region}, {self.topk}, {self.q_region})")
+
+    @property
+    def query_region(self) -> tuple[int, ...]:
+        """The query region size per axis."""
+        return self.region if self.q_region is None else self.q_region
 
     @property
     def dtype(self):

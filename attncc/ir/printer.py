@@ -49,8 +49,11 @@ def _render(node: Expr, name) -> str:
     if isinstance(node, Load):
         return f"{node.input}[{', '.join(strip_parens(name(i)) for i in node.index)}]"
     if isinstance(node, Route):
-        region = node.region[0] if len(node.region) == 1 else "(" + ", ".join(map(str, node.region)) + ")"
-        return f"route(region={region}, topk={node.topk})"
+        def size(r):
+            return str(r[0]) if len(r) == 1 else "(" + ", ".join(map(str, r)) + ")"
+        extra = "" if node.q_region is None else f", query_region={size(node.q_region)}"
+        extra += ", causal=true" if node.causal else ""
+        return f"route(region={size(node.region)}, topk={node.topk}{extra})"
     if isinstance(node, Blocks):
         sel = f"top={node.top!r}" if node.top is not None else f"threshold={node.threshold!r}"
         return f"blocks({node.input}, block={node.block}, {sel})"

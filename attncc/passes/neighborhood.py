@@ -105,7 +105,8 @@ REQUIRED = object()
 PY_PRIMITIVES = {
     "neighborhood": (("kernel", REQUIRED), ("dilation", 1), ("stride", 1), ("causal", False)),
     "blocked": (("size", REQUIRED),),
-    "route": (("region", REQUIRED), ("topk", REQUIRED)),
+    "route": (("region", REQUIRED), ("topk", REQUIRED), ("query_region", None),
+              ("causal", False)),
     "blocks": (("scores", REQUIRED), ("block", REQUIRED), ("top", None), ("threshold", None)),
 }
 
@@ -223,7 +224,18 @@ class PythonPrimitives:
         if type(topk) is not int or topk < 1:
             self.fail(bound["topk"].loc, f"'topk' of 'route' must be an integer >= 1, got {topk!r}",
                       ctx=ctx)
-        return Route(tuple(region), topk)
+        q_region = None
+        if bound.get("query_region") is not None:
+            q_region = tuple(self.axes_values("route", "query_region", bound["query_region"], ctx))
+        causal = False
+        if bound.get("causal") is not None:
+            causal = self.axes_values("route", "causal", bound["causal"], ctx, kind=bool)[0]
+            if causal and self.layout is not None and len(self.layout.axes) > 1:
+                self.fail(bound["causal"].loc, "'causal' of 'route' needs a 1-D sequence; the "
+                                               f"layout {self.layout} has "
+                                               f"{len(self.layout.axes)} axes", ctx=ctx)
+        return Route(tuple(region), topk, q_region if q_region != tuple(region) else None,
+                     bool(causal))
 
     def prim_blocks(self, bound, loc, ctx):
         src = bound["scores"]

@@ -16,7 +16,9 @@ The rule (`cost_rule`) compares two cost models fitted to `python bench/bench_ch
 with `visited` the fraction of (query block, key block) pairs FlexAttention's block mask
 visits (1.0 when the mask depends on runtime data: then only the size can favour flex).
 Float64 inputs and calls that need the log-sum-exp go to "dense" (FlexAttention's CPU path
-has neither); masks whose dense form per head would pass DENSE_MAX_PAIRS go to "flex".
+has neither); calls asking for block scores (`return_block_scores`) go to "torch", which pools
+them over its kept tiles; masks whose dense form per head would pass DENSE_MAX_PAIRS go to
+"flex".
 
 Calls that need gradients (FlexAttention has no backward on CPU) are a training step; the
 training rule (`train_cost_rule`) compares
@@ -119,9 +121,13 @@ def train_cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[fl
 
 def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
                        grid: bool = False, grad: bool = False, need_lse: bool = False,
-                       float64: bool = False, batch: int = 1) -> Choice:
+                       float64: bool = False, batch: int = 1,
+                       block_scores: bool = False) -> Choice:
     """The backend for a CPU call without an explicit backend (see the module docstring);
     with `grad`, `visited` is the torch backend's tile fraction (`train_cost_rule`)."""
+    if block_scores:
+        return Choice("torch", "block scores requested: block-sparse torch pools them in a "
+                               "second pass over its kept tiles")
     if grad:
         return train_cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
                                batch=batch)

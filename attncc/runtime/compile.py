@@ -249,7 +249,10 @@ class Kernel:
     k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0) in float16/bfloat16/float32 on one
     device, plus the pattern's declared runtime inputs by name. Returns out [B, Hq, Lq, Dv] in
     q's dtype, and with `return_lse=True` also the log-sum-exp float32 [B, Hq, Lq] (natural
-    log; -inf for a query that sees no key, whose output row is 0).
+    log; -inf for a query that sees no key, whose output row is 0). With
+    `return_block_scores=β` (`block_scores_pool="max"` or `"mean"`) the call also returns the
+    pooled softmax probabilities float32 [B, Hq, ⌈Lq/β⌉, ⌈Lkv/β⌉] last (SeerAttention gate
+    targets, no gradient; `runtime.block_scores`; `last_block_scores` says how they were made).
 
     Autograd: on "triton" and "interpret" the generated backward kernels run
     (`runtime.autograd`: dQ over the forward's key-tile loops, dK/dV over the transposed
@@ -279,15 +282,23 @@ class Kernel:
         self.last_choice = None
         self._flex_visited: dict[tuple[int, int, int], Optional[float]] = {}
         self._train_visited: dict[tuple[int, int, int], Optional[float]] = {}
+        self._variants: dict[CompileOptions, "Kernel"] = {}
+        # How the last `return_block_scores` call pooled them: "kernel" (the forward kernel's
+        # own pass), "tiles" (second pass over the torch tile lists) or "dense" (reference).
+        self.last_block_scores: Optional[str] = None
 
     def choose(self, q_len: int, kv_len: int, heads: int, *, grad: bool = False,
-               need_lse: bool = False, float64: bool = False, batch: int = 1):
+               need_lse: bool = False, float64: bool = False, batch: int = 1,
+               block_scores: bool = False):
         """The `Choice` of backend for a CPU call of this shape without an explicit backend
-        (`attncc.runtime.choose`): with gradients "dense" or "torch" by the training rule
-        over the schedule's visited tile fraction, else "dense" or "flex" by the cost rule
-        over FlexAttention's visited block fraction."""
+        (`attncc.runtime.choose`): "torch" when block scores are needed; with gradients
+        "dense" or "torch" by the training rule over the schedule's visited tile fraction,
+        else "dense" or "flex" by the cost rule over FlexAttention's visited block fraction."""
         from .choose import choose_cpu_backend, cost_rule, visited_fraction
         visited, grid = None, self.pattern.layout is not None
+        if block_scores:
+            return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, grid=grid,
+                                      grad=grad, block_scores=True)
         if grad:
             key = (q_len, kv_len, heads)
             if key not in self._train_visited:
@@ -424,13 +435,11 @@ class Kernel:
     def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False,
                  return_block_scores: Optional[int] = None, block_scores_pool: str = "max",
                  **inputs):
-        if return_block_scores is not None:
-            # SeerAttention gate targets: pooled softmax probabilities (runtime/block_scores.py)
-            from .block_scores import call_with_block_scores
-            return call_with_block_scores(self, q, k, v, scale, return_lse, return_block_scores,
-                                          block_scores_pool, inputs)
         B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
         self._check_lengths(Lq, Lkv)
+        if return_block_scores is not None:
+            from .block_scores import check_args
+            check_args(return_block_scores, block_scores_pool)
         inputs = check_inputs(self.pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                               device=q.device)
         scale = self._scale(scale, D)
@@ -438,31 +447,53 @@ class Kernel:
         backend = resolve_backend(self.options.backend, q.device)
         if backend == AUTO:
             self.last_choice = self.choose(Lq, Lkv, Hq, grad=grad, need_lse=return_lse,
-                                           float64=q.dtype == torch.float64, batch=B)
+                                           float64=q.dtype == torch.float64, batch=B,
+                                           block_scores=return_block_scores is not None)
             backend = self.last_choice.backend
         self.last_backend = backend
         if q.dtype == torch.float64 and backend in ("triton", "interpret", "flex"):
             raise InputTypeError(f"q has dtype float64; backend '{backend}' supports float16, "
                                  "bfloat16 and float32 (backend='reference' takes float64)")
+        if return_block_scores is not None:
+            # SeerAttention gate targets: pooled softmax probabilities (runtime/block_scores.py)
+            from .block_scores import call_with_block_scores
+            out, lse, scores = call_with_block_scores(self, backend, q, k, v, inputs, scale, grad,
+                                                      return_block_scores, block_scores_pool)
+            return (out, lse, scores) if return_lse else (out, scores)
+        out, lse = self._call(backend, q, k, v, inputs, scale, grad, return_lse)
+        return (out, lse) if return_lse else out
+
+    def _call(self, backend: str, q, k, v, inputs: dict, scale: float, grad: bool,
+              return_lse: bool):
+        """(out, lse or None) of a validated call on `backend`, differentiable when `grad`."""
+        B, Hq, Lq = q.shape[:3]
+        Lkv, Dv = k.shape[2], v.shape[3]
         if Lq == 0 or Lkv == 0:
             out = q.new_zeros(B, Hq, Lq, Dv)
             lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
-            return (out, lse) if return_lse else out
+            return out, lse
         if self.pattern.normalize == "none":
             # Linear attention (no softmax): `runtime.linear` picks the chunked linear-time
             # algorithm or the quadratic block-sparse path; both are differentiable.
             from .linear import run_none
-            out, lse = run_none(self, backend, q, k, v, inputs, scale, return_lse, grad)
-            return (out, lse) if return_lse else out
+            return run_none(self, backend, q, k, v, inputs, scale, return_lse, grad)
         # FlexAttention differentiates itself on CUDA (it has no CPU backward).
         own_grad = backend in SELF_DIFFERENTIABLE or (backend == "flex" and q.is_cuda)
         if grad and not own_grad:
             names = tuple(inputs)
-            out, lse = _autograd_function(backend).apply(self, backend, scale, return_lse,
-                                                         names, q, k, v, *inputs.values())
-        else:
-            out, lse = self._forward(backend, q, k, v, inputs, scale, return_lse)
-        return (out, lse) if return_lse else out
+            return _autograd_function(backend).apply(self, backend, scale, return_lse, names,
+                                                     q, k, v, *inputs.values())
+        return self._forward(backend, q, k, v, inputs, scale, return_lse)
+
+    def variant(self, options: CompileOptions) -> "Kernel":
+        """This pattern compiled with other `options` (e.g. tiles that divide a block-score
+        block), made once per options and kept."""
+        if options == self.options:
+            return self
+        hit = self._variants.get(options)
+        if hit is None:
+            hit = self._variants[options] = Kernel(self.pattern, options)
+        return hit
 
     def step(self, state, q, k, v, *, scale: Optional[float] = None):
         """Recurrent (decode) form of a separable `normalize none` pattern: q [B, Hq, n, D],

@@ -140,7 +140,8 @@ def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
     for node in walk(pattern.mask):
         if isinstance(node, Route) and node not in selections:
             shape = layout.shape if layout is not None else None
-            selections[node] = route_select(q, k, node.region, node.topk, shape)
+            selections[node] = route_select(q, k, node.region, node.topk, shape,
+                                            q_region=node.q_region, causal=node.causal)
         elif isinstance(node, Blocks) and node not in selections:
             sel = block_select(inputs[node.input], node.top, node.threshold,
                                name=f"input '{node.input}'")

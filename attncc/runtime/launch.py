@@ -138,7 +138,7 @@ def _block_d(d: int) -> int:
 
 def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, options=None,
                 out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                lists: Optional[dict] = None):
+                lists: Optional[dict] = None, block_scores: Optional[dict] = None):
     """Run the generated forward kernel of `module` (from `load_kernel`).
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] in float16/bfloat16/float32
@@ -155,6 +155,11 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
     per-program CSR lists: int32 tensors `full_offsets`, `partial_offsets` [B·Hq·n_q_tiles + 1]
     and `full_indices`, `partial_indices` on q's device, row (b·Hq + h)·n_q_tiles + m. Only
     kernels without closed-form loops (META["closed_form"] false) read lists.
+
+    `block_scores` switches the kernel's block-score pass on: the keyword arguments BS,
+    BS_ROWS, BS_COLS, BS_QDIV, BS_KDIV, BLOCK_SCORES of `runtime.block_scores.KernelScores`
+    (BS a contiguous int32 (max) or float32 (sum) buffer on q's device; the kernel needs
+    1-D tiles whose sizes divide the block).
     """
     meta = module.META
     if not float(scale) > 0:
@@ -213,6 +218,15 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         if t.device != q.device:
             raise LaunchError(f"input '{name}' is on {t.device}, q on {q.device}")
         in_args += [t, *t.stride(), *t.shape]
+    extra = {}
+    if block_scores is not None:
+        buf = block_scores.get("BS")
+        if not isinstance(buf, torch.Tensor) or buf.device != q.device or not buf.is_contiguous() \
+                or buf.dtype not in (torch.int32, torch.float32) \
+                or len(meta["q_tile"]) != 1 or len(meta["kv_tile"]) != 1:
+            raise LaunchError("block_scores needs a contiguous int32/float32 buffer BS on "
+                              f"{q.device} and a kernel with 1-D tiles")
+        extra = dict(block_scores)
     warps = getattr(options, "num_warps", None) or meta["num_warps"]
     stages = getattr(options, "num_stages", None) or meta["num_stages"]
     grid = (schedule.n_q_tiles, B * Hq)
@@ -225,5 +239,5 @@ def run_forward(module, schedule, q, k, v, *, inputs: dict, scale: float, option
         Lq, Lkv, Hq, Hq // Hkv, schedule.n_q_tiles, D, Dv, float(scale),
         BLOCK_M=meta["block_m"], BLOCK_N=meta["block_n"], BLOCK_D=_block_d(D),
         BLOCK_DV=_block_d(Dv), DOT_FP32=_interpreted(module) and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
+        num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION, **extra)
     return out, lse

@@ -193,17 +193,21 @@ def _region_tuple(region, ndim: int) -> tuple[int, ...]:
 
 
 def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
-                 layout_shape: Optional[Sequence[int]] = None):
-    """BiFormer routing (DESIGN §4) on q's device.
+                 layout_shape: Optional[Sequence[int]] = None, *, q_region=None,
+                 causal: bool = False):
+    """Region routing (DESIGN §4; `attncc.ir.dense.route_selection`) on q's device, with the
+    group id of every token.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D]; query head h reads key head h // (Hq // Hkv).
-    Tokens are the row-major flattening of `layout_shape` (or 1-D sequences). Region sums are
-    accumulated in float64 (index_add), divided by the region's token count; affinity
-    q̄·k̄ᵀ per (b, h); each query region keeps its min(topk, n_k_regions) best key regions,
-    ties to the lower region index (stable sort of −affinity).
+    Tokens are the row-major flattening of `layout_shape` (or 1-D sequences). Key regions of
+    `region`, query regions of `q_region` tokens (default `region`; 1: token-level queries,
+    MoBA); region means in float64; affinity q̄·k̄ᵀ per (b, h); each query region keeps its
+    min(topk, n_k_regions) best key regions, ties to the lower region index; `causal` (1-D)
+    excludes key regions after the query region's own and always keeps the own one.
 
     Returns (sel bool [B, Hq, nRq, nRk], q_gid int64 [Lq], k_gid int64 [Lkv]).
     """
+    from ..ir.dense import MaskEvalError, route_selection
     B, Hq, Lq, D = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
@@ -213,22 +217,17 @@ def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     if math.prod(qs) != Lq or math.prod(ks) != Lkv:
         raise PrepassError(f"route: layout {qs} does not match Lq={Lq}, Lkv={Lkv}")
     region = _region_tuple(region, len(qs))
+    q_region = region if q_region is None else _region_tuple(q_region, len(qs))
     if not isinstance(topk, int) or topk < 1:
         raise PrepassError(f"route: topk must be a positive int, got {topk!r}")
-    q_gid, nq = _region_ids(qs, region, q.device)
-    k_gid, nk = _region_ids(ks, region, q.device)
-
-    def means(x, gid, n):
-        s = torch.zeros(x.shape[0], x.shape[1], n, x.shape[3], dtype=torch.float64, device=x.device)
-        s.index_add_(2, gid, x.to(torch.float64))
-        return s / torch.bincount(gid, minlength=n).to(torch.float64)[:, None]
-
-    qbar = means(q, q_gid, nq)
-    kbar = means(k, k_gid, nk)[:, torch.arange(Hq, device=q.device) // (Hq // Hkv)]
-    affinity = qbar @ kbar.transpose(-1, -2)
-    order = torch.sort(-affinity, dim=-1, stable=True).indices[..., :min(topk, nk)]
-    sel = torch.zeros(B, Hq, nq, nk, dtype=torch.bool, device=q.device)
-    return sel.scatter_(-1, order, True), q_gid, k_gid
+    try:
+        sel = route_selection(q, k, region, topk, layout_shape, q_region=q_region,
+                              causal=causal)
+    except MaskEvalError as e:
+        raise PrepassError(str(e)) from None
+    q_gid, _ = _region_ids(qs, q_region, q.device)
+    k_gid, _ = _region_ids(ks, region, q.device)
+    return sel, q_gid, k_gid
 
 
 def block_select(scores: torch.Tensor, top: Optional[float] = None,
@@ -281,7 +280,7 @@ def _intersect(cls: torch.Tensor, static) -> torch.Tensor:
 
 def route_lists(q: torch.Tensor, k: torch.Tensor, region, topk: int,
                 layout_shape: Optional[Sequence[int]] = None, *, q_tile, kv_tile,
-                static=None) -> TileLists:
+                static=None, q_region=None, causal: bool = False) -> TileLists:
     """Key-tile lists of `route(region, topk)` per (b, h, query tile).
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D]. `q_tile` / `kv_tile`: a `TileGrid`, a tile extent
@@ -289,7 +288,8 @@ def route_lists(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     `static`: a `Schedule` or int8 class tensor [H, nQT, nKT] of the rest of the mask; the
     result is its intersection with the selector's classes.
     """
-    sel, q_gid, k_gid = route_select(q, k, region, topk, layout_shape)
+    sel, q_gid, k_gid = route_select(q, k, region, topk, layout_shape, q_region=q_region,
+                                     causal=causal)
     qs = tuple(layout_shape) if layout_shape is not None else (q.shape[2],)
     ks = tuple(layout_shape) if layout_shape is not None else (k.shape[2],)
     cls = group_classes(sel, q_gid, k_gid, _as_grid(q_tile, qs, "q_tile"),

@@ -38,14 +38,18 @@ def needs_prepass(pattern) -> bool:
         or any(document_input(t) is not None for t in conjuncts(pattern.mask))
 
 
-def _group_expr(side: str, node, layout) -> Expr:
+def _group_expr(side: str, node, layout, per_tile: bool = False) -> Expr:
     """IR of the group (region / block) index of token `side`, matching `route_select` /
-    `_block_gids`: regions row-major over the region grid of the layout."""
+    `_block_gids`: regions row-major over the region grid of the layout. `per_tile` (key
+    side, 1-D key tiles inside one group each): the group of the key tile's first token
+    `kt`, one value per tile (so the kernel loads one selection per query row)."""
+    token = Var("kt") if per_tile else Var(side)
     if isinstance(node, Blocks):
-        return Binary("floordiv", Var(side), Const(node.block))
+        return Binary("floordiv", token, Const(node.block))
+    size = node.query_region if side == "q" else node.region
     if layout is None:
-        return Binary("floordiv", Var(side), Const(node.region[0]))
-    region = _region_tuple(node.region, len(layout.axes))
+        return token if size[0] == 1 else Binary("floordiv", token, Const(size[0]))
+    region = _region_tuple(size, len(layout.axes))
     out: Expr = Const(0)
     for a, (axis, r) in enumerate(zip(layout.axes, region)):
         out = Binary("add", Binary("mul", out, Const(-(-axis.size // r))),
@@ -57,13 +61,16 @@ def tile_aligned(node, pattern, grids) -> bool:
     """Whether every (query tile, key tile) of `grids` = (q_grid, kv_grid) lies inside one
     (query group, key group) of selector `node`, so the selection is one value per tile."""
     q_grid, kv_grid = grids
+    if isinstance(node, Blocks):
+        sizes = ((node.block,), (node.block,))
+    else:
+        nd = 1 if pattern.layout is None else len(pattern.layout.axes)
+        sizes = (_region_tuple(node.query_region, nd), _region_tuple(node.region, nd))
     if isinstance(node, Blocks) or pattern.layout is None:
-        size = node.block if isinstance(node, Blocks) else _region_tuple(node.region, 1)[0]
         return len(q_grid.tile) == 1 and len(kv_grid.tile) == 1 \
-            and size % q_grid.tile[0] == 0 and size % kv_grid.tile[0] == 0
-    region = _region_tuple(node.region, len(pattern.layout.axes))
-    return all(len(g.tile) == len(region) and all(r % t == 0 for r, t in zip(region, g.tile))
-               for g in (q_grid, kv_grid))
+            and sizes[0][0] % q_grid.tile[0] == 0 and sizes[1][0] % kv_grid.tile[0] == 0
+    return all(len(g.tile) == len(r) and all(a % t == 0 for a, t in zip(r, g.tile))
+               for g, r in zip((q_grid, kv_grid), sizes))
 
 
 def lower_selectors(pattern, selections: Mapping, grids=None):
@@ -73,7 +80,9 @@ def lower_selectors(pattern, selections: Mapping, grids=None):
     grids  (q_grid, kv_grid) of a kernel that reads pre-pass lists (which hold only tiles
            with a selected pair): a selector that is a conjunct of the mask and whose groups
            contain whole tiles (`tile_aligned`) is constant true on every listed tile, so it
-           is dropped (no per-element selection load).
+           is dropped (no per-element selection load); one whose key groups contain whole
+           1-D key tiles reads its selection per (query row, key tile) through `kt`, the
+           kernel's key-tile start (the forward generator's loop variable).
 
     Returns (lowered Pattern, {input name: int8 selection tensor [B, H, nGq, nGk]}); the
     lowered pattern declares the selections (as bool inputs) and drops inputs that only the
@@ -93,12 +102,18 @@ def lower_selectors(pattern, selections: Mapping, grids=None):
             taken.add(names[node])
             tensors[names[node]] = selections[node][0].to(torch.int8).contiguous()
 
+    def key_aligned(n):
+        if grids is None or pattern.layout is not None or len(grids[1].tile) != 1:
+            return False
+        size = n.block if isinstance(n, Blocks) else n.region[0]
+        return size % grids[1].tile[0] == 0
+
     def rewrite(n):
         if n in dropped:
             return TRUE
         if n in names:
             return Load(names[n], (Var("b"), Var("h"), _group_expr("q", n, pattern.layout),
-                                   _group_expr("k", n, pattern.layout)), BOOL)
+                                   _group_expr("k", n, pattern.layout, key_aligned(n))), BOOL)
         return None
 
     mask = transform(pattern.mask, rewrite)
@@ -149,7 +164,8 @@ def runtime_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
 
 
 def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   inputs: Mapping[str, torch.Tensor], *, scale: float, options):
+                   inputs: Mapping[str, torch.Tensor], *, scale: float, options,
+                   block_scores=None):
     """Data-dependent forward through the generated Triton kernel (CUDA, or the interpreter).
 
     q [B, Hq, Lq, D], k / v [B, Hkv, Lkv, D(v)], validated `inputs`. The static conjuncts of
@@ -186,7 +202,7 @@ def kernel_forward(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          full_tiles=full, partial_tiles=partial,
                          extra={"interpreted": interpreter_enabled()})
     out, lse = run_forward(module, ksched, q, k, v, inputs={**inputs, **sel_inputs}, scale=scale,
-                           options=options, lists=lists)
+                           options=options, lists=lists, block_scores=block_scores)
     return out, lse, stats
 
 
@@ -200,7 +216,11 @@ def region_aligned_options(pattern, options):
     if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
             or options.kv_tile is not None:
         return options
-    region = _region_tuple(routes[0].region, len(layout.axes))
-    if all(r & (r - 1) == 0 for r in region) and 16 <= math.prod(region) <= 256:
-        return options.replace(q_tile=region, kv_tile=region)
+    nd = len(layout.axes)
+    region, q_region = (_region_tuple(r, nd) for r in (routes[0].region, routes[0].query_region))
+
+    def box(r):
+        return all(x & (x - 1) == 0 for x in r) and 16 <= math.prod(r) <= 256
+    if box(region) and box(q_region):
+        return options.replace(q_tile=q_region, kv_tile=region)
     return options

@@ -481,13 +481,14 @@ def _score_tables(pattern) -> list[str]:
 def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     inputs: Optional[Mapping[str, torch.Tensor]] = None, *,
                     scale: Optional[float] = None, options=None, schedule=None,
-                    validate: bool = True):
+                    validate: bool = True, plan: Optional[TorchPlan] = None):
     """Block-sparse attention of `pattern` in torch, differentiable with O(kept tiles) memory.
 
     q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv] (Hq % Hkv == 0) in
     float16/bfloat16/float32/float64; `inputs` the pattern's runtime tensors; `options` a
     CompileOptions (tile sizes); `schedule` the static Schedule for this shape if already
-    built (static patterns only). Differentiable in q, k, v, floating-point tables read in
+    built (static patterns only); `plan` the call's tile lists if already made by
+    `plan_lists` (shared with a second pass, e.g. `runtime.block_scores`). Differentiable in q, k, v, floating-point tables read in
     `score` and inputs of the `output scale` (not through `route` / `blocks` selections).
 
     Returns (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32 (float64 for float64
@@ -510,8 +511,9 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if Lq == 0 or Lkv == 0:
         return (q.new_zeros(B, Hq, Lq, Dv),
                 torch.full((B, Hq, Lq), -math.inf, dtype=cdt, device=q.device), {})
-    plan = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
-                      options=options, schedule=schedule)
+    if plan is None:
+        plan = plan_lists(pattern, q, k, {n: t.detach() for n, t in inputs.items()},
+                          options=options, schedule=schedule)
     w = output_scale(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=q.device,
                      float_dtype=cdt)
     if w is not None:

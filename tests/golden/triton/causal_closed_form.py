@@ -20,6 +20,8 @@ def attncc_fwd_causal_13065ae5a230(
     Q_LEN, KV_LEN, HEADS, GROUP, N_Q_TILES, HEAD_DIM, HEAD_DIM_V, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    BS=None, BS_ROWS=None, BS_COLS=None, BS_QDIV=None, BS_KDIV=None,
+    BLOCK_SCORES: tl.constexpr = 0,
 ):
     # One program per (query tile m, batch·head bh).
     m = tl.program_id(0)
@@ -121,6 +123,57 @@ def attncc_fwd_causal_13065ae5a230(
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
     tl.store(l_base + q_idx.to(tl.int64) * stride_lm, lse, mask=q_ok)
+    if BLOCK_SCORES:  # pooled probabilities (runtime/block_scores.py); compiled away when 0
+        # Second pass over the same key tiles now that each row's log-sum-exp is known: QKᵀ and
+        # the mask only (no P·V), P = exp2(x - lse2) pooled per tile into BS (BLOCK_SCORES 1:
+        # atomic max into [B, Hq, BS_ROWS, BS_COLS]; 2: the tile's sum into its own slot).
+        # Padding rows and rows without a kept key get lse2 = +inf, hence P = 0.
+        lse2 = tl.where(l_ok & q_ok, m_i + tl.log2(l_safe), float("inf"))
+        bs_row = BS + ((b * HEADS + h) * BS_ROWS + m // BS_QDIV).to(tl.int64) * BS_COLS
+        # FULL key tiles (block scores)
+        for n in tl.range(kt_lo_full0, tl.minimum(kt_hi_full0, n_tail), 1, num_stages=1):
+            k_idx = n * BLOCK_N + offs_n
+            k = k_idx[None, :]
+            k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
+                            mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+            if DOT_FP32:
+                k_blk = k_blk.to(tl.float32)
+            x = tl.dot(q_blk, k_blk)
+            if BLOCK_SCORES == 1:
+                # max: exp2 increases, so the tile's largest P is exp2(row max - lse2) of some row;
+                # one atomic max per tile (exact and order-independent; P >= 0, so the int order of
+                # the bits is the float order).
+                tile_p = tl.max(tl.exp2(tl.max(x, 1) * qk_scale - lse2), 0)
+                tl.atomic_max(bs_row + n // BS_KDIV, tile_p.to(tl.int32, bitcast=True), sem="relaxed")
+            else:
+                # sum of the tile's P (0 where masked), stored in the tile's own slot: reduced in a
+                # fixed order on the host
+                p = tl.exp2(x * qk_scale - lse2[:, None])
+                tl.store(bs_row + n // BS_KDIV, tl.sum(tl.sum(p, 1), 0))
+        # PARTIAL key tiles (block scores)
+        for it in tl.range(0, partial_end1, 1, num_stages=1):
+            n = tl.where(it < partial_end0, kt_lo_partial0 + it, n_tail + (it - partial_end0))
+            k_idx = n * BLOCK_N + offs_n
+            k_ok = k_idx < KV_LEN
+            k = k_idx[None, :]
+            k_blk = tl.load(k_base + tl.cast(n, tl.int64) * BLOCK_N * stride_kn + k_offs,
+                            mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            if DOT_FP32:
+                k_blk = k_blk.to(tl.float32)
+            x = tl.dot(q_blk, k_blk)
+            keep = k_ok[None, :] & (k <= t0)
+            x = tl.where(keep, x, float("-inf"))
+            if BLOCK_SCORES == 1:
+                # max: exp2 increases, so the tile's largest P is exp2(row max - lse2) of some row;
+                # one atomic max per tile (exact and order-independent; P >= 0, so the int order of
+                # the bits is the float order).
+                tile_p = tl.max(tl.exp2(tl.max(x, 1) * qk_scale - lse2), 0)
+                tl.atomic_max(bs_row + n // BS_KDIV, tile_p.to(tl.int32, bitcast=True), sem="relaxed")
+            else:
+                # sum of the tile's P (0 where masked), stored in the tile's own slot: reduced in a
+                # fixed order on the host
+                p = tl.exp2(x * qk_scale - lse2[:, None])
+                tl.store(bs_row + n // BS_KDIV, tl.sum(tl.sum(p, 1), 0))
 
 
 KERNEL = attncc_fwd_causal_13065ae5a230
