@@ -50,8 +50,11 @@ import math
 from typing import Optional
 
 from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, free_vars, walk
+from attncc.ir.segmented import coord_terms, side_grid
+from attncc.passes.tilegrid import SegmentedGrid
 
 from .emitter import fill, template
+from .part_tiles import part_tile_lines
 from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
                      safe_identifier, used_inputs)
 
@@ -116,14 +119,19 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
     1-D tiles: consecutive token rows. Multi-D tiles: per-axis coordinates
     origin + (slot // inner) % extent, flat row = Σ coordinate · layout stride."""
     tile_var, block = ("m", "BLOCK_M") if side == "q" else ("n", "BLOCK_N")
+    if isinstance(grid, SegmentedGrid):  # tiles of a segmented side (codegen.part_tiles)
+        hoist, per_tile, _ = part_tile_lines(side, grid, layout)
+        return ([], hoist + per_tile) if side == "q" else (hoist, per_tile)
     if len(grid.tile) == 1:
         if side == "q":
             return [], ["q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
         return (["offs_n = tl.arange(0, BLOCK_N)"],
                 ["k_idx = n * BLOCK_N + offs_n", "k_ok = k_idx < KV_LEN"])
-    if layout is None or tuple(grid.shape) != tuple(layout.shape):
+    own = side_grid(layout, side)
+    if own is None or tuple(grid.shape) != tuple(own.shape) \
+            or (coord_terms(layout, side, 0) or (0,))[0] != 0:
         raise CodegenError(f"multi-dimensional {side} tiles {grid} need the pattern's grid layout")
-    strides = layout.strides
+    strides = own.strides
     hoist = [f"{side}_slot = tl.arange(0, {block})"]
     per_tile, flat, ok = [], [], []
     c = "qc" if side == "q" else "kc"
@@ -148,9 +156,12 @@ def _coord_lines(side: str, grid, layout, axes: set[int]) -> list[str]:
         if len(grid.tile) > 1:
             out.append(f"q_c{a} = qc{a}[:, None]" if side == "q" else f"k_c{a} = kc{a}[None, :]")
         else:
-            stride, size = layout.strides[a], layout.shape[a]
-            text = side if stride == 1 else f"({side} // {stride})"
-            out.append(f"{side}_c{a} = {text}" + (f" % {size}" if a > 0 else ""))
+            # 1-D tiles: from the flat index (`- start` for a grid after token segments;
+            # tokens outside the grid get values the mask's guards never use).
+            start, stride, size = coord_terms(layout, side, a)
+            text = f"({side} - {start})" if start else side
+            text = text if stride == 1 else f"({text} // {stride})"
+            out.append(f"{side}_c{a} = {text}" + (f" % {size}" if a > 0 or start else ""))
     return out
 
 
@@ -360,21 +371,37 @@ def generate_forward(pattern, schedule, options) -> str:
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
     # K/V addresses: 64-bit token row of the tile origin (scalar, per tile) plus 32-bit
     # in-tile offsets (hoisted). Multi-D tiles: flat row = Σ (origin_a + slot_a) · stride_a.
-    if len(kg.tile) == 1:
+    # Segmented sides (`codegen.part_tiles`): origin k_org and in-tile rows k_row per tile
+    # (rows hoisted when every part's tiles are 1-D).
+    k_offs_per_tile = []
+    if isinstance(kg, SegmentedGrid):
+        _, _, row_is_slot = part_tile_lines("k", kg, layout)
+        k_slot, k_origin = ("k_slot" if row_is_slot else "k_row"), "tl.cast(k_org, tl.int64)"
+        if not row_is_slot:
+            k_offs_per_tile = [
+                "k_offs = k_row[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                "v_offs = k_row[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    elif len(kg.tile) == 1:
         k_slot, k_origin = "offs_n", "tl.cast(n, tl.int64) * BLOCK_N"
     else:
         origins, slots = [], []
+        k_strides = side_grid(layout, "k").strides
         for a, ci, cnt, si, t in _axis_terms(kg.counts, kg.tile):
-            st = layout.strides[a]
+            st = k_strides[a]
             origin = _tile_origin("n", a, ci, cnt, t)
             if origin != "0":
                 origins.append(f"tl.cast({origin}, tl.int64)" + (f" * {st}" if st != 1 else ""))
             slots.append(f"ks{a}" + (f" * {st}" if st != 1 else ""))
         kv_hoist = kv_hoist + [f"k_row = {' + '.join(slots)}  # flat in-tile row of each slot"]
-        k_slot, k_origin = "k_row", (" + ".join(origins) or None)
-    kv_hoist = kv_hoist + [
-        f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-        f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+        # A single key tile still gets a per-tile origin (n is 0): loop-invariant K/V
+        # pointer tensors would be hoisted and held in registers (spills at d128).
+        k_slot, k_origin = "k_row", (" + ".join(origins) or "tl.cast(n, tl.int64) * BLOCK_N")
+    if not k_offs_per_tile:
+        kv_hoist = kv_hoist + [
+            f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+            f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    else:
+        kv_tile = kv_tile + k_offs_per_tile
 
     def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
         """One key-tile step of the online softmax.

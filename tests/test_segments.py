@@ -143,7 +143,7 @@ def test_hilo_spec_and_lengths():
     q, kv = torch.randn(1, 2, 24, 8), torch.randn(1, 2, 6, 8)
     ref = attncc.reference(p, q, kv, kv)
     assert (kern(q, kv, kv).double() - ref).abs().max() < 1e-5
-    with pytest.raises(attncc.SpecError, match="the key grid has 6 tokens, but k has sequence "
+    with pytest.raises(attncc.SpecError, match="the key layout has 6 tokens, but k has sequence "
                                                 "length 24"):
         kern(q, q, q)
     assert (p.fixed_length, p.fixed_kv_length) == (24, 6)
@@ -151,12 +151,13 @@ def test_hilo_spec_and_lengths():
 
 @pytest.mark.parametrize("text, message", [
     ("layout q_grid(y = 4)\nmask true\n",
-     "separate layouts need both q_grid(...) and k_grid(...); k_grid is missing"),
+     "separate layouts need a query and a key layout; the key layout (k_grid or k_tokens) is "
+     "missing"),
     ("layout q_grid(y = 4)\nlayout k_grid(z = 2)\nmask q.y == k.y\n",
-     "unknown axis 'y' of the key grid (it has axes z)"),
-    ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nmask neighborhood(1)\n",
-     "'neighborhood' needs one layout for queries and keys (this pattern has separate q_grid "
-     "and k_grid)"),
+     "unknown segment or axis 'y' of the key layout (it has grid, z)"),
+    ("layout q_grid(y = 4)\nlayout k_grid(z = 2)\nmask neighborhood(1)\n",
+     "'neighborhood' places each query on the key grid axis by axis: the query and key grids "
+     "need the same axes (query grid: y; key grid: z)"),
     ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nlayout tokens(t = 1)\nmask true\n",
      "'tokens' cannot be combined with q_grid / k_grid layouts"),
 ])

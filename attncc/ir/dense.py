@@ -36,6 +36,8 @@ from .inputs import ROUTE_INPUTS, check_inputs
 from .nodes import (BOOL, FLOAT, INT, Binary, Blocks, Const, Coord, Expr, FCall, Load, Route,
                     Select, Unary, Var, free_vars, walk)
 from .printer import format_expr
+from .pattern import Layout
+from .segmented import coord_terms, lengths as layout_lengths
 
 _TORCH_DTYPE = {INT: torch.int64, FLOAT: torch.float64, BOOL: torch.bool}
 _FUNCS = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log,
@@ -307,11 +309,15 @@ class Evaluator:
         if self.layout is None:
             raise MaskEvalError(f"coordinate {node.side}.{node.name} used, but the pattern has "
                                 "no layout")
-        if node.axis >= len(self.layout.axes):
+        terms = coord_terms(self.layout, node.side, node.axis)
+        if terms is None:
             raise MaskEvalError(f"coordinate {node.side}.{node.name}: axis {node.axis} is not in "
                                 f"layout {self.layout}")
-        stride, size = self.layout.strides[node.axis], self.layout.shape[node.axis]
-        return torch.remainder(torch.div(self._var(node.side), stride, rounding_mode="floor"), size)
+        start, stride, size = terms
+        i = self._var(node.side)
+        if start:
+            i = i - start
+        return torch.remainder(torch.div(i, stride, rounding_mode="floor"), size)
 
     def _binary(self, node: Binary, vals, polls):
         a, b = vals
@@ -424,12 +430,13 @@ def resolve_lengths(pattern, q_len: Optional[int], kv_len: Optional[int]) -> tup
     for label, n in (("q_len", q_len), ("kv_len", kv_len)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"{label} must be a non-negative int, got {n!r}")
-    if layout is not None:
-        for label, n in (("q_len", q_len), ("kv_len", kv_len)):
-            if n is not None and n != layout.numel:
+    fixed = layout_lengths(layout)
+    if fixed is not None:
+        for label, n, want in (("q_len", q_len, fixed[0]), ("kv_len", kv_len, fixed[1])):
+            if n is not None and n != want:
                 raise ValueError(f"{label}={n} does not match the layout {layout} of pattern "
-                                 f"'{pattern.name}' ({layout.numel} tokens)")
-        return layout.numel, layout.numel
+                                 f"'{pattern.name}' ({want} tokens)")
+        return fixed
     if q_len is None or kv_len is None:
         raise ValueError(f"pattern '{pattern.name}' has no layout: pass q_len and kv_len")
     return q_len, kv_len
@@ -496,8 +503,9 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     wide = "b" in fv or "h" in fv or any(isinstance(n, (Route, Blocks, Load)) for n in walk(mask))
     # Index space: b, h, then one dimension per layout axis for q and for k (or one each).
     layout = pattern.layout
-    q_shape = layout.shape if layout is not None else (q_len,)
-    k_shape = layout.shape if layout is not None else (kv_len,)
+    grid = isinstance(layout, Layout)   # one grid: q and k span one dimension per axis
+    q_shape = layout.shape if grid else (q_len,)
+    k_shape = layout.shape if grid else (kv_len,)
     nd = len(q_shape)
     rank = 2 + 2 * nd
 
@@ -514,7 +522,7 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     k_coords = [at(ar(n), 2 + nd + a) for a, n in enumerate(k_shape)]
     base = {"b": at(ar(batch), 0), "h": at(ar(heads), 1), "k": flat(k_coords, k_shape),
             "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
-    if layout is not None:
+    if grid:
         base.update({f"k.{a}": c for a, c in enumerate(k_coords)})
     row = math.prod(q_shape[1:])  # tokens per step of the first q axis
     step = max(1, _CHUNK_ELEMS // max(1, row * kv_len * (batch * heads if wide else 1)))
@@ -525,7 +533,7 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
         r1 = min(q_shape[0], r0 + step)
         q_coords = [at(ar(r1 - r0, r0), 2)] + [at(ar(n), 2 + a) for a, n in enumerate(q_shape)][1:]
         env = dict(base, q=flat(q_coords, q_shape))
-        if layout is not None:
+        if grid:
             env.update({f"q.{a}": c for a, c in enumerate(q_coords)})
         space = (((0,), (batch,)), ((1,), (heads,)),
                  (tuple(range(2, 2 + nd)), (r1 - r0,) + tuple(q_shape[1:])),

@@ -497,10 +497,11 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"has `normalize {pattern.normalize}`")
     inputs = dict(inputs or {})
     if validate:
-        n = None if pattern.layout is None else pattern.layout.numel
-        if n is not None and (Lq != n or Lkv != n):
+        n, nk = pattern.fixed_length, pattern.fixed_kv_length
+        if n is not None and (Lq != n or Lkv != nk):
             raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
-                             f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
+                             f"({n if n == nk else f'{n} query and {nk} key'} tokens) but "
+                             f"Lq={Lq}, Lkv={Lkv}")
         inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                                    device=q.device))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
