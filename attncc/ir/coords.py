@@ -40,3 +40,21 @@ def lower_coords(expr: Expr, layout) -> Expr:
         return Binary("mod", flat, Const(size))
 
     return transform(expr, rewrite)
+
+
+def flat_layout(pattern):
+    """`pattern` with the coordinates of a segmented layout (`attncc.ir.segmented`) lowered to
+    flat-index arithmetic and no layout: the same mask, score and output scale at every
+    token pair, for paths that see one flat token sequence (decode). Other patterns are
+    returned as they are."""
+    import dataclasses
+
+    from .segmented import Segmented
+    layout = pattern.layout
+    if not isinstance(layout, Segmented):
+        return pattern
+
+    def go(e):
+        return None if e is None else lower_coords(e, layout)
+    return dataclasses.replace(pattern, layout=None, mask=go(pattern.mask),
+                               score=go(pattern.score), output_scale=go(pattern.output_scale))

@@ -37,7 +37,7 @@ from .nodes import (BOOL, FLOAT, INT, Binary, Blocks, Const, Coord, Expr, FCall,
                     Select, Unary, Var, free_vars, walk)
 from .printer import format_expr
 from .pattern import Layout
-from .segmented import coord_terms, lengths as layout_lengths
+from .segmented import coord_terms, lengths as layout_lengths, route_groups_expr
 
 _TORCH_DTYPE = {INT: torch.int64, FLOAT: torch.float64, BOOL: torch.bool}
 _FUNCS = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log,
@@ -92,7 +92,7 @@ def _region_means(x: torch.Tensor, rid: torch.Tensor, n: int) -> torch.Tensor:
     B, H, _, D = x.shape
     sums = torch.zeros(B, H, n, D, dtype=torch.float64, device=x.device)
     sums.index_add_(2, rid, x.to(torch.float64))
-    counts = torch.bincount(rid, minlength=n).to(torch.float64)
+    counts = torch.bincount(rid, minlength=n).to(torch.float64).clamp(min=1)
     return sums / counts[:, None]
 
 
@@ -117,8 +117,35 @@ def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
         raise MaskEvalError(f"route: layout {q_shape} does not match Lq={Lq}, Lkv={Lkv}")
     region = _broadcast_region(region, len(q_shape))
     nq, nk = math.prod(region_grid(q_shape, region)), math.prod(region_grid(k_shape, region))
-    qbar = _region_means(q, region_index(q_shape, region, q.device), nq)
-    kbar = _region_means(k, region_index(k_shape, region, k.device), nk)
+    return route_by_groups(q, k, region_index(q_shape, region, q.device), nq,
+                           region_index(k_shape, region, k.device), nk, topk)
+
+
+def route_groups(layout, side: str, region, n: int, device=None) -> tuple[torch.Tensor, int]:
+    """(region of each of the `n` tokens of `side`, int64 [n]; number of regions) of a
+    `route(region, ...)` under `layout` (`attncc.ir.segmented.route_groups_expr`: a plain
+    grid, separate query and key grids, or none)."""
+    if layout is not None and not isinstance(layout, Layout):
+        region = _broadcast_region(region, len(layout.k.axes))
+        expr, count = route_groups_expr(layout, side, region)
+        t = torch.arange(n, device=device, dtype=torch.int64)
+        gid = Evaluator({side: t}, layout=layout, device=device).evaluate(expr)
+        return gid.reshape(-1).expand(n).contiguous(), count
+    shape = layout.shape if layout is not None else (n,)
+    region = _broadcast_region(region, len(shape))
+    return region_index(shape, region, device), math.prod(region_grid(shape, region))
+
+
+def route_by_groups(q: torch.Tensor, k: torch.Tensor, rq: torch.Tensor, nq: int,
+                    rk: torch.Tensor, nk: int, topk: int) -> torch.Tensor:
+    """The routing selection bool [B, Hq, nq, nk] from the region of every query (rq int64
+    [Lq]) and key (rk [Lkv]): region means in float64 (0 for a region without tokens),
+    affinity q̄ k̄ᵀ, the top min(topk, nk) key regions per query region (ties to the lower
+    index)."""
+    B, Hq = q.shape[0], q.shape[1]
+    Hkv = k.shape[1]
+    qbar = _region_means(q, rq, nq)
+    kbar = _region_means(k, rk, nk)
     kbar = kbar.repeat_interleave(Hq // Hkv, dim=1)
     affinity = qbar @ kbar.transpose(-1, -2)
     keep = min(int(topk), nk)
@@ -374,6 +401,13 @@ class Evaluator:
         key = ("route", node)
         if key not in self.shared:
             q, k = self._input("query"), self._input("key")
+            if self.layout is not None and not isinstance(self.layout, Layout):
+                (rq, nq), (rk, nk) = (route_groups(self.layout, s, node.region, t.shape[2],
+                                                   q.device) for s, t in (("q", q), ("k", k)))
+                sel = route_by_groups(q, k, rq, nq, rk, nk, node.topk)
+                self.shared[key] = (sel, rq, rk)
+                sel, rq, rk = self.shared[key]
+                return self._expand(sel, rq[self._var("q")], rk[self._var("k")])
             shape = self.layout.shape if self.layout is not None else None
             sel = route_selection(q, k, node.region, node.topk, shape)
             if sel.shape[1] != self.env["HEADS"].item():

@@ -21,10 +21,11 @@ computes coordinates through it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .nodes import Binary, Const, Expr, Var
+from .nodes import Binary, Const, Coord, Expr, Var
 from .pattern import Layout
 
 
@@ -150,3 +151,48 @@ def lengths(layout) -> Optional[tuple[int, int]]:
     if isinstance(layout, Segmented):
         return layout.q.numel, layout.k.numel
     return layout.numel, layout.numel
+
+
+# ---- queries placed on the key grid (separate grids; `attncc.passes.grid_map`) -------------
+
+def mapped_cell_expr(i: Expr, q_size: int, k_size: int) -> Expr:
+    """Key cell c(i) = ⌊(2i + 1)·K / (2Q)⌋ of query coordinate `i` (an int IR expression) on an
+    axis of Q query cells and K key cells, in its simplest exact form: i when Q = K, i // r
+    when Q = r·K, i·r + r // 2 when K = r·Q."""
+    g = math.gcd(q_size, k_size)
+    p, q = k_size // g, q_size // g
+    if p == q:
+        return i
+    if p == 1:
+        return Binary("floordiv", i, Const(q))
+    if q == 1:
+        out = Binary("mul", i, Const(p))
+        return Binary("add", out, Const(p // 2)) if p // 2 else out
+    num = Binary("mul", Binary("add", Binary("mul", i, Const(2)), Const(1)), Const(p))
+    return Binary("floordiv", num, Const(2 * q))
+
+
+def mapped_cell(i: int, q_size: int, k_size: int) -> int:
+    """`mapped_cell_expr` on a plain int."""
+    return (2 * i + 1) * k_size // (2 * q_size)
+
+
+def route_groups_expr(layout, side: str, region: tuple[int, ...]) -> tuple[Expr, int]:
+    """(IR of the route region of token `side`, number of regions). Regions have `region`
+    cells per axis of the (key) grid, numbered row-major over the region grid; with separate
+    grids a query belongs to the region of its key cell (`mapped_cell_expr`); without a
+    layout, regions are runs of region[0] tokens."""
+    if layout is None:
+        return Binary("floordiv", Var(side), Const(region[0])), None
+    kgrid = layout.k.grid if isinstance(layout, Segmented) else layout
+    qgrid = layout.q.grid if isinstance(layout, Segmented) else layout
+    out: Expr = Const(0)
+    n = 1
+    for a, (ka, r) in enumerate(zip(kgrid.axes, region)):
+        c: Expr = Coord(side, a, ka.name)
+        if side == "q" and qgrid is not kgrid:
+            c = mapped_cell_expr(Coord("q", a, qgrid.axes[a].name), qgrid.axes[a].size, ka.size)
+        count = -(-ka.size // r)
+        out = Binary("add", Binary("mul", out, Const(count)), Binary("floordiv", c, Const(r)))
+        n *= count
+    return out, n

@@ -23,36 +23,11 @@ without a grid, axes that differ, a kernel longer than the key axis.
 """
 from __future__ import annotations
 
-from math import gcd
-
 from ..frontend import ast
-from ..ir.nodes import Coord, Expr, Route
-from .neighborhood import LengthCheck, _Failed, blocked_axis, conjunction, neighborhood_axis  # noqa: F401
-from .primitives import binary, const
-
-
-def _b(op, a, b):
-    return binary(op, a, b, floats=False)
-
-
-def mapped_coordinate(i: Expr, q_size: int, k_size: int) -> Expr:
-    """c(i) = ⌊(2i + 1)·K / (2Q)⌋ as IR, in its simplest exact form (see module docstring)."""
-    g = gcd(q_size, k_size)
-    p, q = k_size // g, q_size // g
-    if p == q:
-        return i
-    if p == 1:
-        return _b("floordiv", i, const(q))
-    if q == 1:
-        return _b("add", _b("mul", i, const(p)), const(p // 2)) if p // 2 else \
-            _b("mul", i, const(p))
-    return _b("floordiv", _b("mul", _b("add", _b("mul", i, const(2)), const(1)), const(p)),
-              const(2 * q))
-
-
-def mapped_cell(i: int, q_size: int, k_size: int) -> int:
-    """`mapped_coordinate` on a plain int (the formula, for checks and tests)."""
-    return (2 * i + 1) * k_size // (2 * q_size)
+from ..ir.nodes import Coord, Route
+from ..ir.segmented import mapped_cell_expr
+from .neighborhood import _Failed, blocked_axis, conjunction, neighborhood_axis
+from .primitives import const
 
 
 def _axes(el, layout, name, loc, ctx):
@@ -69,7 +44,7 @@ def _axes(el, layout, name, loc, ctx):
                      f"{', '.join(kn)})", ctx=ctx)
     out = []
     for a, (qa, ka) in enumerate(zip(qg.axes, kg.axes)):
-        c = mapped_coordinate(Coord("q", a, qa.name), qa.size, ka.size)
+        c = mapped_cell_expr(Coord("q", a, qa.name), qa.size, ka.size)
         out.append((c, Coord("k", a, ka.name), const(ka.size), ka.name))
     return out
 

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from ..ir.segmented import route_groups_expr
 from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var,
                         transform, walk)
 from ..ir.pattern import InputDecl
@@ -45,18 +46,16 @@ def _group_expr(side: str, node, layout) -> Expr:
         return Binary("floordiv", Var(side), Const(node.block))
     if layout is None:
         return Binary("floordiv", Var(side), Const(node.region[0]))
-    region = _region_tuple(node.region, len(layout.axes))
-    out: Expr = Const(0)
-    for a, (axis, r) in enumerate(zip(layout.axes, region)):
-        out = Binary("add", Binary("mul", out, Const(-(-axis.size // r))),
-                     Binary("floordiv", Coord(side, a, axis.name), Const(r)))
-    return out
+    axes = layout.k.axes if hasattr(layout, "k") else layout.axes
+    return route_groups_expr(layout, side, _region_tuple(node.region, len(axes)))[0]
 
 
 def tile_aligned(node, pattern, grids) -> bool:
     """Whether every (query tile, key tile) of `grids` = (q_grid, kv_grid) lies inside one
     (query group, key group) of selector `node`, so the selection is one value per tile."""
     q_grid, kv_grid = grids
+    if hasattr(pattern.layout, "q"):  # separate query and key grids: not assumed aligned
+        return False
     if isinstance(node, Blocks) or pattern.layout is None:
         size = node.block if isinstance(node, Blocks) else _region_tuple(node.region, 1)[0]
         return len(q_grid.tile) == 1 and len(kv_grid.tile) == 1 \
@@ -197,7 +196,8 @@ def region_aligned_options(pattern, options):
     tiles are FULL (no per-element mask) and exactly topk key tiles are visited."""
     routes = [n for n in walk(pattern.mask) if isinstance(n, Route)]
     layout = pattern.layout
-    if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
+    if len(routes) != 1 or layout is None or hasattr(layout, "q") or options.tile_1d \
+            or options.q_tile is not None \
             or options.kv_tile is not None:
         return options
     region = _region_tuple(routes[0].region, len(layout.axes))
