@@ -15,39 +15,60 @@ SHARED_KINDS = ("tokens", "grid")
 SIDE_KINDS = ("q_tokens", "q_grid", "k_tokens", "k_grid")
 
 
-def _side_segments(el, decls: list, what: str) -> list:
-    """Segments of one side from its layout lines (in order); errors go to `el`."""
+def side_segments(items: list) -> tuple[list, list]:
+    """Segments of one side from its layout items in order, and the errors.
+
+    items  [("grid", Layout) | ("tokens", [(name, size), ...])]; sizes already checked to be
+           positive ints
+    Returns (segments, errors) with each error (item index, entry index or None, message).
+    Shared by the spec elaborator (errors at the layout lines) and the decorator."""
     parts: list[Segment] = []
+    errors: list = []
     start, grid_seen = 0, False
     names: set[str] = set()
     axis_names: set[str] = set()
-    for d in decls:
-        if d.kind.endswith("grid"):
+    for i, (kind, value) in enumerate(items):
+        if kind == "grid":
             if grid_seen:
-                el.error(d.loc, f"{what} has at most one grid segment")
+                errors.append((i, None, "at most one grid segment per side"))
                 continue
             grid_seen = True
-            el.bind_layout(dataclasses.replace(d, kind="grid"))
-            grid = el.layout
-            if grid is None or not grid.axes:
-                continue
-            for a in grid.axes:
+            for a in value.axes:
                 if a.name in names:
-                    el.error(d.loc, f"grid axis '{a.name}' has the name of a token segment")
+                    errors.append((i, None, f"grid axis '{a.name}' has the name of a token "
+                                            "segment"))
                 axis_names.add(a.name)
-            parts.append(Segment("grid", start, grid.numel, grid))
-            start += grid.numel
+            parts.append(Segment("grid", start, value.numel, value))
+            start += value.numel
+            continue
+        for j, (name, size) in enumerate(value):
+            if name in names or name in INDEX_VARS + LENGTH_VARS or name == "grid" \
+                    or name in axis_names:
+                errors.append((i, j, f"bad segment name '{name}'"
+                               + (" (duplicate)" if name in names else
+                                  " ('grid' names the grid segment)" if name == "grid" else "")))
+                continue
+            names.add(name)
+            parts.append(Segment(name, start, size))
+            start += size
+    return parts, errors
+
+
+def _side_segments(el, decls: list, what: str) -> list:
+    """Segments of one side from its layout lines (in order); errors go to `el`."""
+    items, locs = [], []
+    for d in decls:
+        if d.kind.endswith("grid"):
+            el.layout = None
+            el.bind_layout(dataclasses.replace(d, kind="grid"))
+            if el.layout is not None and el.layout.axes:
+                items.append(("grid", el.layout))
+                locs.append((d, []))
             continue
         if not d.axes:
             el.error(d.loc, f"{d.kind}(...) needs at least one segment, e.g. {d.kind}(text = 77)")
+        entries, kws = [], []
         for kw in d.axes:
-            if kw.name in names or kw.name in INDEX_VARS + LENGTH_VARS or kw.name == "grid" \
-                    or kw.name in axis_names:
-                el.error(kw.loc, f"bad segment name '{kw.name}'"
-                         + (" (duplicate)" if kw.name in names else
-                            " ('grid' names the grid segment)" if kw.name == "grid" else ""))
-                continue
-            names.add(kw.name)
             size = el.constant(kw.value, _Ctx("const"), f"size of segment '{kw.name}'")
             if size is None:
                 continue
@@ -55,8 +76,16 @@ def _side_segments(el, decls: list, what: str) -> list:
                 el.error(kw.value.loc, f"size of segment '{kw.name}' must be a positive "
                                        f"integer, got {size!r}")
                 continue
-            parts.append(Segment(kw.name, start, size))
-            start += size
+            entries.append((kw.name, size))
+            kws.append(kw)
+        items.append(("tokens", entries))
+        locs.append((d, kws))
+    parts, errors = side_segments(items)
+    for i, j, msg in errors:
+        d, kws = locs[i]
+        if msg.startswith("at most one grid"):
+            msg = f"{what} has at most one grid segment"
+        el.error(d.loc if j is None else kws[j].loc, msg)
     return parts
 
 
@@ -83,11 +112,19 @@ def bind_segments(el, layouts: list) -> None:
         parts = _side_segments(el, layouts, "a layout")
         side = SideLayout(tuple(parts))
         layout = Segmented(side, side, shared=True)
-    el.segmented = layout
     el._segments_loc = layouts[0].loc
-    el.layout = layout.k.grid if not layout.shared else layout.q.grid
     if el.diags.items:
+        el.segmented, el.layout = layout, None
         return
+    attach(el, layout)
+
+
+def attach(el, layout: Segmented) -> None:
+    """Elaborate clauses of `el` over `layout`: coordinates and membership resolve against
+    it, and the primitives act on the shared grid, or with separate layouts on the key grid
+    (`attncc.passes.grid_map` places the queries on it)."""
+    el.segmented = layout
+    el.layout = layout.q.grid if layout.shared else layout.k.grid
     if not layout.shared:
         from .grid_map import bind_grid_primitives
         bind_grid_primitives(el, layout)
