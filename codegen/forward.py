@@ -51,10 +51,11 @@ from typing import Optional
 
 from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, free_vars, walk
 from attncc.ir.segmented import coord_terms, side_grid
+from attncc.passes.segment_blocks import restrict, side_parts, whole_part
 from attncc.passes.tilegrid import SegmentedGrid
 
 from .emitter import fill, template
-from .part_tiles import part_tile_lines
+from .part_tiles import part_lines, part_loops, part_tile_lines
 from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
                      safe_identifier, used_inputs)
 
@@ -352,7 +353,14 @@ def generate_forward(pattern, schedule, options) -> str:
                        inputs=refs, varying=frozenset({"k", "s", "k."}))
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
-    roots = [mask] + ([score] if score is not None else [])
+    # Segmented key side: one loop per key part, each with the mask folded for keys of that
+    # part (its membership guards are constants there: `passes.segment_blocks.restrict`).
+    part_masks = None
+    if isinstance(kg, SegmentedGrid):
+        whole_q = whole_part(layout.q)
+        part_masks = [restrict(mask, whole_q, kp, (), None, None, local=False)
+                      for kp in side_parts(layout.k)]
+    roots = [mask] + (part_masks or []) + ([score] if score is not None else [])
     rendered = Renderer(loop_scope, "t").render(roots)
     helpers = set(rendered.helpers)
 
@@ -373,14 +381,23 @@ def generate_forward(pattern, schedule, options) -> str:
     # in-tile offsets (hoisted). Multi-D tiles: flat row = Σ (origin_a + slot_a) · stride_a.
     # Segmented sides (`codegen.part_tiles`): origin k_org and in-tile rows k_row per tile
     # (rows hoisted when every part's tiles are 1-D).
-    k_offs_per_tile = []
+    part_tiles = None  # segmented key side: per part (tile lines, tail needed in FULL steps)
     if isinstance(kg, SegmentedGrid):
-        _, _, row_is_slot = part_tile_lines("k", kg, layout)
-        k_slot, k_origin = ("k_slot" if row_is_slot else "k_row"), "tl.cast(k_org, tl.int64)"
-        if not row_is_slot:
-            k_offs_per_tile = [
-                "k_offs = k_row[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-                "v_offs = k_row[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+        # One loop per key part (`codegen.part_tiles.part_loops`): the part's own tile
+        # lines; the grid part's in-tile offsets are hoisted, other parts' computed per tile.
+        k_origin = "tl.cast(k_org, tl.int64)"
+        parts = [part_lines("k", kg, layout, p) for p in range(len(kg.parts))]
+        gp = next(i for i, pt in enumerate(side_parts(layout.k)) if pt.grid is not None)
+        k_slot = parts[gp][1]
+        part_tiles = []
+        for lines, row, padded in parts:
+            offs = ("k_offs", "v_offs")
+            if row != k_slot:
+                offs = ("kt_offs", "vt_offs")
+                lines = lines + [
+                    f"kt_offs = {row}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                    f"vt_offs = {row}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+            part_tiles.append((lines, padded, offs))
     elif len(kg.tile) == 1:
         k_slot, k_origin = "offs_n", "tl.cast(n, tl.int64) * BLOCK_N"
     else:
@@ -396,14 +413,13 @@ def generate_forward(pattern, schedule, options) -> str:
         # A single key tile still gets a per-tile origin (n is 0): loop-invariant K/V
         # pointer tensors would be hoisted and held in registers (spills at d128).
         k_slot, k_origin = "k_row", (" + ".join(origins) or "tl.cast(n, tl.int64) * BLOCK_N")
-    if not k_offs_per_tile:
-        kv_hoist = kv_hoist + [
-            f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-            f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
-    else:
-        kv_tile = kv_tile + k_offs_per_tile
+    kv_hoist = kv_hoist + [
+        f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+        f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
 
-    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
+    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True,
+                tiles: Optional[list[str]] = None, offs=("k_offs", "v_offs"),
+                mask=mask) -> list[str]:
         """One key-tile step of the online softmax.
 
         kind FULL: no mask code; PARTIAL: the mask predicate per element and the empty-row
@@ -435,11 +451,9 @@ def generate_forward(pattern, schedule, options) -> str:
         softmax += [f"p = tl.exp2(x{scale} - {shift}[:, None])",
                     f"alpha = tl.exp2(m_i - {shift})"]
         d_k, d_v = "(offs_d[:, None] < HEAD_DIM)", "(offs_dv[None, :] < HEAD_DIM_V)"
-        if k_origin is None:  # a single key tile
-            ptrs = ["k_base + k_offs", "v_base + v_offs"]
-        else:
-            org = k_origin if " + " not in k_origin else f"({k_origin})"
-            ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
+        org = k_origin if " + " not in k_origin else f"({k_origin})"
+        ptrs = [f"k_base + {org} * stride_kn + {offs[0]}",
+                f"v_base + {org} * stride_vn + {offs[1]}"]
         step = "kv_step.tmpl"
         if pattern.normalize == "none":  # no softmax: the step of codegen/none_step.py
             from .none_step import TEMPLATE, none_step
@@ -448,7 +462,8 @@ def generate_forward(pattern, schedule, options) -> str:
         return fill(template(step), {
             "k_ptrs": ptrs[0], "v_ptrs": ptrs[1],
             "loop_header": loop_header, "tile_index": tile_index,
-            "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+            "kv_tile": (tiles or kv_tile) if tail else [ln for ln in (tiles or kv_tile)
+                                                         if not ln.startswith("k_ok")],
             "k_coords": ["k = k_idx[None, :]"] + _coord_lines("k", kg, layout, coords["k"]),
             "k_mask": f"k_ok[None, :] & {d_k}" if tail else d_k,
             "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
@@ -460,7 +475,15 @@ def generate_forward(pattern, schedule, options) -> str:
     peel = len(kg.tile) == 1
     full_tail = not peel and any(s % t for s, t in zip(kg.shape, kg.tile))
     bounds = usable_bounds(schedule)
-    if bounds is None:
+    if part_tiles is not None:
+        def part_step(kind, p, header, index):
+            lines, padded, offs = part_tiles[p]
+            return kv_step(kind, header, index, kind == "PARTIAL" or padded, lines, offs,
+                           part_masks[p])
+        loop_setup, loops = part_loops(kg, part_step)
+        list_kind = ("key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL, "
+                     "one loop per key part.")
+    elif bounds is None:
         loop_setup, loops = _csr_loops(kv_step, peel, full_tail)
         list_kind = "key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL."
     else:

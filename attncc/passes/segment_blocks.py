@@ -99,20 +99,25 @@ def _fold_decided(root: Expr, ev: IntervalEval) -> Expr:
 
 @functools.lru_cache(maxsize=4096)
 def restrict(mask: Expr, qp: Part, kp: Part, lengths: tuple = (), head: Optional[int] = None,
-             heads: int = 1) -> Expr:
-    """`mask` on block (qp, kp) over part-local indices, decided parts folded (module doc)."""
+             heads: Optional[int] = 1, local: bool = True) -> Expr:
+    """`mask` on block (qp, kp) over part-local indices, decided parts folded (module doc).
+    `local=False` keeps the flat indices (only the folding), for kernels whose loops each
+    visit one part's tiles: there the parts' coordinate guards are decided per loop."""
     shift = {}
-    if qp.start:
+    if qp.start and local:
         shift["q"] = Binary("add", Var("q"), Const(qp.start))
-    if kp.start:
+    if kp.start and local:
         shift["k"] = Binary("add", Var("k"), Const(kp.start))
     m = simplify(substitute(mask, shift)) if shift else mask
     f = torch.tensor
     vars_ = {n: (f(float(v)), f(float(v))) for n, v in lengths}
-    vars_["q"] = (f(0.0), f(float(qp.size - 1)))
-    vars_["k"] = (f(0.0), f(float(kp.size - 1)))
-    vars_["h"] = (f(float(head)), f(float(head))) if head is not None else \
-        (f(0.0), f(float(heads - 1)))
+    q0, k0 = (0, 0) if local else (qp.start, kp.start)
+    vars_["q"] = (f(float(q0)), f(float(q0 + qp.size - 1)))
+    vars_["k"] = (f(float(k0)), f(float(k0 + kp.size - 1)))
+    if head is not None:
+        vars_["h"] = (f(float(head)), f(float(head)))
+    elif heads is not None:  # None: any head (h unbounded)
+        vars_["h"] = (f(0.0), f(float(heads - 1)))
     coords = {}
     for side, part in (("q", qp), ("k", kp)):
         if part.grid is not None:
