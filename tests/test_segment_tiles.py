@@ -50,7 +50,7 @@ def seg_spec(pre, shape, post, kernel):
        shape=st.sampled_from([(3, 5), (4, 4), (6, 7), (2, 3, 4), (3, 4, 4)]),
        kernel=st.sampled_from([1, 2, 3]), pick=st.integers(0, 50))
 def test_part_tiles_are_sound_tight_and_lie_in_one_part(pre, post, shape, kernel, pick):
-    if pre == 0 and post == 0:
+    if (pre == 0 and post == 0) or kernel > min(shape):
         return
     p = attncc.parse(seg_spec(pre, shape, post, kernel))
     cands = box_candidates(shape, 16)

@@ -64,6 +64,11 @@ class TileGrid:
         flat = (coord * strides).sum(-1)
         return torch.where(inside, flat, torch.full_like(flat, -1))
 
+    @property
+    def label(self) -> str:
+        """The tile extents, e.g. "8×8" (schedule statistics)."""
+        return "×".join(map(str, self.tile))
+
     def __str__(self) -> str:
         return "×".join(map(str, self.tile)) + " tiles over " + "×".join(map(str, self.shape))
 
@@ -132,6 +137,11 @@ class SegmentedGrid(TileGrid):
             t = p.token_index()
             out.append(torch.where(t >= 0, t + s, t))
         return torch.cat(out)
+
+    @property
+    def label(self) -> str:
+        """The parts' tile extents in token order, e.g. "64 + 1×8×8"."""
+        return " + ".join(p.label for p in self.parts)
 
     def __str__(self) -> str:
         return " + ".join(f"[{s}:{s + p.numel}] {p}" for p, s in zip(self.parts, self.starts))

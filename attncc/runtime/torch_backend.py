@@ -165,8 +165,7 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
                                heads=Hq, float_dtype=_cdtype(q.dtype))
     counts = [int(sg.valid.sum()) * (B if sg.valid.shape[0] == 1 else 1)
               * (Hq if sg.valid.shape[1] == 1 else 1) for sg in segments]
-    stats = {"q_tile": "×".join(map(str, q_grid.tile)),
-             "kv_tile": "×".join(map(str, kv_grid.tile)),
+    stats = {"q_tile": q_grid.label, "kv_tile": kv_grid.label,
              "full_tiles": counts[0], "partial_tiles": counts[1]}
     q_tok, k_tok = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
     return TorchPlan(q_tok, k_tok, segments, mask_mod, stats, _contiguous_tiles(q_tok, Lq),

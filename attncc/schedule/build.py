@@ -66,7 +66,7 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
     classes, head_class = [], [0] * heads
     stats = {"tiles": 0, "fallback_tiles": 0, "kept_pairs": 0, "computed_pairs": 0,
              "bounds": 0, "bounds_dropped": 0,
-             "q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile))}
+             "q_tile": q_grid.label, "kv_tile": kv_grid.label}
     area = q_grid.tile_size * kv_grid.tile_size
     for ci, g in enumerate(groups):
         c = classify_tiles(g.mask, q_grid, kv_grid, layout=layout, head=g.heads[0])
