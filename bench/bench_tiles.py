@@ -18,9 +18,10 @@ Efficiency table: kept pairs / pairs computed in visited tiles, for the cost mod
 for plain 1-D tiles and for fixed boxes, at 64-token tiles.
 
 Segments table (`--only segments`): segmented and separate query/key layouts
-(mmdit_natten at its default 77 + 16·32·32 = 16,461 tokens, vit_cls_natten at 1 + 4 + 14·14,
-hilo at its defaults) with default options: the tiles the cost model picks (token runs 1-D,
-grid boxes), and with `tile_1d` (plain 1-D tiles over the flat sequence). Each row runs in a
+(mmdit_natten at its default 77 + 16·32·32 = 16,461 tokens with 64- and 128-slot tiles and
+with kernel 13, vit_cls_natten at 1 + 4 + 14·14, hilo at its defaults): the tiles the cost
+model picks (token runs 1-D, grid boxes), and with `tile_1d` (plain 1-D tiles over the flat
+sequence). Each row runs in a
 fresh subprocess with one torch thread: a cold `build_schedule` call, wall and CPU seconds,
 the tiles, efficiency and the tiles decided by exact evaluation. `--tree DIR` runs the
 children against another checkout of attncc (e.g. an older commit, for before/after).
@@ -108,9 +109,9 @@ torch.set_num_threads(1)
 import attncc
 from attncc.schedule.build import build_schedule
 from attncc.runtime.options import CompileOptions
-spec, flat = sys.argv[1], sys.argv[2] == "1d"
-p = attncc.load("specs/" + spec + ".attn")
-opts = CompileOptions(tile_1d=True) if flat else CompileOptions()
+spec, flat, params, block = sys.argv[1], sys.argv[2] == "1d", json.loads(sys.argv[3]), int(sys.argv[4])
+p = attncc.load("specs/" + spec + ".attn", **params)
+opts = CompileOptions(block_m=block, block_n=block, tile_1d=flat)
 q_len = p.fixed_length
 kv_len = getattr(p, "fixed_kv_length", None) or q_len
 heads = p.param_dict.get("heads", 1)
@@ -124,23 +125,28 @@ print(json.dumps({"tokens": f"{s.q_len}x{s.kv_len}", "wall_s": dt, "cpu_s": dc,
                   "kept": s.stats["kept_pairs"]}))
 """
 
-SEG_CASES = (("mmdit_natten", "chosen"), ("mmdit_natten", "1d"), ("vit_cls_natten", "chosen"),
-             ("vit_cls_natten", "1d"), ("hilo", "chosen"), ("hilo", "1d"))
+SEG_CASES = [(spec, params, mode, block)
+             for spec, params, block in (("mmdit_natten", {}, 64), ("mmdit_natten", {}, 128),
+                                         ("mmdit_natten", {"kernel": 13}, 64),
+                                         ("vit_cls_natten", {}, 64), ("hilo", {}, 64))
+             for mode in ("chosen", "1d")]
 
 
 def segments_table(tree: str):
-    print("| spec | tiles | tokens (q×kv) | tile pairs | tile (q / kv) | build wall (s) | "
+    print("| spec | slots | tiles | tokens (q×kv) | tile pairs | tile (q / kv) | build wall (s) | "
           "build CPU (s) | efficiency | exact-fallback tiles |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for spec, mode in SEG_CASES:
-        out = subprocess.run([sys.executable, "-c", _SEG_CHILD, spec, mode], cwd=tree,
-                             capture_output=True, text=True,
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec, params, mode, block in SEG_CASES:
+        out = subprocess.run([sys.executable, "-c", _SEG_CHILD, spec, mode, json.dumps(params),
+                              str(block)], cwd=tree, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONPATH=tree))
+        name = spec + "".join(f" {k}={v}" for k, v in params.items())
         if out.returncode:
-            print(f"| {spec} | {mode} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            print(f"| {name} | {block} | {mode} | failed: "
+                  f"{out.stderr.strip().splitlines()[-1]} |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {spec} | {'cost model' if mode == 'chosen' else '1-D (tile_1d)'} | "
+        print(f"| {name} | {block} | {'cost model' if mode == 'chosen' else '1-D (tile_1d)'} | "
               f"{r['tokens']} | {r['tiles']} | {r['tile']} | {r['wall_s']:.3f} | "
               f"{r['cpu_s']:.3f} | {r['efficiency']:.3f} | {r['fallback']} |", flush=True)
 
