@@ -40,6 +40,12 @@ Loops: one loop per tile class. FULL tiles run without per-element code (no key-
 mask, no mask predicate, no empty-row guard; the scale is folded into the exp2 argument);
 the tile that reaches past KV_LEN, when FULL, is peeled into the PARTIAL loop (1-D tiles).
 
+Segmented layouts (`SegmentedGrid` tiles: 1-D tiles for runs of plain tokens, boxes for the
+grid; `codegen.part_tiles`): the query tile's part is a per-program scalar; the key loops are
+split by key part (one FULL and one PARTIAL loop each, row ranges found by binary search in
+the sorted CSR row), each with its part's tile arithmetic and the mask folded for keys of
+that part, so the grid's loops carry no membership code.
+
 The generated module also defines `META`, a dict of Python literals describing the launch
 (kernel name, tile sizes, input order, warps, stages).
 """
