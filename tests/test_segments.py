@@ -71,6 +71,9 @@ def test_a_coordinate_outside_the_grid_keeps_nothing():
     ("layout grid(y = 2)\nlayout grid(x = 2)\nmask true\n", "a layout has at most one grid segment"),
     ("layout tokens(text = 2)\nlayout grid(y = 4, x = 4)\nmask route(region = (2, 2), topk = 1)\n",
      "route(...) is not supported on a layout with token segments"),
+    ("input t: int[8]\nlayout tokens(text = 2)\nlayout grid(y = 2, x = 3)\n"
+     "mask t[q.x] == k.x\n",
+     "grid coordinates cannot index an input in a layout with token segments (only compared)"),
     ("layout tokens(text = 0)\nlayout grid(y = 2)\nmask true\n",
      "size of segment 'text' must be a positive integer, got 0"),
     ("layout tokens(grid = 2)\nlayout grid(y = 2)\nmask true\n",

@@ -109,7 +109,7 @@ def misuse(layout: Segmented, expr: Optional[Expr], clause: str) -> Optional[str
                 "token segments (only compared in the mask)")
     for n in walk(expr):
         if isinstance(n, Load) and any(isinstance(m, Coord) and m.side in sides
-                                       for ix in n.indices for m in walk(ix)):
+                                       for ix in n.index for m in walk(ix)):
             return ("grid coordinates cannot index an input in a layout with token "
                     "segments (only compared)")
     return None
