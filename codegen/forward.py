@@ -419,9 +419,10 @@ def generate_forward(pattern, schedule, options) -> str:
         # A single key tile still gets a per-tile origin (n is 0): loop-invariant K/V
         # pointer tensors would be hoisted and held in registers (spills at d128).
         k_slot, k_origin = "k_row", (" + ".join(origins) or "tl.cast(n, tl.int64) * BLOCK_N")
-    kv_hoist = kv_hoist + [
-        f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-        f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    offs_lines = [f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                  f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    if part_tiles is None:
+        kv_hoist = kv_hoist + offs_lines
 
     def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True,
                 tiles: Optional[list[str]] = None, offs=("k_offs", "v_offs"),
@@ -486,7 +487,13 @@ def generate_forward(pattern, schedule, options) -> str:
             lines, padded, offs = part_tiles[p]
             return kv_step(kind, header, index, kind == "PARTIAL" or padded, lines, offs,
                            part_masks[p])
-        loop_setup, loops = part_loops(kg, part_step)
+        # The grid's in-tile offsets are defined right before its loops (the other parts'
+        # loops, which compute their own, run first or after without them live).
+        first = next(i for i, t in enumerate(part_tiles) if t[2] == ("k_offs", "v_offs"))
+
+        def before(p):
+            return offs_lines if p == first else []
+        loop_setup, loops = part_loops(kg, part_step, before)
         list_kind = ("key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL, "
                      "one loop per key part.")
     elif bounds is None:

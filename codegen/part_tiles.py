@@ -130,39 +130,45 @@ def part_lines(side: str, grid, layout, p: int) -> tuple[list[str], str, bool]:
                      f"{s}_idx = {s}_org + {row}", f"{s}_ok = {ok}"], row, padded)
 
 
-def part_loops(grid, kind_step) -> tuple[list[str], dict]:
-    """(setup lines, {"FULL": lines, "PARTIAL": lines}) of key-tile loops over CSR rows
-    split by key part: rows are sorted, so part p's entries of a row are the range between
-    the first entries at or past tiles T_p and T_(p+1), found by a binary search of
-    ⌈log2(tiles + 1)⌉ steps per boundary (scalar loads, once per program).
+def part_loops(grid, kind_step, before=None) -> tuple[list[str], dict]:
+    """(setup lines, {"FULL": lines, "PARTIAL": []}) of key-tile loops over CSR rows split by
+    key part: rows are sorted, so part p's entries of a row are the range between the first
+    entries at or past tiles T_p and T_(p+1), found by a binary search of ⌈log2(tiles + 1)⌉
+    steps per boundary (scalar loads, once per program). Loops run part by part (FULL, then
+    PARTIAL), so values a part's loops need (`before(p)`: lines emitted before them, e.g. the
+    grid's in-tile K/V offsets) are live only while that part runs.
     `kind_step(kind, p, header, tile_index)` gives one loop's lines."""
     from .forward import ROW_ID
     firsts = grid.tile_offsets
     steps = max(1, grid.n_tiles.bit_length())
     setup = ["# CSR row of this program: (head class of h [+ batch b], query tile m).",
              f"row = {ROW_ID}"]
-    loops = {}
+    bounds = {}
     for kind in ("FULL", "PARTIAL"):
         k = kind.lower()
         setup += [f"lo_{k} = tl.load({kind}_OFFSETS + row)",
                   f"hi_{k} = tl.load({kind}_OFFSETS + row + 1)",
                   f"# Entries of key part p: [at_{k}p, at_{k}(p+1)) (first entry at or past "
                   "its first tile)."]
-        bounds = [f"lo_{k}"]
+        b_list = [f"lo_{k}"]
         for p, t0 in enumerate(firsts[1:-1], start=1):
             a, b = f"at_{k}{p}", f"up_{k}{p}"
-            setup += [f"{a} = {bounds[-1]}", f"{b} = hi_{k}",
+            setup += [f"{a} = {b_list[-1]}", f"{b} = hi_{k}",
                       f"for _ in tl.static_range({steps}):",
                       f"    mid = ({a} + {b}) // 2",
                       f"    go = (mid < {b}) & (tl.load({kind}_INDICES + mid, mask=mid < {b}, "
                       f"other={t0}) < {t0})",
                       f"    {a} = tl.where(go, mid + 1, {a})",
                       f"    {b} = tl.where(go, {b}, mid)"]
-            bounds.append(a)
-        bounds.append(f"hi_{k}")
-        lines = []
-        for p in range(len(firsts) - 1):
-            lines += kind_step(kind, p, f"for it in range({bounds[p]}, {bounds[p + 1]}):",
+            b_list.append(a)
+        b_list.append(f"hi_{k}")
+        bounds[kind] = b_list
+    lines = []
+    for p in range(len(firsts) - 1):
+        lines.append(f"# Key part {p}: tiles {firsts[p]}..{firsts[p + 1] - 1}.")
+        lines += list(before(p) if before is not None else [])
+        for kind in ("FULL", "PARTIAL"):
+            b = bounds[kind]
+            lines += kind_step(kind, p, f"for it in range({b[p]}, {b[p + 1]}):",
                                [f"n = tl.load({kind}_INDICES + it)"])
-        loops[kind] = lines
-    return setup, loops
+    return setup, {"FULL": lines, "PARTIAL": []}

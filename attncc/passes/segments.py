@@ -75,12 +75,15 @@ def guarded_sides(layout: Segmented) -> tuple[str, ...]:
 
 def guard(expr: Optional[Expr], layout: Segmented) -> Optional[Expr]:
     """`expr` with every int comparison that reads a coordinate of a guarded side ANDed with
-    that side's grid membership (see the module docstring)."""
+    that side's grid membership (see the module docstring); guards shared by both operands
+    of `&` / `|` are factored out."""
     if expr is None:
         return None
     sides = guarded_sides(layout)
     if not sides:
         return expr
+
+    guards = {layout.side(side).member(side, "grid") for side in sides}
 
     def fn(n: Expr):
         if isinstance(n, Binary) and n.op in COMPARE_OPS and n.a.dtype == INT:
@@ -91,7 +94,17 @@ def guard(expr: Optional[Expr], layout: Segmented) -> Optional[Expr]:
                     out = Binary("and", layout.side(side).member(side, "grid"), out)
                 return out
         return None
-    return transform(expr, fn)
+
+    def factor(n: Expr):
+        # (g & a) op (g & b) == g & (a op b) for op in {&, |}: one guard per subexpression
+        # instead of one per comparison (the kernels evaluate it once).
+        if isinstance(n, Binary) and n.op in ("and", "or"):
+            a, b = n.a, n.b
+            if isinstance(a, Binary) and isinstance(b, Binary) and a.op == b.op == "and" \
+                    and a.a is b.a and a.a in guards:
+                return Binary("and", a.a, factor(Binary(n.op, a.b, b.b)))
+        return n
+    return transform(transform(expr, fn), lambda n: None if factor(n) is n else factor(n))
 
 
 def misuse(layout: Segmented, expr: Optional[Expr], clause: str) -> Optional[str]:
