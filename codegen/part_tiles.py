@@ -15,6 +15,10 @@ and selects the tile's part with scalar `tl.where`s. `<side>_idx = origin + row`
 and the coordinates `qc<a>` / `kc<a>` are what the per-element code reads (coordinates of
 tiles outside the grid are never used: the mask guards them). `<side>_org` / `<side>_row`
 give the K/V addresses as a 64-bit scalar plus 32-bit in-tile offsets.
+
+`part_tile_lines` selects among all parts (the query tile of a program, and the backward's
+tiles); the forward visits key tiles part by part instead (`part_loops`, `part_lines`: one
+part's lines alone, no selects).
 """
 from __future__ import annotations
 

@@ -203,3 +203,10 @@ def test_two_grid_misuse_is_a_located_error(text, message):
     with pytest.raises(attncc.SpecError) as e:
         attncc.parse("pattern bad\n" + text, filename="bad.attn")
     assert str(e.value).splitlines()[0].split(": error: ", 1)[1] == message
+
+
+def test_blocked_on_a_one_axis_grid_after_tokens_uses_grid_coordinates():
+    p = attncc.parse("pattern b\nlayout tokens(t = 3)\nlayout grid(x = 8)\nmask blocked(4)\n")
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    want = (i >= 3) & (j >= 3) & ((i - 3) // 4 == (j - 3) // 4)
+    assert torch.equal(p.dense_mask()[0, 0], want)
