@@ -19,7 +19,8 @@ for plain 1-D tiles and for fixed boxes, at 64-token tiles.
 
 Segments table (`--only segments`): segmented and separate query/key layouts
 (mmdit_natten at its default 77 + 16·32·32 = 16,461 tokens with 64- and 128-slot tiles and
-with kernel 13, vit_cls_natten at 1 + 4 + 14·14, hilo at its defaults): the tiles the cost
+with kernel 13, vit_cls_natten at 1 + 4 + 14·14, hilo at its defaults, a 64×64 query grid
+over a 32×32 key grid with `neighborhood(7)`): the tiles the cost
 model picks (token runs 1-D, grid boxes), and with `tile_1d` (plain 1-D tiles over the flat
 sequence). Each row runs in a
 fresh subprocess with one torch thread: a cold `build_schedule` call, wall and CPU seconds,
@@ -110,7 +111,8 @@ import attncc
 from attncc.schedule.build import build_schedule
 from attncc.runtime.options import CompileOptions
 spec, flat, params, block = sys.argv[1], sys.argv[2] == "1d", json.loads(sys.argv[3]), int(sys.argv[4])
-p = attncc.load("specs/" + spec + ".attn", **params)
+p = attncc.parse(spec, **params) if spec.startswith("pattern") else \
+    attncc.load("specs/" + spec + ".attn", **params)
 opts = CompileOptions(block_m=block, block_n=block, tile_1d=flat)
 q_len = p.fixed_length
 kv_len = getattr(p, "fixed_kv_length", None) or q_len
@@ -125,10 +127,14 @@ print(json.dumps({"tokens": f"{s.q_len}x{s.kv_len}", "wall_s": dt, "cpu_s": dc,
                   "kept": s.stats["kept_pairs"]}))
 """
 
+# A 64×64 query grid over a 32×32 key grid, NATTEN 7×7 around each query's key cell.
+POOLED = ("pattern pooled_natten\nlayout q_grid(y = 64, x = 64)\nlayout k_grid(y = 32, x = 32)\n"
+          "mask neighborhood(7)\n")
 SEG_CASES = [(spec, params, mode, block)
              for spec, params, block in (("mmdit_natten", {}, 64), ("mmdit_natten", {}, 128),
                                          ("mmdit_natten", {"kernel": 13}, 64),
-                                         ("vit_cls_natten", {}, 64), ("hilo", {}, 64))
+                                         ("vit_cls_natten", {}, 64), ("hilo", {}, 64),
+                                         (POOLED, {}, 64))
              for mode in ("chosen", "1d")]
 
 
@@ -140,7 +146,8 @@ def segments_table(tree: str):
         out = subprocess.run([sys.executable, "-c", _SEG_CHILD, spec, mode, json.dumps(params),
                               str(block)], cwd=tree, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONPATH=tree))
-        name = spec + "".join(f" {k}={v}" for k, v in params.items())
+        name = ("64×64 over 32×32, neighborhood(7)" if spec is POOLED else spec) \
+            + "".join(f" {k}={v}" for k, v in params.items())
         if out.returncode:
             print(f"| {name} | {block} | {mode} | failed: "
                   f"{out.stderr.strip().splitlines()[-1]} |")

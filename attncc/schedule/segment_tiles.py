@@ -9,14 +9,15 @@ with one part is a plain `TileGrid` (of its grid's shape for boxes); a side with
 The grid's box comes from the tile-shape cost model of `tileshape` (pairs computed in
 visited tiles, counted by the interval stage over every block of parts): one layout for both
 sides tries the same (query box, key box) pairs as a plain grid; separate query and key grids
-first rank the query boxes against 1-D key tiles, then try every key box with the three best
-query boxes (boxes of different grids do not pair up axis by axis). Ties go to the box whose
+first rank the query boxes against 1-D key tiles and against the key box of most similar
+shape scaled to the key grid, then try every key box with the three best query boxes. Ties go to the box whose
 tiles are the 1-D tiles, then to 1-D tiles, then to the squarer box. Plain 1-D tiles over the
 whole sequence (tiles then straddle parts) compete too and win only when strictly cheaper
 (a handful of extra tokens beside a small grid). `options.q_tile` / `kv_tile` fix the boxes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ..ir.nodes import Expr
@@ -109,9 +110,19 @@ def choose_segmented_grids(masks: list[Expr], layout, options,
         for qt, kt in pairs:
             cost(qt, kt)
     else:
+        # Stage 1: every query tiling against 1-D key tiles and against the key box most like
+        # it scaled to the key grid; stage 2: every key tiling with the three best.
+        def scaled(qt):
+            if qt is None or kg_shape is None or len(qt.tile) != len(kg_shape) \
+                    or len(k_opts) < 2 or len(qt.tile) == 1:
+                return k_opts[0]
+            want = [math.log2(max(t * k / q, 1e-9)) for t, q, k in zip(qt.tile, qg_shape, kg_shape)]
+            return min(k_opts[1:], key=lambda kt: sum(abs(math.log2(t) - w)
+                                                      for t, w in zip(kt.tile, want)))
         for qt in q_opts:
             cost(qt, k_opts[0])
-        best_q = sorted(q_opts, key=lambda t: cost(t, k_opts[0]))[:3]
+            cost(qt, scaled(qt))
+        best_q = sorted(q_opts, key=lambda t: min(cost(t, k_opts[0]), cost(t, scaled(t))))[:3]
         for qt in best_q:
             for kt in k_opts:
                 cost(qt, kt)
