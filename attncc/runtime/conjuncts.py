@@ -12,8 +12,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..ir.terms import conjuncts, document_input
 from ..ir.dense import route_by_groups, route_groups
+from ..ir.terms import conjuncts, document_input
 from ..ir.nodes import INT, Binary, Blocks, Const, Expr, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import TileGrid
 from .prepass import (EMPTY, FULL, PARTIAL, PrepassError, _block_gids, _intersect, block_select,

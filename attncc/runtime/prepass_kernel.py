@@ -17,10 +17,10 @@ from typing import Mapping
 
 import torch
 
-from ..ir.segmented import route_groups_expr
-from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var,
+from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Expr, Load, Route, Var,
                         transform, walk)
 from ..ir.pattern import InputDecl
+from ..ir.segmented import route_groups_expr
 from ..passes.simplify import simplify
 from .conjuncts import conjuncts, document_input, is_static, pattern_classes, static_expr
 from .prepass import FULL, PARTIAL, PrepassStats, _active_tiles, _region_tuple, head_weights
