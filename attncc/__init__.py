@@ -26,6 +26,7 @@ _EXPORTS = {
     "parse": "attncc.api",
     "pattern": "attncc.decorator",
     "grid": "attncc.decorator",
+    "tokens": "attncc.decorator",
     "where": "attncc.decorator",
     "min": "attncc.decorator",
     "max": "attncc.decorator",

@@ -22,9 +22,11 @@ import linecache
 import os
 import re
 import sys
+from dataclasses import dataclass
 
 from .ir.nodes import BOOL, FLOAT, INT, Coord, Expr, Load, Var
 from .ir.pattern import Axis, InputDecl, Layout, Pattern
+from .ir.segmented import Segmented, SideLayout
 from .frontend.ast import Loc
 from .frontend.errors import Diagnostic, SpecError, suggest
 
@@ -150,6 +152,12 @@ class Sym:
         if layout is None:
             raise _user_error(f"coordinate '{node.name}.{name}' needs a layout "
                               "(pass layout=attncc.grid(...) to @attncc.pattern)")
+        if isinstance(layout, Segmented):  # segment membership or the side's grid axis
+            from .passes.segments import resolve
+            hit = resolve(layout, node.name, name)
+            if isinstance(hit, str):
+                raise _user_error(hit)
+            return Sym(hit)
         names = [a.name for a in layout.axes]
         if name not in names:
             raise _user_error(f"unknown axis '{name}'",
@@ -197,6 +205,67 @@ def grid(**axes: int) -> Layout:
     return Layout(tuple(out))
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """`tokens(text=77)`: plain-token segments of a segmented layout, as `layout tokens(...)`."""
+    entries: tuple
+
+    def __str__(self) -> str:
+        return "tokens(" + ", ".join(f"{n} = {v}" for n, v in self.entries) + ")"
+
+
+def tokens(**sizes: int) -> Tokens:
+    """`tokens(cls=1, reg=4)`: plain-token segments (in keyword order) for a segmented layout,
+    `layout=[attncc.tokens(text=77), attncc.grid(t=16, y=32, x=32)]`."""
+    if not sizes:
+        raise _user_error("tokens(...) needs at least one segment, e.g. tokens(text=77)")
+    for name, size in sizes.items():
+        if type(size) is not int or size < 1:
+            raise _user_error(f"size of segment '{name}' must be a positive integer, got {size!r}")
+    return Tokens(tuple(sizes.items()))
+
+
+def _side_items(value, what: str) -> list:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for it in items:
+        if isinstance(it, Layout):
+            out.append(("grid", it))
+        elif isinstance(it, Tokens):
+            out.append(("tokens", list(it.entries)))
+        else:
+            raise _user_error(f"{what} must be attncc.grid(...), attncc.tokens(...) or a list of "
+                              f"them, got {type(it).__name__}")
+    if not out:
+        raise _user_error(f"{what} is an empty list")
+    return out
+
+
+def _layout_of(layout, q_layout, k_layout):
+    """The pattern layout of the decorator's `layout=` / `q_layout=` / `k_layout=` arguments:
+    a `Layout`, a segmented `attncc.ir.segmented.Segmented`, or None."""
+    from .passes.segments_bind import side_segments
+    if (q_layout is None) != (k_layout is None):
+        raise _user_error("separate layouts need both q_layout= and k_layout=")
+    if q_layout is not None and layout is not None:
+        raise _user_error("give either layout= or q_layout= and k_layout=, not both")
+    if layout is None and q_layout is None:
+        return None
+    if isinstance(layout, Layout):
+        return layout
+    sides = {}
+    for side, value, what in (("q", q_layout, "q_layout"), ("k", k_layout, "k_layout")) \
+            if layout is None else (("q", layout, "layout"),):
+        parts, errors = side_segments(_side_items(value, what))
+        if errors:
+            _, _, msg = errors[0]
+            raise _user_error(f"{what}: {msg}")
+        sides[side] = SideLayout(tuple(parts))
+    if layout is not None:
+        return Segmented(sides["q"], sides["q"], shared=True)
+    return Segmented(sides["q"], sides["k"], shared=False)
+
+
 def where(cond, a, b):
     """`cond ? a : b` on symbolic values (a plain Python bool picks a branch)."""
     from .passes.primitives import select
@@ -233,7 +302,12 @@ def _primitive(name: str, *args, **kwargs) -> Sym:
     from .passes.elaborate import Elaborator, _Ctx, _Failed
     layout, inputs, clause = _ACTIVE[-1] if _ACTIVE else (None, {}, "mask")
     el = Elaborator(A.Spec(None, ()), {}, None, "<trace>", list(prelude_defs()))
-    el.layout, el.inputs = layout, dict(inputs)
+    el.inputs = dict(inputs)
+    if isinstance(layout, Segmented):
+        from .passes.segments_bind import attach
+        attach(el, layout)
+    else:
+        el.layout = layout
     env = {}
 
     def arg(v):
@@ -417,9 +491,19 @@ def _trace(fn, layout, name, inputs, score=None, overrides=None,
             score_ir = to_float(score_ir)
         if score_ir.dtype != FLOAT:
             raise _user_error(f"score must be a float expression, got {score_ir.dtype}")
+    checks = ()
+    if isinstance(layout, Segmented):  # as the elaborator: misuse errors, coordinate guards
+        from .passes.segments import SegmentLengthCheck, guard, misuse
+        for clause, e in (("mask", mask), ("score", score_ir)):
+            why = misuse(layout, e, clause)
+            if why is not None:
+                raise _user_error(why)
+        mask, score_ir = guard(mask, layout), guard(score_ir, layout)
+        checks = (SegmentLengthCheck(None, layout.q.numel, layout.k.numel, str(layout),
+                                     layout.shared),)
     return Pattern(name=name or fn.__name__, params=tuple(params.items()), layout=layout,
                    inputs=tuple(decls.values()), mask=mask, score=score_ir,
-                   normalize=normalize, filename=inspect.getsourcefile(fn))
+                   normalize=normalize, filename=inspect.getsourcefile(fn), checks=checks)
 
 
 class PatternFunction:
@@ -471,11 +555,16 @@ class PatternFunction:
         return f"<attncc pattern function {self.pattern.name} ir_hash={self.pattern.ir_hash()}>"
 
 
-def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None, normalize="softmax"):
+def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None, normalize="softmax",
+            q_layout=None, k_layout=None):
     """Decorator: trace `fn(q, k)` (or any of b, h, q, k, Q_LEN, KV_LEN, HEADS and declared
     inputs) into a `PatternFunction` (the `Pattern` plus a call that runs attention).
 
-    layout   a `grid(...)`
+    layout   a `grid(...)`, or a list of `tokens(...)` and at most one `grid(...)` in token
+             order (a segmented layout: `q.<segment>` is membership, coordinates are within
+             the grid; see docs/LANGUAGE.md)
+    q_layout, k_layout   separate query and key layouts (each a grid, tokens or such a list),
+             as `layout q_grid(...)` / `layout k_tokens(...)` lines
     inputs   maps names to declarations such as `"int[b, k]"`
     score    a score modifier: a function of `s` (the scaled score) and any of the names
              above and the pattern parameters, e.g. `lambda s: attncc.softcap(s, 50.0)`
@@ -490,7 +579,7 @@ def pattern(fn=None, *, layout=None, name=None, inputs=None, score=None, normali
         raise _user_error(f"normalize must be 'softmax' or 'none', got {normalize!r}")
 
     def wrap(f):
-        args = (layout, name, inputs, score, normalize)
+        args = (_layout_of(layout, q_layout, k_layout), name, inputs, score, normalize)
         return PatternFunction(_trace(f, *args[:4], None, normalize), f, args)
     if fn is None:
         return wrap

@@ -3,6 +3,7 @@
     weight = moh_weights(router_logits, topk=2, shared=2)    # specs/moh.attn: weight[b, q, h]
     doc    = document_ids([[5, 3], [8]], total_len=8)        # specs/document.attn: doc[b, k]
     offs   = document_offsets([[5, 3], [8]])                 # [[0, 5, 8], [0, 8, 8]]
+    k2, v2 = hilo_kv(k, v, height=16, width=16, pool=2)      # specs/hilo.attn: full + pooled keys
 
 Every function validates its arguments and raises `HelperError` (a `ValueError`) naming the
 offending argument; all tensor work stays on the argument's device.
@@ -14,7 +15,7 @@ from typing import Sequence, Union
 import torch
 
 __all__ = ["HelperError", "moh_weights", "document_ids", "document_offsets",
-           "check_document_ids", "cluster_ids", "moba_blocks", "combiner_kv"]
+           "check_document_ids", "cluster_ids", "moba_blocks", "combiner_kv", "hilo_kv"]
 
 Lengths = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -270,3 +271,43 @@ def combiner_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int,
     keys = torch.cat([kk, kbar], 2).to(k.dtype)
     values = torch.cat([vv, vbar], 2).to(v.dtype)
     return keys, values
+
+
+def hilo_kv(k: torch.Tensor, v: torch.Tensor, *, height: int, width: int,
+            pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of `specs/hilo.attn` (HiLo, LITv2): the full-resolution map followed by
+    its average pooling over non-overlapping pool × pool windows.
+
+    k [B, Hkv, height·width, D], v [B, Hkv, height·width, Dv] (tokens row-major over the
+    height × width map) → (k', v') [B, Hkv, height·width + ⌊height/pool⌋·⌊width/pool⌋, D(v)]
+    in the inputs' dtype. Pooled token (i, j) (row-major over the pooled map) is the mean of
+    map rows pool·i .. pool·i + pool − 1 and columns pool·j .. pool·j + pool − 1; rows and
+    columns beyond the last whole window are left out, as `torch.nn.AvgPool2d(pool)` does.
+    Pooling k and v equals pooling the features before a linear projection (LITv2 pools x)."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise HelperError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise HelperError(f"{name} must be 4-D [batch, heads, height*width, dim], got shape "
+                              f"{list(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise HelperError(f"{name} must be a floating-point tensor, got "
+                              f"{str(t.dtype).replace('torch.', '')}")
+    for name, x in (("height", height), ("width", width), ("pool", pool)):
+        if not _is_int(x) or x < 1:
+            raise HelperError(f"{name} must be a positive int, got {x!r}")
+    if pool > min(height, width):
+        raise HelperError(f"pool {pool} exceeds the map {height} x {width}")
+    if k.shape[2] != height * width or v.shape[2] != height * width:
+        raise HelperError(f"k and v must hold height*width = {height * width} tokens, got "
+                          f"{k.shape[2]} and {v.shape[2]}")
+    if k.shape[:2] != v.shape[:2]:
+        raise HelperError(f"k {list(k.shape)} and v {list(v.shape)} differ in batch or heads")
+    out = []
+    for t in (k, v):
+        B, H, _, D = t.shape
+        hp, wp = height // pool, width // pool
+        grid = t.reshape(B, H, height, width, D)[:, :, :hp * pool, :wp * pool]
+        pooled = grid.reshape(B, H, hp, pool, wp, pool, D).to(torch.float32).mean((3, 5))
+        out.append(torch.cat([t, pooled.reshape(B, H, hp * wp, D).to(t.dtype)], 2))
+    return out[0], out[1]

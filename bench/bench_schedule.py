@@ -11,6 +11,11 @@ both produce the same block structure):
                                (specs/natten2d.attn; the token count is side², e.g. 362² = 131044)
     document                   causal within packed documents of random lengths (uniform in
                                [64, 2048] tokens, seed 0) (specs/document.attn)
+    mmdit                      77 text tokens then a frames×32×32 video grid, text attends to
+                               and is seen by everything, video tokens use a 3-D NATTEN
+                               neighborhood (3, 7, 7) (specs/mmdit_natten.attn); frames =
+                               max(3, round(L / 1024)), e.g. 16 frames = 16,461 tokens at 16K;
+                               not in the default set (`--patterns mmdit`)
 
 FlexAttention's mask_mods are written the way a user would write them (plain torch ops on
 the index arguments), not lowered from attncc's IR. attncc's `document` schedule is the
@@ -84,7 +89,16 @@ def _repeats(n_tokens: int) -> int:
 def tokens(pattern: str, size: int) -> int:
     if pattern == "natten2d":
         return math.isqrt(size) ** 2
+    if pattern == "mmdit":
+        return MMDIT_TEXT + _frames(size) * 32 * 32
     return size
+
+
+MMDIT_TEXT = 77
+
+
+def _frames(size: int) -> int:
+    return max(3, round(size / 1024))
 
 
 def doc_ids(n: int, seed: int = 0):
@@ -109,6 +123,9 @@ def attncc_pattern(pattern: str, size: int):
     if pattern == "natten2d":
         side = math.isqrt(size)
         return spec("natten2d", height=side, width=side, kernel=KERNEL)
+    if pattern == "mmdit":
+        return spec("mmdit_natten", text=MMDIT_TEXT, frames=_frames(size), kernel_t=3,
+                    kernel=KERNEL)
     return spec("document")
 
 
@@ -125,6 +142,21 @@ def flex_mask_mod(pattern: str, size: int):
             sx = (qx - KERNEL // 2).clamp(0, side - KERNEL)
             return (sy <= ky) & (ky < sy + KERNEL) & (sx <= kx) & (kx < sx + KERNEL)
         return natten
+    if pattern == "mmdit":
+        frames, t = _frames(size), MMDIT_TEXT
+
+        def window(i, j, length, kernel):
+            start = (i - kernel // 2).clamp(0, length - kernel)
+            return (start <= j) & (j < start + kernel)
+
+        def mmdit(b, h, q, k):
+            qi, ki = q - t, k - t
+            video = (q >= t) & (k >= t) \
+                & window(qi // 1024, ki // 1024, frames, 3) \
+                & window(qi // 32 % 32, ki // 32 % 32, 32, KERNEL) \
+                & window(qi % 32, ki % 32, 32, KERNEL)
+            return (q < t) | (k < t) | video
+        return mmdit
     doc = doc_ids(size)
     return lambda b, h, q, k: (q >= k) & (doc[q] == doc[k])
 
@@ -324,7 +356,7 @@ def main(argv=None) -> int:
         return 0
     methods = [m for m in args.methods.split(",") if m]
     for p in patterns:
-        if p not in PATTERNS and not (p.startswith("sliding") and p[7:].isdigit()):
+        if p not in PATTERNS + ("mmdit",) and not (p.startswith("sliding") and p[7:].isdigit()):
             ap.error(f"unknown pattern {p!r}; choose from {', '.join(PATTERNS)}")
     for m in methods:
         if m not in METHODS:

@@ -40,6 +40,12 @@ Loops: one loop per tile class. FULL tiles run without per-element code (no key-
 mask, no mask predicate, no empty-row guard; the scale is folded into the exp2 argument);
 the tile that reaches past KV_LEN, when FULL, is peeled into the PARTIAL loop (1-D tiles).
 
+Segmented layouts (`SegmentedGrid` tiles: 1-D tiles for runs of plain tokens, boxes for the
+grid; `codegen.part_tiles`): the query tile's part is a per-program scalar; the key loops are
+split by key part (one FULL and one PARTIAL loop each, row ranges found by binary search in
+the sorted CSR row), each with its part's tile arithmetic and the mask folded for keys of
+that part, so the grid's loops carry no membership code.
+
 The generated module also defines `META`, a dict of Python literals describing the launch
 (kernel name, tile sizes, input order, warps, stages).
 """
@@ -51,8 +57,12 @@ import re
 from typing import Optional
 
 from attncc.ir.nodes import FLOAT, TRUE, Const, Coord, free_vars, walk
+from attncc.ir.segmented import coord_terms, side_grid
+from attncc.passes.segment_blocks import restrict, side_parts, whole_part
+from attncc.passes.tilegrid import SegmentedGrid
 
 from .emitter import fill, template
+from .part_tiles import part_lines, part_loops, part_tile_lines
 from .render import (HELPERS, LOG2E, CodegenError, Renderer, Scope, input_params,
                      safe_identifier, used_inputs)
 
@@ -117,14 +127,19 @@ def _tile_lines(side: str, grid, layout) -> tuple[list[str], list[str]]:
     1-D tiles: consecutive token rows. Multi-D tiles: per-axis coordinates
     origin + (slot // inner) % extent, flat row = Σ coordinate · layout stride."""
     tile_var, block = ("m", "BLOCK_M") if side == "q" else ("n", "BLOCK_N")
+    if isinstance(grid, SegmentedGrid):  # tiles of a segmented side (codegen.part_tiles)
+        hoist, per_tile, _ = part_tile_lines(side, grid, layout)
+        return ([], hoist + per_tile) if side == "q" else (hoist, per_tile)
     if len(grid.tile) == 1:
         if side == "q":
             return [], ["q_idx = m * BLOCK_M + tl.arange(0, BLOCK_M)", "q_ok = q_idx < Q_LEN"]
         return (["offs_n = tl.arange(0, BLOCK_N)"],
                 ["k_idx = n * BLOCK_N + offs_n", "k_ok = k_idx < KV_LEN"])
-    if layout is None or tuple(grid.shape) != tuple(layout.shape):
+    own = side_grid(layout, side)
+    if own is None or tuple(grid.shape) != tuple(own.shape) \
+            or (coord_terms(layout, side, 0) or (0,))[0] != 0:
         raise CodegenError(f"multi-dimensional {side} tiles {grid} need the pattern's grid layout")
-    strides = layout.strides
+    strides = own.strides
     hoist = [f"{side}_slot = tl.arange(0, {block})"]
     per_tile, flat, ok = [], [], []
     c = "qc" if side == "q" else "kc"
@@ -155,9 +170,12 @@ def _coord_lines(side: str, grid, layout, axes: set[int], transposed: bool = Fal
         if len(grid.tile) > 1:
             out.append(f"q_c{a} = qc{a}{rows}" if side == "q" else f"k_c{a} = kc{a}{cols}")
         else:
-            stride, size = layout.strides[a], layout.shape[a]
-            text = side if stride == 1 else f"({side} // {stride})"
-            out.append(f"{side}_c{a} = {text}" + (f" % {size}" if a > 0 else ""))
+            # 1-D tiles: from the flat index (`- start` for a grid after token segments;
+            # tokens outside the grid get values the mask's guards never use).
+            start, stride, size = coord_terms(layout, side, a)
+            text = f"({side} - {start})" if start else side
+            text = text if stride == 1 else f"({text} // {stride})"
+            out.append(f"{side}_c{a} = {text}" + (f" % {size}" if a > 0 or start else ""))
     return out
 
 
@@ -353,7 +371,14 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
                        inputs=refs, varying=frozenset({"k", "s", "k.", "kt"}))
     if "s" in free_vars(mask):
         raise CodegenError("the mask cannot depend on the score `s`")
-    roots = [mask] + ([score] if score is not None else [])
+    # Segmented key side: one loop per key part, each with the mask folded for keys of that
+    # part (its membership guards are constants there: `passes.segment_blocks.restrict`).
+    part_masks = None
+    if isinstance(kg, SegmentedGrid):
+        whole_q = whole_part(layout.q)
+        part_masks = [restrict(mask, whole_q, kp, (), None, None, local=False)
+                      for kp in side_parts(layout.k)]
+    roots = [mask] + (part_masks or []) + ([score] if score is not None else [])
     rendered = Renderer(loop_scope, "t").render(roots)
     helpers = set(rendered.helpers)
 
@@ -372,25 +397,49 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
     kv_hoist, kv_tile = _tile_lines("k", kg, layout)
     # K/V addresses: 64-bit token row of the tile origin (scalar, per tile) plus 32-bit
     # in-tile offsets (hoisted). Multi-D tiles: flat row = Σ (origin_a + slot_a) · stride_a.
-    if len(kg.tile) == 1:
+    # Segmented sides (`codegen.part_tiles`): origin k_org and in-tile rows k_row per tile
+    # (rows hoisted when every part's tiles are 1-D).
+    part_tiles = None  # segmented key side: per part (tile lines, tail needed in FULL steps)
+    if isinstance(kg, SegmentedGrid):
+        # One loop per key part (`codegen.part_tiles.part_loops`): the part's own tile
+        # lines; the grid part's in-tile offsets are hoisted, other parts' computed per tile.
+        k_origin = "tl.cast(k_org, tl.int64)"
+        parts = [part_lines("k", kg, layout, p) for p in range(len(kg.parts))]
+        gp = next(i for i, pt in enumerate(side_parts(layout.k)) if pt.grid is not None)
+        k_slot = parts[gp][1]
+        part_tiles = []
+        for lines, row, padded in parts:
+            offs = ("k_offs", "v_offs")
+            if row != k_slot:
+                offs = ("kt_offs", "vt_offs")
+                lines = lines + [
+                    f"kt_offs = {row}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                    f"vt_offs = {row}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+            part_tiles.append((lines, padded, offs))
+    elif len(kg.tile) == 1:
         k_slot, k_origin = "offs_n", "tl.cast(n, tl.int64) * BLOCK_N"
     else:
         origins, slots = [], []
+        k_strides = side_grid(layout, "k").strides
         for a, ci, cnt, si, t in _axis_terms(kg.counts, kg.tile):
-            st = layout.strides[a]
+            st = k_strides[a]
             origin = _tile_origin("n", a, ci, cnt, t)
             if origin != "0":
                 origins.append(f"tl.cast({origin}, tl.int64)" + (f" * {st}" if st != 1 else ""))
             slots.append(f"ks{a}" + (f" * {st}" if st != 1 else ""))
         kv_hoist = kv_hoist + [f"k_row = {' + '.join(slots)}  # flat in-tile row of each slot"]
-        k_slot, k_origin = "k_row", (" + ".join(origins) or None)
-    kv_hoist = kv_hoist + [
-        f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
-        f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+        # A single key tile still gets a per-tile origin (n is 0): loop-invariant K/V
+        # pointer tensors would be hoisted and held in registers (spills at d128).
+        k_slot, k_origin = "k_row", (" + ".join(origins) or "tl.cast(n, tl.int64) * BLOCK_N")
+    offs_lines = [f"k_offs = {k_slot}[None, :] * stride_kn + offs_d[:, None] * stride_kd",
+                  f"v_offs = {k_slot}[:, None] * stride_vn + offs_dv[None, :] * stride_vd"]
+    if part_tiles is None:
+        kv_hoist = kv_hoist + offs_lines
 
-    def tile_scores(kind: str, tail: bool):
+    def tile_scores(kind: str, tail: bool, mask=mask):
         """(score lines ending in the base-2 scores `x`, the scale factor text applied to `x`
-        at use, keep texts, IR roots needed) of one key tile of class `kind`."""
+        at use, keep texts, IR roots needed) of one key tile of class `kind` (`mask`: the
+        pattern's, or a key part's folded mask)."""
         masked = kind == "PARTIAL" and mask is not TRUE
         need = ([score] if score is not None else []) + ([mask] if masked else [])
         if score is None:
@@ -409,20 +458,23 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
             scores += [f"keep = {' & '.join(keep)}", 'x = tl.where(keep, x, float("-inf"))']
         return scores, scale, keep, need
 
-    def tile_holes(loop_header: str, tile_index: list[str], tail: bool) -> dict:
-        """Template holes shared by the softmax step and the block-score step."""
-        if k_origin is None:  # a single key tile
-            ptrs = ["k_base + k_offs", "v_base + v_offs"]
-        else:
-            org = k_origin if " + " not in k_origin else f"({k_origin})"
-            ptrs = [f"k_base + {org} * stride_kn + k_offs", f"v_base + {org} * stride_vn + v_offs"]
+    def tile_holes(loop_header: str, tile_index: list[str], tail: bool,
+                   tiles: Optional[list[str]] = None, offs=("k_offs", "v_offs")) -> dict:
+        """Template holes shared by the softmax step and the block-score step (`tiles` and
+        `offs`: a key part's own tile lines and in-tile offsets)."""
+        org = k_origin if " + " not in k_origin else f"({k_origin})"
+        ptrs = [f"k_base + {org} * stride_kn + {offs[0]}",
+                f"v_base + {org} * stride_vn + {offs[1]}"]
+        lines = tiles or kv_tile
         d_k = "(offs_d[:, None] < HEAD_DIM)"
         return {"k_ptrs": ptrs[0], "loop_header": loop_header, "tile_index": tile_index,
-                "kv_tile": kv_tile if tail else [ln for ln in kv_tile if not ln.startswith("k_ok")],
+                "kv_tile": lines if tail else [ln for ln in lines if not ln.startswith("k_ok")],
                 "k_coords": ["k = k_idx[None, :]"] + _coord_lines("k", kg, layout, coords["k"]),
                 "k_mask": f"k_ok[None, :] & {d_k}" if tail else d_k}, ptrs[1]
 
-    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True) -> list[str]:
+    def kv_step(kind: str, loop_header: str, tile_index: list[str], tail: bool = True,
+                tiles: Optional[list[str]] = None, offs=("k_offs", "v_offs"),
+                mask=mask) -> list[str]:
         """One key-tile step of the online softmax.
 
         kind FULL: no mask code; PARTIAL: the mask predicate per element and the empty-row
@@ -430,7 +482,7 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
         it has no per-element select at all (every score is finite, so the running maximum
         of every row is finite after the first step and needs no guard)."""
         guarded = kind == "PARTIAL" or score is not None
-        scores, scale, keep, need = tile_scores(kind, tail)
+        scores, scale, keep, need = tile_scores(kind, tail, mask)
         softmax = [f"m_new = tl.maximum(m_i, tl.max(x, 1){scale})"]
         if guarded:
             softmax += ["# A row with no kept key so far has m = -inf: shift by 0, not by -inf.",
@@ -444,7 +496,7 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
             from .none_step import TEMPLATE, none_step
             scores, softmax = none_step(rendered, score, keep, need)
             step = TEMPLATE
-        holes, v_ptrs = tile_holes(loop_header, tile_index, tail)
+        holes, v_ptrs = tile_holes(loop_header, tile_index, tail, tiles, offs)
         return fill(template(step), {
             **holes, "v_ptrs": v_ptrs,
             "v_mask": f"k_ok[:, None] & {d_v}" if tail else d_v,
@@ -470,7 +522,21 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
     peel = len(kg.tile) == 1
     full_tail = not peel and any(s % t for s, t in zip(kg.shape, kg.tile))
     bounds = usable_bounds(schedule)
-    if bounds is None:
+    if part_tiles is not None:
+        def part_step(kind, p, header, index):
+            lines, padded, offs = part_tiles[p]
+            return kv_step(kind, header, index, kind == "PARTIAL" or padded, lines, offs,
+                           part_masks[p])
+        # The grid's in-tile offsets are defined right before its loops (the other parts'
+        # loops, which compute their own, run first or after without them live).
+        first = next(i for i, t in enumerate(part_tiles) if t[2] == ("k_offs", "v_offs"))
+
+        def before(p):
+            return offs_lines if p == first else []
+        loop_setup, loops = part_loops(kg, part_step, before)
+        list_kind = ("key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL, "
+                     "one loop per key part.")
+    elif bounds is None:
         loop_setup, loops = _csr_loops(kv_step, peel, full_tail)
         list_kind = "key-tile lists: CSR rows per (head class, query tile), FULL and PARTIAL."
     else:
@@ -478,7 +544,8 @@ def generate_forward(pattern, schedule, options, *, block_scores: bool = True) -
         helpers |= helpers_cf
         list_kind = "key-tile loops: closed-form bounds (no index arrays)."
     scores_pass = []
-    if block_scores and pattern.normalize != "none":
+    # (The block-score pass needs 1-D key tiles; segmented key sides use the torch pass.)
+    if block_scores and pattern.normalize != "none" and part_tiles is None:
         # The same loops again (their bounds and lists are already set up), with the score step.
         if bounds is None:
             _, score_loops = _csr_loops(score_step, peel, full_tail)

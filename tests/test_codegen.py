@@ -15,6 +15,7 @@ from attncc.codegen.render import (CodegenError, Renderer, Scope, nonneg, render
 from attncc.ir.nodes import Binary, Const, Coord, FCall, Load, Unary, Var
 from attncc.ir.pattern import Axis, InputDecl, Layout, Pattern
 from attncc.runtime.options import CompileOptions
+from attncc.schedule.build import build_schedule
 from attncc.schedule.closed_form import Bounds, Range
 from attncc.schedule.schedule import CSR, HeadClass, Schedule, TileClass, TileGrid
 
@@ -81,7 +82,13 @@ def test_every_library_spec_generates_parseable_source(path):
     uses_selector = any(type(n).__name__ in ("Route", "Blocks")
                         for n in __import__("attncc.ir.nodes", fromlist=["walk"]).walk(p.mask))
     for q_tile, kv_tile in tiles:
-        sched = grid_schedule(p, q_tile, kv_tile)
+        if hasattr(p.layout, "q"):  # segmented: the real schedule (part tilings), small tiles
+            opts = CompileOptions(block_m=16, block_n=16, tile_1d=len(q_tile) == 1,
+                                  q_tile=None if len(q_tile) == 1 else q_tile,
+                                  kv_tile=None if len(q_tile) == 1 else kv_tile)
+            sched = build_schedule(p, heads=p.param_dict.get("heads", 1), options=opts)
+        else:
+            sched = grid_schedule(p, q_tile, kv_tile)
         if uses_selector:
             with pytest.raises(CodegenError, match="runtime selectors are handled by the pre-pass"):
                 generate_forward(p, sched, OPTS)

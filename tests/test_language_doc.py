@@ -44,7 +44,7 @@ def _formula_env(pattern, Lq, Lkv, H):
            "Lq": Lq, "Lkv": Lkv, "H": H, "torch": torch,
            "clamp": lambda x, lo, hi: torch.clamp(torch.as_tensor(x), lo, hi),
            "minimum": torch.minimum, "maximum": torch.maximum}
-    if pattern.layout is not None:
+    if pattern.layout is not None and hasattr(pattern.layout, "strides"):  # one grid
         for side, n in (("q", Lq), ("k", Lkv)):
             idx = env[side]
             for axis, stride, size in zip(pattern.layout.axes, pattern.layout.strides,

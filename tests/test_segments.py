@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attncc
+from attncc import helpers
 
 
 def natten_axis(i, j, L, K):
@@ -70,6 +71,9 @@ def test_a_coordinate_outside_the_grid_keeps_nothing():
     ("layout grid(y = 2)\nlayout grid(x = 2)\nmask true\n", "a layout has at most one grid segment"),
     ("layout tokens(text = 2)\nlayout grid(y = 4, x = 4)\nmask route(region = (2, 2), topk = 1)\n",
      "route(...) is not supported on a layout with token segments"),
+    ("input t: int[8]\nlayout tokens(text = 2)\nlayout grid(y = 2, x = 3)\n"
+     "mask t[q.x] == k.x\n",
+     "grid coordinates cannot index an input in a layout with token segments (only compared)"),
     ("layout tokens(text = 0)\nlayout grid(y = 2)\nmask true\n",
      "size of segment 'text' must be a positive integer, got 0"),
     ("layout tokens(grid = 2)\nlayout grid(y = 2)\nmask true\n",
@@ -132,31 +136,66 @@ def test_separate_query_and_key_grids_match_the_formula(h2, w2, pool, r):
     assert torch.equal(p.dense_mask(H * W, h2 * w2)[0, 0], want)
 
 
-def test_hilo_spec_and_lengths():
-    p = attncc.load("specs/hilo.attn", height=4, width=6, pool=2, radius=0, local_heads=1,
-                    heads=2)
-    m = p.dense_mask(24, 6, heads=2)[0]
-    i, j = torch.arange(24)[:, None], torch.arange(6)[None, :]
-    assert torch.equal(m[0], (i // 6 // 2 == j // 3) & (i % 6 // 2 == j % 3))
-    assert bool(m[1].all())
+@settings(max_examples=20, deadline=None)
+@given(H=st.integers(2, 7), W=st.integers(2, 7), pool=st.integers(1, 3), hifi=st.integers(0, 3))
+def test_hilo_mask_matches_the_formula(H, W, pool, hifi):
+    pool = min(pool, H, W)
+    heads = 3
+    p = attncc.load("specs/hilo.attn", height=H, width=W, pool=pool, hifi_heads=hifi,
+                    heads=heads)
+    n, npool = H * W, (H // pool) * (W // pool)
+    assert (p.fixed_length, p.fixed_kv_length) == (n, n + npool)
+    m = p.dense_mask(heads=heads)[0]
+    i, j = torch.arange(n)[:, None], torch.arange(n + npool)[None, :]
+    full = j < n
+    window = full & (i // W // pool == j // W // pool) & (i % W // pool == j % W // pool)
+    for h in range(heads):
+        want = window if h < hifi else ~full
+        assert torch.equal(m[h], want.expand(n, n + npool)), h
+
+
+def test_hilo_kv_pools_like_avg_pool2d():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 3, 5 * 7, 4, generator=g), torch.randn(2, 3, 5 * 7, 6, generator=g)
+    k2, v2 = helpers.hilo_kv(k, v, height=5, width=7, pool=2)
+    for x, x2 in ((k, k2), (v, v2)):
+        D = x.shape[-1]
+        img = x.reshape(2 * 3, 5, 7, D).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(img, 2).permute(0, 2, 3, 1).reshape(2, 3, 6, D)
+        assert x2.shape == (2, 3, 35 + 6, D)
+        assert torch.equal(x2[:, :, :35], x)
+        assert torch.allclose(x2[:, :, 35:], pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=4, width=4, pool=0), "pool must be a positive int, got 0"),
+    (dict(height=4, width=5, pool=2), "k and v must hold height*width = 20 tokens, got 16 and 16"),
+    (dict(height=2, width=8, pool=4), "pool 4 exceeds the map 2 x 8"),
+])
+def test_hilo_kv_errors(kwargs, message):
+    k = torch.randn(1, 1, 16, 4)
+    with pytest.raises(helpers.HelperError, match=message.replace("*", r"\*")):
+        helpers.hilo_kv(k, k, **kwargs)
+
+
+def test_hilo_lengths_are_checked():
+    p = attncc.load("specs/hilo.attn", height=4, width=6, pool=2, hifi_heads=1, heads=2)
     kern = attncc.compile(p, backend="dense")
-    q, kv = torch.randn(1, 2, 24, 8), torch.randn(1, 2, 6, 8)
-    ref = attncc.reference(p, q, kv, kv)
-    assert (kern(q, kv, kv).double() - ref).abs().max() < 1e-5
-    with pytest.raises(attncc.SpecError, match="the key grid has 6 tokens, but k has sequence "
+    q = torch.randn(1, 2, 24, 8)
+    with pytest.raises(attncc.SpecError, match="the key layout has 30 tokens, but k has sequence "
                                                 "length 24"):
         kern(q, q, q)
-    assert (p.fixed_length, p.fixed_kv_length) == (24, 6)
 
 
 @pytest.mark.parametrize("text, message", [
     ("layout q_grid(y = 4)\nmask true\n",
-     "separate layouts need both q_grid(...) and k_grid(...); k_grid is missing"),
+     "separate layouts need a query and a key layout; the key layout (k_grid or k_tokens) is "
+     "missing"),
     ("layout q_grid(y = 4)\nlayout k_grid(z = 2)\nmask q.y == k.y\n",
-     "unknown axis 'y' of the key grid (it has axes z)"),
-    ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nmask neighborhood(1)\n",
-     "'neighborhood' needs one layout for queries and keys (this pattern has separate q_grid "
-     "and k_grid)"),
+     "unknown segment or axis 'y' of the key layout (it has grid, z)"),
+    ("layout q_grid(y = 4)\nlayout k_grid(z = 2)\nmask neighborhood(1)\n",
+     "'neighborhood' places each query on the key grid axis by axis: the query and key grids "
+     "need the same axes (query grid: y; key grid: z)"),
     ("layout q_grid(y = 4)\nlayout k_grid(y = 2)\nlayout tokens(t = 1)\nmask true\n",
      "'tokens' cannot be combined with q_grid / k_grid layouts"),
 ])
@@ -164,3 +203,10 @@ def test_two_grid_misuse_is_a_located_error(text, message):
     with pytest.raises(attncc.SpecError) as e:
         attncc.parse("pattern bad\n" + text, filename="bad.attn")
     assert str(e.value).splitlines()[0].split(": error: ", 1)[1] == message
+
+
+def test_blocked_on_a_one_axis_grid_after_tokens_uses_grid_coordinates():
+    p = attncc.parse("pattern b\nlayout tokens(t = 3)\nlayout grid(x = 8)\nmask blocked(4)\n")
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    want = (i >= 3) & (j >= 3) & ((i - 3) // 4 == (j - 3) // 4)
+    assert torch.equal(p.dense_mask()[0, 0], want)

@@ -156,7 +156,8 @@ def test_several_checks_are_reported_at_once():
     assert [str(d.loc) + " " + d.message + (f" ({d.hint})" if d.hint else "")
             for d in info.value.diagnostics] == [
         "many.attn:1:14 duplicate parameter 'a'",
-        "many.attn:2:8 unknown layout 'grod' (the layout kinds are grid, tokens, q_grid and k_grid)",
+        "many.attn:2:8 unknown layout 'grod' (the layout kinds are grid, tokens, q_grid, q_tokens, "
+            "k_grid and k_tokens)",
         "many.attn:2:20 duplicate axis 'y'",
         "many.attn:3:10 unknown dtype 'flot' (did you mean 'float'?)",
         "many.attn:4:8 unknown output modifier 'sclae' "

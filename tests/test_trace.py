@@ -287,3 +287,82 @@ def test_bad_normalize_is_a_located_error():
     with pytest.raises(attncc.SpecError, match="normalize must be 'softmax' or 'none', got 'linear'") as e:
         attncc.pattern(normalize="linear")
     assert "test_trace.py" in str(e.value)
+
+
+# ---- segmented and separate layouts -------------------------------------------------------
+
+def test_segmented_layout_decorator_gives_the_spec_node():
+    spec = attncc.load("specs/mmdit_natten.attn", text=7, frames=3, height=4, width=5,
+                       kernel_t=3, kernel=3)
+
+    @attncc.pattern(layout=[attncc.tokens(text=7), attncc.grid(t=3, y=4, x=5)])
+    def mmdit_natten(q, k, text=7, frames=3, height=4, width=5, kernel_t=3, kernel=3):
+        return q.text | k.text | attncc.neighborhood((kernel_t, kernel, kernel))
+
+    assert mmdit_natten.mask is spec.mask
+    assert mmdit_natten.layout == spec.layout and mmdit_natten == spec
+    assert mmdit_natten.ir_text() == spec.ir_text()
+
+
+def test_cls_registers_decorator_gives_the_spec_node():
+    spec = attncc.load("specs/vit_cls_natten.attn", registers=2, height=5, width=6, kernel=3)
+
+    @attncc.pattern(layout=[attncc.tokens(cls=1, reg=2), attncc.grid(y=5, x=6)])
+    def vit_cls_natten(q, k, registers=2, height=5, width=6, kernel=7):
+        return q.cls | k.cls | q.reg | k.reg | attncc.neighborhood(3)
+
+    assert vit_cls_natten.mask is spec.mask and vit_cls_natten.layout == spec.layout
+
+
+def test_separate_layouts_decorator_gives_the_spec_node_and_runs():
+    spec = attncc.load("specs/hilo.attn", height=4, width=6, pool=2, hifi_heads=1, heads=2)
+
+    @attncc.pattern(q_layout=attncc.grid(y=4, x=6),
+                    k_layout=[attncc.grid(y=4, x=6), attncc.tokens(pooled=6)])
+    def hilo(q, k, h, height=4, width=6, pool=2, hifi_heads=1, heads=2):
+        return attncc.where(h < hifi_heads, k.grid & attncc.blocked(pool), k.pooled)
+
+    assert hilo.mask is spec.mask and hilo == spec
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 24, 8, generator=g)
+    k, v = (torch.randn(1, 2, 30, 8, generator=g) for _ in range(2))
+    assert (hilo(q, k, v).double() - attncc.reference(spec, q, k, v)).abs().max() < 1e-5
+
+
+def test_two_grid_primitives_through_the_decorator():
+    spec = attncc.parse("pattern pooled\nlayout q_grid(y = 8, x = 8)\nlayout k_grid(y = 4, x = 4)\n"
+                        "mask neighborhood(3)\n")
+
+    @attncc.pattern(q_layout=attncc.grid(y=8, x=8), k_layout=attncc.grid(y=4, x=4))
+    def pooled(q, k):
+        return attncc.neighborhood(3)
+
+    assert pooled.mask is spec.mask and pooled == spec
+
+
+@pytest.mark.parametrize("kwargs, body, message", [
+    (dict(q_layout=attncc.grid(y=4)), lambda q, k: q.y == k.y,
+     "separate layouts need both q_layout= and k_layout="),
+    (dict(layout=[attncc.tokens(a=2), attncc.tokens(a=3), attncc.grid(y=4)]),
+     lambda q, k: q.a, "layout: bad segment name 'a' (duplicate)"),
+    (dict(layout=[attncc.grid(y=2), attncc.grid(x=2)]), lambda q, k: q.y == k.x,
+     "layout: at most one grid segment per side"),
+    (dict(layout=[attncc.tokens(text=2), attncc.grid(y=4)]), lambda q, k: q.nosuch,
+     "unknown segment or axis 'nosuch' of the layout (it has text, grid, y)"),
+    (dict(layout=[attncc.tokens(text=2), attncc.grid(y=4)], score=lambda s, q: s + q.y),
+     lambda q, k: q.y == k.y,
+     "grid coordinates cannot be used in the score clause of a layout with token segments "
+     "(only compared in the mask)"),
+])
+def test_segmented_decorator_misuse_is_a_located_error(kwargs, body, message):
+    with pytest.raises(attncc.SpecError) as e:
+        attncc.pattern(body, **kwargs) if "score" not in kwargs else \
+            attncc.pattern(**kwargs)(body)
+    assert str(e.value).splitlines()[0].split(": error: ", 1)[1] == message
+    assert "test_trace.py" in str(e.value).splitlines()[0]
+
+
+def test_tokens_sizes_are_checked():
+    with pytest.raises(attncc.SpecError, match="size of segment 'text' must be a positive "
+                                                "integer, got 0"):
+        attncc.tokens(text=0)

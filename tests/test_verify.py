@@ -28,7 +28,7 @@ SMALL = {
     "seer_gate": {"block": 16, "keep": 0.3},
     "mmdit_natten": {"text": 5, "frames": 3, "height": 4, "width": 4, "kernel_t": 3, "kernel": 3},
     "vit_cls_natten": {"registers": 2, "height": 5, "width": 5, "kernel": 3},
-    "hilo": {"height": 4, "width": 6, "pool": 2, "local_heads": 1, "heads": 2},
+    "hilo": {"height": 4, "width": 6, "pool": 2, "hifi_heads": 1, "heads": 2},
     # issue 12
     "lightning": {"heads": 2}, "music_transformer": {}, "t5_bias": {},
     "s2_attention": {"block": 16, "local_blocks": 2, "vert_stride": 4, "heads": 2},

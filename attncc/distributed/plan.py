@@ -360,7 +360,8 @@ def make_plan(kern, q_len: Optional[int] = None, kv_len: Optional[int] = None, *
     if q_len is None:
         if kern.pattern.layout is None:
             raise ValueError(f"pattern '{kern.pattern.name}' has no layout: pass q_len")
-        q_len = kern.pattern.layout.numel
+        q_len = kern.pattern.fixed_length
+        kv_len = kern.pattern.fixed_kv_length if kv_len is None else kv_len
     kv_len = q_len if kv_len is None else kv_len
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world size must be a positive int, got {world!r}")
@@ -414,7 +415,8 @@ def layouts_for(kern, q_len: int, kv_len: int, world: int, balance: str,
                 inputs=None) -> list[tuple[Layout, Layout]]:
     """(q_layout, kv_layout) candidates of `balance` ("auto": every applicable kind)."""
     pattern = kern.pattern
-    grid_shape = pattern.layout.shape if pattern.layout is not None else None
+    one_grid = pattern.layout is not None and not hasattr(pattern.layout, "q")
+    grid_shape = pattern.layout.shape if one_grid else None  # segmented: flat layouts
     doc = document_ids(pattern, inputs)
     if balance == "auto":
         kinds = ["contiguous"] + (["headtail"] if world > 1 else [])

@@ -35,7 +35,7 @@ _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+\.[0-9]*(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+")
 
 DTYPES = ("int", "float", "bool")
-LAYOUT_KINDS = ("grid", "tokens", "q_grid", "k_grid")
+LAYOUT_KINDS = ("grid", "tokens", "q_grid", "k_grid", "q_tokens", "k_tokens")
 OUTPUT_KINDS = ("scale",)
 NORMALIZE_KINDS = ("softmax", "none")
 KEYWORDS = ("pattern", "layout", "input", "def", "mask", "score", "normalize", "output",
@@ -404,7 +404,7 @@ class _Converter:
         kind, *axes = tree.children
         if str(kind) not in LAYOUT_KINDS:
             self.diags.error(self.loc(kind), f"unknown layout '{kind}'",
-                             "the layout kinds are grid, tokens, q_grid and k_grid")
+                             "the layout kinds are grid, tokens, q_grid, q_tokens, k_grid and k_tokens")
         kws = self.keywords(axes, "axis")
         return ast.LayoutDecl(str(kind), kws, loc=self.loc(tree))
 

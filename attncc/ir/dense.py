@@ -36,6 +36,8 @@ from .inputs import ROUTE_INPUTS, check_inputs
 from .nodes import (BOOL, FLOAT, INT, Binary, Blocks, Const, Coord, Expr, FCall, Load, Route,
                     Select, Unary, Var, free_vars, walk)
 from .printer import format_expr
+from .pattern import Layout
+from .segmented import coord_terms, lengths as layout_lengths, route_groups_expr
 
 _TORCH_DTYPE = {INT: torch.int64, FLOAT: torch.float64, BOOL: torch.bool}
 _FUNCS = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log,
@@ -90,7 +92,7 @@ def _region_means(x: torch.Tensor, rid: torch.Tensor, n: int) -> torch.Tensor:
     B, H, _, D = x.shape
     sums = torch.zeros(B, H, n, D, dtype=torch.float64, device=x.device)
     sums.index_add_(2, rid, x.to(torch.float64))
-    counts = torch.bincount(rid, minlength=n).to(torch.float64)
+    counts = torch.bincount(rid, minlength=n).to(torch.float64).clamp(min=1)
     return sums / counts[:, None]
 
 
@@ -126,15 +128,47 @@ def route_selection(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     if causal and len(q_shape) != 1:
         raise MaskEvalError(f"route: causal needs a 1-D sequence, not a {len(q_shape)}-D layout")
     nq, nk = math.prod(region_grid(q_shape, q_region)), math.prod(region_grid(k_shape, region))
-    qbar = _region_means(q, region_index(q_shape, q_region, q.device), nq)
-    kbar = _region_means(k, region_index(k_shape, region, k.device), nk)
+    own = None
+    if causal:
+        last = torch.clamp((torch.arange(nq, device=q.device) + 1) * q_region[0], max=Lq) - 1
+        own = torch.div(last + (Lkv - Lq), region[0], rounding_mode="floor")
+    return route_by_groups(q, k, region_index(q_shape, q_region, q.device), nq,
+                           region_index(k_shape, region, k.device), nk, topk, own=own)
+
+
+def route_groups(layout, side: str, region, n: int, device=None) -> tuple[torch.Tensor, int]:
+    """(region of each of the `n` tokens of `side`, int64 [n]; number of regions) of a
+    `route(region, ...)` under `layout` (`attncc.ir.segmented.route_groups_expr`: a plain
+    grid, separate query and key grids, or none)."""
+    if layout is not None and not isinstance(layout, Layout):
+        region = _broadcast_region(region, len(layout.k.axes))
+        expr, count = route_groups_expr(layout, side, region)
+        t = torch.arange(n, device=device, dtype=torch.int64)
+        gid = Evaluator({side: t}, layout=layout, device=device).evaluate(expr)
+        return gid.reshape(-1).expand(n).contiguous(), count
+    shape = layout.shape if layout is not None else (n,)
+    region = _broadcast_region(region, len(shape))
+    return region_index(shape, region, device), math.prod(region_grid(shape, region))
+
+
+def route_by_groups(q: torch.Tensor, k: torch.Tensor, rq: torch.Tensor, nq: int,
+                    rk: torch.Tensor, nk: int, topk: int,
+                    own: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The routing selection bool [B, Hq, nq, nk] from the region of every query (rq int64
+    [Lq]) and key (rk [Lkv]): region means in float64 (0 for a region without tokens),
+    affinity q̄ k̄ᵀ, the top min(topk, nk) key regions per query region (ties to the lower
+    index). `own` (int64 [nq], causal routing): key regions after own[i] are not eligible
+    for query region i, own[i] is always kept (it counts towards topk)."""
+    B, Hq = q.shape[0], q.shape[1]
+    Hkv = k.shape[1]
+    qbar = _region_means(q, rq, nq)
+    kbar = _region_means(k, rk, nk)
     kbar = kbar.repeat_interleave(Hq // Hkv, dim=1)
     affinity = qbar @ kbar.transpose(-1, -2)
     keep = min(int(topk), nk)
     eligible = None
-    if causal:
-        last = torch.clamp((torch.arange(nq, device=q.device) + 1) * q_region[0], max=Lq) - 1
-        own = torch.div(last + (Lkv - Lq), region[0], rounding_mode="floor")[:, None]
+    if own is not None:
+        own = own[:, None]
         j = torch.arange(nk, device=q.device)[None, :]
         eligible = j <= own                                               # [nq, nk]
         affinity = torch.where(j == own, math.inf, torch.where(eligible, affinity, -math.inf))
@@ -326,11 +360,15 @@ class Evaluator:
         if self.layout is None:
             raise MaskEvalError(f"coordinate {node.side}.{node.name} used, but the pattern has "
                                 "no layout")
-        if node.axis >= len(self.layout.axes):
+        terms = coord_terms(self.layout, node.side, node.axis)
+        if terms is None:
             raise MaskEvalError(f"coordinate {node.side}.{node.name}: axis {node.axis} is not in "
                                 f"layout {self.layout}")
-        stride, size = self.layout.strides[node.axis], self.layout.shape[node.axis]
-        return torch.remainder(torch.div(self._var(node.side), stride, rounding_mode="floor"), size)
+        start, stride, size = terms
+        i = self._var(node.side)
+        if start:
+            i = i - start
+        return torch.remainder(torch.div(i, stride, rounding_mode="floor"), size)
 
     def _binary(self, node: Binary, vals, polls):
         a, b = vals
@@ -387,6 +425,16 @@ class Evaluator:
         key = ("route", node)
         if key not in self.shared:
             q, k = self._input("query"), self._input("key")
+            if self.layout is not None and not isinstance(self.layout, Layout):
+                if node.q_region is not None or node.causal:
+                    raise MaskEvalError("route: query_region and causal need a 1-D sequence "
+                                        "or one grid shared by queries and keys")
+                (rq, nq), (rk, nk) = (route_groups(self.layout, s, node.region, t.shape[2],
+                                                   q.device) for s, t in (("q", q), ("k", k)))
+                sel = route_by_groups(q, k, rq, nq, rk, nk, node.topk)
+                self.shared[key] = (sel, rq, rk)
+                sel, rq, rk = self.shared[key]
+                return self._expand(sel, rq[self._var("q")], rk[self._var("k")])
             shape = self.layout.shape if self.layout is not None else None
             sel = route_selection(q, k, node.region, node.topk, shape,
                                   q_region=node.q_region, causal=node.causal)
@@ -445,12 +493,13 @@ def resolve_lengths(pattern, q_len: Optional[int], kv_len: Optional[int]) -> tup
     for label, n in (("q_len", q_len), ("kv_len", kv_len)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"{label} must be a non-negative int, got {n!r}")
-    if layout is not None:
-        for label, n in (("q_len", q_len), ("kv_len", kv_len)):
-            if n is not None and n != layout.numel:
+    fixed = layout_lengths(layout)
+    if fixed is not None:
+        for label, n, want in (("q_len", q_len, fixed[0]), ("kv_len", kv_len, fixed[1])):
+            if n is not None and n != want:
                 raise ValueError(f"{label}={n} does not match the layout {layout} of pattern "
-                                 f"'{pattern.name}' ({layout.numel} tokens)")
-        return layout.numel, layout.numel
+                                 f"'{pattern.name}' ({want} tokens)")
+        return fixed
     if q_len is None or kv_len is None:
         raise ValueError(f"pattern '{pattern.name}' has no layout: pass q_len and kv_len")
     return q_len, kv_len
@@ -517,8 +566,9 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     wide = "b" in fv or "h" in fv or any(isinstance(n, (Route, Blocks, Load)) for n in walk(mask))
     # Index space: b, h, then one dimension per layout axis for q and for k (or one each).
     layout = pattern.layout
-    q_shape = layout.shape if layout is not None else (q_len,)
-    k_shape = layout.shape if layout is not None else (kv_len,)
+    grid = isinstance(layout, Layout)   # one grid: q and k span one dimension per axis
+    q_shape = layout.shape if grid else (q_len,)
+    k_shape = layout.shape if grid else (kv_len,)
     nd = len(q_shape)
     rank = 2 + 2 * nd
 
@@ -535,7 +585,7 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
     k_coords = [at(ar(n), 2 + nd + a) for a, n in enumerate(k_shape)]
     base = {"b": at(ar(batch), 0), "h": at(ar(heads), 1), "k": flat(k_coords, k_shape),
             "Q_LEN": q_len, "KV_LEN": kv_len, "HEADS": heads}
-    if layout is not None:
+    if grid:
         base.update({f"k.{a}": c for a, c in enumerate(k_coords)})
     row = math.prod(q_shape[1:])  # tokens per step of the first q axis
     step = max(1, _CHUNK_ELEMS // max(1, row * kv_len * (batch * heads if wide else 1)))
@@ -546,7 +596,7 @@ def dense_mask(pattern, q_len: Optional[int] = None, kv_len: Optional[int] = Non
         r1 = min(q_shape[0], r0 + step)
         q_coords = [at(ar(r1 - r0, r0), 2)] + [at(ar(n), 2 + a) for a, n in enumerate(q_shape)][1:]
         env = dict(base, q=flat(q_coords, q_shape))
-        if layout is not None:
+        if grid:
             env.update({f"q.{a}": c for a, c in enumerate(q_coords)})
         space = (((0,), (batch,)), ((1,), (heads,)),
                  (tuple(range(2, 2 + nd)), (r1 - r0,) + tuple(q_shape[1:])),

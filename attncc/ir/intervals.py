@@ -38,6 +38,7 @@ import torch
 
 from .nodes import (BOOL, Binary, Blocks, Const, Coord, Expr, FCall, Load, Route, Select,
                     Unary, Var, walk)
+from .segmented import coord_terms
 
 INF = math.inf
 _BIG = float(2 ** 52)
@@ -192,11 +193,13 @@ class IntervalEval:
         if key in self.box.coords:
             lo, hi = self.box.coords[key]
             return _t(lo), _t(hi)
-        layout = self.box.layout
-        if layout is None or n.axis >= len(layout.axes):
+        terms = coord_terms(self.box.layout, n.side, n.axis)
+        if terms is None:
             return _t(-INF), _t(INF)
-        stride, size = layout.strides[n.axis], layout.shape[n.axis]
+        start, stride, size = terms
         lo, hi = self._var(n.side)
+        if start:
+            lo, hi = lo - start, hi - start
         return self._mod_const(_floordiv(lo, stride), _floordiv(hi, stride), size)
 
     @staticmethod

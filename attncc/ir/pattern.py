@@ -79,7 +79,7 @@ class Pattern:
     """
     name: str
     params: tuple[tuple[str, Scalar], ...]
-    layout: Optional[Layout]
+    layout: Optional[Layout]   # or a segmented `attncc.ir.segmented.Segmented`
     inputs: tuple[InputDecl, ...]
     mask: Expr
     score: Optional[Expr] = None
@@ -131,25 +131,22 @@ class Pattern:
 
     @property
     def fixed_length(self) -> Optional[int]:
-        """The sequence length every call must have, when the pattern fixes it: the layout's
-        size, or the total of a segmented layout (`passes.segments`); else None."""
-        if self.layout is not None:
-            return self.layout.numel
-        for c in self.checks:
-            total = getattr(c, "total", None)
-            if total is not None:
-                return total
-        return None
+        """The query length every call must have, when the pattern fixes it: the layout's
+        size (the query side's total for a segmented layout, `attncc.ir.segmented`); else
+        None."""
+        if self.layout is None:
+            return None
+        side = getattr(self.layout, "q", None)
+        return side.numel if side is not None else self.layout.numel
 
     @property
     def fixed_kv_length(self) -> Optional[int]:
         """The key length every call must have, when the pattern fixes it (differs from
         `fixed_length` with separate query and key layouts); else None."""
-        for c in self.checks:
-            kv = getattr(c, "kv_total", None)
-            if kv is not None:
-                return kv
-        return self.fixed_length
+        if self.layout is None:
+            return None
+        side = getattr(self.layout, "k", None)
+        return side.numel if side is not None else self.layout.numel
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Check call-time constraints for `q_len` queries and `kv_len` keys: NATTEN's

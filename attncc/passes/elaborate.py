@@ -45,7 +45,7 @@ class Elaborator(PythonPrimitives):
         self.params: dict[str, Const] = {}
         self.bad_params: set[str] = set()      # already reported; uses stay silent
         self.layout: Optional[Layout] = None
-        self.segments = None  # `passes.segments.Segments` of a segmented layout
+        self.segmented = None  # `ir.segmented.Segmented` of several layout lines
         self.inputs: dict[str, InputDecl] = {}
         self.checks: list[LengthCheck] = []
         self.defs: dict[str, tuple[ast.Def, bool]] = {}
@@ -80,7 +80,8 @@ class Elaborator(PythonPrimitives):
         if len(layouts) == 1 and layouts[0].kind == "grid":
             self.bind_layout(layouts[0])
         elif layouts:
-            # Token segments and a grid in one sequence (`attncc.passes.segments`).
+            # Token segments and a grid in one sequence, or separate query and key layouts
+            # (`attncc.passes.segments`).
             from .segments_bind import bind_segments
             bind_segments(self, layouts)
         for d in spec.decls:
@@ -102,9 +103,9 @@ class Elaborator(PythonPrimitives):
                     self.error(d.loc, f"unknown output modifier '{d.kind}'", suggest(d.kind, ["scale"]))
                 else:
                     clauses["output"] = self.clause(d.expr, "output", FLOAT)
-        if self.segments is not None:
-            from .segments_bind import lower_clauses
-            lower_clauses(self, clauses, spec)
+        if self.segmented is not None:
+            from .segments_bind import finish_clauses
+            finish_clauses(self, clauses, spec)
         self.diags.raise_if_any()
         mask = clauses.get("mask")
         pat = Pattern(
@@ -359,12 +360,12 @@ class Elaborator(PythonPrimitives):
             self.fail(e.loc, "coordinates are written q.<axis> or k.<axis>", ctx=ctx)
         if ctx.clause == "const":
             self.fail(e.loc, f"'{side}.{e.attr}' is not a constant", ctx=ctx)
-        if self.segments is not None:  # segment membership, or a side's own grid axis
-            hit = self.segments.resolve(side, e.attr)
+        if self.segmented is not None:  # segment membership, or a side's own grid axis
+            from .segments import resolve
+            hit = resolve(self.segmented, side, e.attr)
             if isinstance(hit, str):
                 self.fail(e.loc, hit, ctx=ctx)
-            if hit is not None:
-                return hit
+            return hit
         if self.layout is None:
             self.fail(e.loc, f"coordinate '{side}.{e.attr}' needs a layout "
                              "(add e.g. 'layout grid(y = 64, x = 64)')", ctx=ctx)

@@ -212,7 +212,8 @@ class PythonPrimitives:
     def prim_blocked(self, bound, loc, ctx):
         sizes = self.axes_values("blocked", "size", bound["size"], ctx)
         parts = [blocked_axis(i, j, sz) for (i, j, _, _), sz in zip(self.axis_exprs(), sizes)]
-        if self.layout is not None and len(self.layout.axes) == 1:
+        if self.layout is not None and len(self.layout.axes) == 1 \
+                and getattr(self, "segmented", None) is None:  # a 1-D grid is the token index
             parts = [blocked_axis(Var("q"), Var("k"), sizes[0])]
         return conjunction(parts)
 

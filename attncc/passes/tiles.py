@@ -40,7 +40,8 @@ from ..ir.dense import Evaluator
 from ..ir.intervals import Box, IntervalEval, linear_form
 from ..ir.nodes import (COMPARE_OPS, INT, Binary, Blocks, Coord, Expr, Load, Route, Unary, Var,
                         free_vars, walk)
-from .tilegrid import TileClass, TileGrid
+from ..ir.pattern import Layout
+from .tilegrid import SegmentedGrid, TileClass, TileGrid
 
 _BAND_ELEMS = 1 << 18      # box pairs per row-band in the interval stage
 _GROUP = 32                # key tiles per group in the coarse interval pass
@@ -225,16 +226,22 @@ def classify_tiles(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid, *, layout=No
     lengths = dict(lengths or {})
     if head is None and "h" in free_vars(mask) and exact and is_static(mask):
         raise ValueError("the mask uses h: classify one head class at a time (pass head=)")
+    if isinstance(q_grid, SegmentedGrid) or isinstance(kv_grid, SegmentedGrid):
+        # Tiles of a segmented layout: block by block of parts (`passes.segment_blocks`).
+        from .segment_blocks import classify_parts
+        return classify_parts(mask, q_grid, kv_grid, layout, lengths=lengths, head=head,
+                              heads=heads, exact=exact)
     nq, nk = q_grid.n_tiles, kv_grid.n_tiles
     static = is_static(mask)
-    if static and layout is not None and len(layout.axes) > 1 and len(q_grid.shape) == 1:
+    one_grid = isinstance(layout, Layout)
+    if static and one_grid and len(layout.axes) > 1 and len(q_grid.shape) == 1:
         qb, kb = as_box(q_grid, layout.shape), as_box(kv_grid, layout.shape)
         if qb is not None and kb is not None and separable_axes(mask, len(layout.axes)):
             # 1-D tiles that are boxes of the grid (e.g. 64 tokens of a 256-wide row):
             # same tiles, same row-major numbering, so the per-axis path applies.
             return classify_tiles(mask, qb, kb, layout=layout, lengths=lengths, head=head,
                                   heads=heads, exact=exact)
-    if len(q_grid.shape) > 1 and static:
+    if len(q_grid.shape) > 1 and len(kv_grid.shape) == len(q_grid.shape) and static:
         parts = separable_axes(mask, len(q_grid.shape))
         if parts is not None:
             # Box tiles of a per-axis conjunction: classify each axis on its own (exact).

@@ -475,14 +475,15 @@ def forward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 64
     pattern = api.load(spec, **(params or {})) if os.path.exists(str(spec)) \
         else api.parse(spec, **(params or {}))
     kern = Kernel(pattern, CompileOptions(**(options or {})))
-    n, _, h = kern.default_shape()
+    n, nk, h = kern.default_shape()
+    kv_len = nk if q_len is None or pattern.fixed_kv_length is not None else q_len
     q_len, heads = q_len or n, heads or h
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
-    k = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
-    v = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
-    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=q_len,
+    k = torch.randn(batch, heads, kv_len, head_dim, generator=gen).to(dt)
+    v = torch.randn(batch, heads, kv_len, head_dim, generator=gen).to(dt)
+    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                            generator=gen)
     scale = head_dim ** -0.5
     if variant == "runtime":
@@ -496,7 +497,7 @@ def forward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 64
         raise ValueError(f"variant must be 'runtime' or 'lists', got {variant!r}")
     from ..codegen.forward import generate_forward
     from .launch import load_kernel, run_forward
-    sched = kern.schedule(q_len, q_len, heads)
+    sched = kern.schedule(q_len, kv_len, heads)
     sched = dataclasses.replace(sched, classes=tuple(dataclasses.replace(c, bounds=None)
                                                      for c in sched.classes))
     module = load_kernel(generate_forward(pattern, sched, kern.options))

@@ -412,7 +412,8 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
     pattern = api.load(spec, **(params or {})) if os.path.exists(str(spec)) \
         else api.parse(spec, **(params or {}))
     kern = Kernel(pattern, CompileOptions(**(options or {})))
-    n, _, h = kern.default_shape()
+    n, nk, h = kern.default_shape()
+    kv_len = nk if q_len is None or pattern.fixed_kv_length is not None else q_len
     q_len, heads = q_len or n, heads or h
     if getattr(pattern, "normalize", "softmax") == "none":
         from .linear import algorithm, aot_backward_case
@@ -423,9 +424,9 @@ def backward_case(spec: str, *, params: Optional[dict] = None, head_dim: int = 6
                                      q_len=q_len)
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, dout = (torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dt)
-                     for _ in range(4))
-    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=q_len,
+    q, k, v, dout = (torch.randn(batch, heads, n_, head_dim, generator=gen).to(dt)
+                     for n_ in (q_len, kv_len, kv_len, q_len))
+    inputs = random_inputs(pattern, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                            generator=gen)
     plan = _plan(kern, q, k, inputs)
     module = load_kernel(plan.source())

@@ -157,8 +157,8 @@ def bench_forward(pattern: Pattern, *, batch: int = 1, heads: int = 8, q_len: Op
     backend = backend or ("triton" if gpu else None)  # CPU: the per-call default choice
     warmup = (5 if gpu else 1) if warmup is None else warmup
     reps = (20 if gpu else 3) if reps is None else reps
-    if pattern.layout is not None:
-        q_len = kv_len = pattern.layout.numel
+    if pattern.fixed_length is not None:  # a grid or segmented layout fixes the lengths
+        q_len, kv_len = pattern.fixed_length, pattern.fixed_kv_length
     q_len = q_len or 1024
     kv_len = kv_len or q_len
 

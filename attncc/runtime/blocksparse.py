@@ -64,12 +64,15 @@ def blocksparse_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     B, Hq, Hkv, Lq, Lkv, D, Dv = check_qkv(q, k, v)
     inputs = dict(inputs or {})
     dev = q.device
-    if pattern.layout is not None and (Lq != pattern.layout.numel or Lkv != pattern.layout.numel):
+    n, nk = pattern.fixed_length, pattern.fixed_kv_length
+    if n is not None and (Lq != n or Lkv != nk):
         raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
-                         f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
+                         f"({n if n == nk else f'{n} query and {nk} key'} tokens) but "
+                         f"Lq={Lq}, Lkv={Lkv}")
     inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv, device=dev))
-    shape_q = pattern.layout.shape if pattern.layout is not None else (Lq,)
-    shape_k = pattern.layout.shape if pattern.layout is not None else (Lkv,)
+    one_grid = pattern.layout is not None and not hasattr(pattern.layout, "q")
+    shape_q = pattern.layout.shape if one_grid else (Lq,)
+    shape_k = pattern.layout.shape if one_grid else (Lkv,)
     q_grid, kv_grid = _as_grid(q_tile, shape_q, "q_tile"), _as_grid(kv_tile, shape_k, "kv_tile")
     cls, selections = pattern_classes(pattern, q, k, inputs, q_grid, kv_grid, static)
     weights = head_weights(pattern, inputs, B, Hq, Lq, Lkv, dev)

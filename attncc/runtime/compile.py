@@ -341,12 +341,13 @@ class Kernel:
         """The Schedule for `q_len` queries, `kv_len` keys and `heads` query heads (lengths
         default to the layout's size on grid patterns; kv_len defaults to q_len). Built once
         per shape."""
-        layout = self.pattern.layout
+        fixed_q, fixed_kv = self.pattern.fixed_length, self.pattern.fixed_kv_length
         if q_len is None:
-            q_len = kv_len if kv_len is not None else (layout.numel if layout is not None else None)
+            q_len = fixed_q if fixed_q is not None else kv_len
         if q_len is None:
             raise ValueError(f"pattern '{self.pattern.name}' has no layout: pass q_len")
-        kv_len = q_len if kv_len is None else kv_len
+        if kv_len is None:
+            kv_len = fixed_kv if fixed_kv is not None else q_len
         key = (int(q_len), int(kv_len), int(heads))
         sched = self._schedules.get(key)
         if sched is None:
@@ -505,7 +506,7 @@ class Kernel:
 
     def _check_lengths(self, Lq: int, Lkv: int) -> None:
         layout = self.pattern.layout
-        if layout is not None:
+        if layout is not None and not hasattr(layout, "q"):  # one grid (segmented: checks)
             for name, n in (("q", Lq), ("k", Lkv)):
                 if n != layout.numel:
                     raise InputError(

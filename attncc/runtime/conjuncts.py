@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..ir.dense import route_by_groups, route_groups
 from ..ir.terms import conjuncts, document_input
 from ..ir.nodes import INT, Binary, Blocks, Const, Expr, Load, Route, Var, free_vars, walk
 from ..schedule.schedule import TileGrid
@@ -138,7 +139,12 @@ def pattern_classes(pattern, q: torch.Tensor, k: torch.Tensor, inputs: Mapping[s
     layout = pattern.layout
     selections = {}
     for node in walk(pattern.mask):
-        if isinstance(node, Route) and node not in selections:
+        if isinstance(node, Route) and node not in selections and hasattr(layout, "q"):
+            # Separate query and key grids: regions of the key grid (`ir.dense.route_groups`).
+            (rq, nq), (rk, nk) = (route_groups(layout, s, node.region, t.shape[2], dev)
+                                  for s, t in (("q", q), ("k", k)))
+            selections[node] = (route_by_groups(q, k, rq, nq, rk, nk, node.topk), rq, rk)
+        elif isinstance(node, Route) and node not in selections:
             shape = layout.shape if layout is not None else None
             selections[node] = route_select(q, k, node.region, node.topk, shape,
                                             q_region=node.q_region, causal=node.causal)

@@ -17,9 +17,10 @@ from typing import Mapping
 
 import torch
 
-from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Coord, Expr, Load, Route, Var,
+from ..ir.nodes import (BOOL, TRUE, Binary, Blocks, Const, Expr, Load, Route, Var,
                         transform, walk)
 from ..ir.pattern import InputDecl
+from ..ir.segmented import route_groups_expr
 from ..passes.simplify import simplify
 from .conjuncts import conjuncts, document_input, is_static, pattern_classes, static_expr
 from .prepass import FULL, PARTIAL, PrepassStats, _active_tiles, _region_tuple, head_weights
@@ -49,18 +50,16 @@ def _group_expr(side: str, node, layout, per_tile: bool = False) -> Expr:
     size = node.query_region if side == "q" else node.region
     if layout is None:
         return token if size[0] == 1 else Binary("floordiv", token, Const(size[0]))
-    region = _region_tuple(size, len(layout.axes))
-    out: Expr = Const(0)
-    for a, (axis, r) in enumerate(zip(layout.axes, region)):
-        out = Binary("add", Binary("mul", out, Const(-(-axis.size // r))),
-                     Binary("floordiv", Coord(side, a, axis.name), Const(r)))
-    return out
+    axes = layout.k.axes if hasattr(layout, "k") else layout.axes
+    return route_groups_expr(layout, side, _region_tuple(size, len(axes)))[0]
 
 
 def tile_aligned(node, pattern, grids) -> bool:
     """Whether every (query tile, key tile) of `grids` = (q_grid, kv_grid) lies inside one
     (query group, key group) of selector `node`, so the selection is one value per tile."""
     q_grid, kv_grid = grids
+    if hasattr(pattern.layout, "q"):  # separate query and key grids: not assumed aligned
+        return False
     if isinstance(node, Blocks):
         sizes = ((node.block,), (node.block,))
     else:
@@ -213,7 +212,8 @@ def region_aligned_options(pattern, options):
     tiles are FULL (no per-element mask) and exactly topk key tiles are visited."""
     routes = [n for n in walk(pattern.mask) if isinstance(n, Route)]
     layout = pattern.layout
-    if len(routes) != 1 or layout is None or options.tile_1d or options.q_tile is not None \
+    if len(routes) != 1 or layout is None or hasattr(layout, "q") or options.tile_1d \
+            or options.q_tile is not None \
             or options.kv_tile is not None:
         return options
     nd = len(layout.axes)

@@ -167,8 +167,7 @@ def plan_lists(pattern, q, k, inputs: Mapping[str, torch.Tensor], *, options=Non
                                heads=Hq, float_dtype=_cdtype(q.dtype))
     counts = [int(sg.valid.sum()) * (B if sg.valid.shape[0] == 1 else 1)
               * (Hq if sg.valid.shape[1] == 1 else 1) for sg in segments]
-    stats = {"q_tile": "×".join(map(str, q_grid.tile)),
-             "kv_tile": "×".join(map(str, kv_grid.tile)),
+    stats = {"q_tile": q_grid.label, "kv_tile": kv_grid.label,
              "full_tiles": counts[0], "partial_tiles": counts[1]}
     q_tok, k_tok = q_grid.token_index().to(dev), kv_grid.token_index().to(dev)
     return TorchPlan(q_tok, k_tok, segments, mask_mod, stats, _contiguous_tiles(q_tok, Lq),
@@ -500,10 +499,11 @@ def torch_attention(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"has `normalize {pattern.normalize}`")
     inputs = dict(inputs or {})
     if validate:
-        n = None if pattern.layout is None else pattern.layout.numel
-        if n is not None and (Lq != n or Lkv != n):
+        n, nk = pattern.fixed_length, pattern.fixed_kv_length
+        if n is not None and (Lq != n or Lkv != nk):
             raise InputError(f"pattern '{pattern.name}' has layout {pattern.layout} "
-                             f"({pattern.layout.numel} tokens) but Lq={Lq}, Lkv={Lkv}")
+                             f"({n if n == nk else f'{n} query and {nk} key'} tokens) but "
+                             f"Lq={Lq}, Lkv={Lkv}")
         inputs = dict(check_inputs(pattern, inputs, batch=B, heads=Hq, q_len=Lq, kv_len=Lkv,
                                    device=q.device))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -155,10 +155,7 @@ def verify(pattern, *, backend: Optional[str] = None, batch: int = 2, heads: Opt
         h = p.param_dict.get("heads")
         heads = h if isinstance(h, int) and not isinstance(h, bool) and h > 0 else 2
     kv_heads = heads if kv_heads is None else kv_heads
-    if p.layout is not None:
-        q_len = p.layout.numel if q_len is None else q_len
-        kv_len = p.layout.numel if kv_len is None else kv_len
-    if p.layout is None and p.fixed_length is not None:  # a segmented layout
+    if p.fixed_length is not None:  # a grid or segmented layout fixes the lengths
         q_len = p.fixed_length if q_len is None else q_len
         kv_len = p.fixed_kv_length if kv_len is None else kv_len
     q_len = DEFAULT_1D_LEN if q_len is None else q_len

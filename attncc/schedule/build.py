@@ -16,7 +16,8 @@ Results are memoized per (pattern, q_len, kv_len, heads, options).
 (tiles decided by exact evaluation; for box tiles of a per-axis mask, the per-axis tile pairs
 so decided — see `attncc.passes.tiles`), kept_pairs (exact kept (q, k) pairs over all heads, None for
 data-dependent masks), computed_pairs (pairs in visited tiles over all heads), efficiency
-(kept / computed), efficiency_1d (the same with plain 1-D tiles, on grid layouts), q_tile /
+(kept / computed), efficiency_1d (the same with plain 1-D tiles, on one-grid layouts; not
+computed on segmented layouts, where it costs what their part tiling saves), q_tile /
 kv_tile (tile shapes), bounds (head classes with closed-form bounds), bounds_dropped (head
 classes whose derived bounds disagreed with the CSR and were dropped), candidates (cost of
 each tile-shape candidate, when the cost model ran).
@@ -31,6 +32,8 @@ from ..passes.heads import head_classes
 from ..passes.simplify import simplify, substitute
 from ..passes.tiles import classify_tiles, runtime_kinds
 from .closed_form import bounds_agree, derive_bounds
+from ..ir.segmented import Segmented
+from ..passes.tilegrid import SegmentedGrid
 from .schedule import CSR, HeadClass, Schedule, TileClass
 from .tileshape import choose_grids, grids_1d
 
@@ -63,7 +66,7 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
     classes, head_class = [], [0] * heads
     stats = {"tiles": 0, "fallback_tiles": 0, "kept_pairs": 0, "computed_pairs": 0,
              "bounds": 0, "bounds_dropped": 0,
-             "q_tile": "×".join(map(str, q_grid.tile)), "kv_tile": "×".join(map(str, kv_grid.tile))}
+             "q_tile": q_grid.label, "kv_tile": kv_grid.label}
     area = q_grid.tile_size * kv_grid.tile_size
     for ci, g in enumerate(groups):
         c = classify_tiles(g.mask, q_grid, kv_grid, layout=layout, head=g.heads[0])
@@ -71,14 +74,16 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
         full, partial = m == int(TileClass.FULL), m == int(TileClass.PARTIAL)
         full_csr, partial_csr = CSR.from_dense(full), CSR.from_dense(partial)
         bounds = None
-        if len(q_grid.shape) == 1:
+        parts = isinstance(q_grid, SegmentedGrid) or isinstance(kv_grid, SegmentedGrid) \
+            or len(q_grid.shape) != len(kv_grid.shape)
+        if len(q_grid.shape) == 1 and not parts:
             # Length-generic bounds first (Q_LEN / KV_LEN stay variables: one kernel serves
             # every length); specialized bounds where those disagree at this shape.
             generic_mask = simplify(substitute(pattern.mask, {"HEADS": heads, "h": g.heads[0]}))
             bounds = derive_bounds(generic_mask, q_grid, kv_grid, layout, True)
             if bounds is not None and not bounds_agree(bounds, full_csr, partial_csr):
                 bounds = None
-        if bounds is None:
+        if bounds is None and not parts:
             bounds = derive_bounds(g.mask, q_grid, kv_grid, layout)
             if bounds is not None and not bounds_agree(bounds, full_csr, partial_csr):
                 bounds = None
@@ -100,7 +105,9 @@ def _build(pattern, q_len: int, kv_len: int, heads: int, options) -> Schedule:
             stats["kept_pairs"] += c.kept * n
     kept, computed = stats["kept_pairs"], stats["computed_pairs"]
     stats["efficiency"] = None if kept is None else (kept / computed if computed else 1.0)
-    if layout is not None and len(q_grid.shape) > 1 and kept is not None:
+    if isinstance(layout, Segmented):
+        pass  # efficiency_1d: the flat 1-D classification is the slow path these tiles avoid
+    elif layout is not None and len(q_grid.shape) > 1 and kept is not None:
         g1q, g1k = grids_1d(q_len, kv_len, options)
         comp1 = 0
         for g in groups:

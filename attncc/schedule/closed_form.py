@@ -327,7 +327,7 @@ def derive_bounds(mask: Expr, q_grid: TileGrid, kv_grid: TileGrid,
     """
     try:
         if len(q_grid.shape) == 1:
-            if layout is not None and len(layout.axes) == 1:
+            if layout is not None and not hasattr(layout, "q") and len(layout.axes) == 1:
                 mask = transform(mask, lambda n: Var(n.side) if isinstance(n, Coord) else None)
             if any(isinstance(n, Coord) for n in walk(mask)):
                 return None

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..ir.coords import flat_layout
 from ..ir.dense import eval_expr, select_blocks
 from ..ir.intervals import linear_form
 from ..ir.terms import conjuncts, document_input
@@ -98,6 +99,16 @@ def square_mask(mask: Expr) -> Expr:
     return simplify(substitute(mask, {"KV_LEN": Var("Q_LEN")}))
 
 
+def _flat(pattern):
+    """A segmented layout over one token sequence decodes as its flat mask (coordinates
+    lowered to index arithmetic); separate query and key layouts have no decode form."""
+    layout = pattern.layout
+    if getattr(layout, "shared", True) is False:
+        raise DecodeError(f"pattern '{pattern.name}' has separate query and key layouts "
+                          f"({layout}): decode serves one token sequence")
+    return flat_layout(pattern)
+
+
 def decode_pattern(pattern, lq: int):
     """`pattern` rewritten for decode rows: KV_LEN becomes Q_LEN (= L), loads of inputs on a
     dimension declared `q` are re-indexed to the Lq given rows (index − (L − lq)), and every
@@ -111,6 +122,7 @@ def decode_pattern(pattern, lq: int):
 
     from ..ir.nodes import BOOL, transform
     from ..ir.pattern import InputDecl
+    pattern = _flat(pattern)
     qdims = {d.name: tuple(i for i, x in enumerate(d.dims) if x == "q") for d in pattern.inputs}
     shift = Binary("sub", Var("Q_LEN"), Const(int(lq)))
     names: dict = {}
@@ -249,6 +261,7 @@ def decode_schedule(pattern, heads: int) -> DecodeSchedule:
     if getattr(pattern, "normalize", "softmax") != "softmax":
         raise DecodeError(f"pattern '{pattern.name}' has `normalize none` (linear attention): "
                           "decode it with its recurrent form, Kernel.step")
+    pattern = _flat(pattern)
     if pattern.layout is not None:
         raise DecodeError(f"pattern '{pattern.name}' has layout {pattern.layout}: decode "
                           "serves 1-D token sequences")

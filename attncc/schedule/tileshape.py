@@ -9,7 +9,8 @@ kernel computes: visited tiles × query-tile size × key-tile size, with visited
 counted by the interval stage alone (cheap, an upper bound). The cheapest wins; ties go to
 a box whose tiles *are* the 1-D tiles (e.g. 1×64 on a 64-wide map: same work, but per-axis
 closed-form bounds apply), then to the 1-D tiles, then to the squarer box. `options.q_tile` / `kv_tile` fix the shapes and
-`options.tile_1d` forces 1-D tiles.
+`options.tile_1d` forces 1-D tiles. Segmented and separate query/key layouts tile each grid
+with its own boxes and each run of plain tokens 1-D (`attncc.schedule.segment_tiles`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import itertools
 from typing import Optional
 
 from ..ir.nodes import Expr
+from ..ir.segmented import Segmented
 from ..passes.tiles import as_box, classify_tiles
 from .schedule import TileClass, TileGrid
 
@@ -74,6 +76,9 @@ def choose_grids(masks: list[Expr], layout, q_len: int, kv_len: int, options,
     each candidate's computed pairs (`candidates`) when the cost model ran."""
     if layout is None or options.tile_1d or len(layout.axes) == 0:
         return (*grids_1d(q_len, kv_len, options), {})
+    if isinstance(layout, Segmented):
+        from .segment_tiles import choose_segmented_grids
+        return choose_segmented_grids(masks, layout, options, heads)
     shape = layout.shape
     if options.q_tile is not None or options.kv_tile is not None:
         qt = options.q_tile or options.kv_tile
