@@ -1,7 +1,7 @@
 """Default CPU backend: time the "dense" (SDPA over the dense mask) and "flex" backends on the
 same calls and print what the cost rule (`attncc.runtime.choose`) picks for each; with
 --train, time training steps (forward + backward into q, k, v) of "dense" (autograd through
-SDPA) and "torch" (block-sparse with its own backward) and print the training rule's pick.
+SDPA) and "torch" (block-sparse with its own backward) and print the default's pick.
 
     flock /tmp/attncc-bench.lock python bench/bench_choose.py [--reps 5] [--only causal]
     flock /tmp/attncc-bench.lock python bench/bench_choose.py --train
@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import attncc  # noqa: E402
 from attncc.runtime.bench import time_fn  # noqa: E402
+from attncc.runtime.choose import visited_fraction  # noqa: E402
 from attncc.runtime.verify import random_inputs  # noqa: E402
 
 SPECS = os.path.join(os.path.dirname(HERE), "specs")
@@ -102,7 +103,7 @@ def train(args) -> int:
             ms[b] = time_fn(step, "cpu", warmup=1, reps=args.reps)
         auto = attncc.compile(p)
         choice = auto.choose(L, L, H, grad=True)
-        visited = auto._train_visited.get((L, L, H))
+        visited = visited_fraction(auto.schedule(L, L, H))  # the torch backend's tiles
         label = spec + (" " + ",".join(f"{a}={b}" for a, b in params.items()) if params else "")
         shown = "-" if visited is None else f"{visited:.3f}"
         print(f"| {label} | {L} | {shown} | {ms['dense']:.1f} | {ms['torch']:.1f} | "

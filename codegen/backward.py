@@ -12,6 +12,13 @@ P = exp(score(s) - lse) recomputed from the forward's saved log-sum-exp, Δ = ro
                  each of the GROUP query heads of its key head in a fixed order, so GQA sums
                  are deterministic: dV = Σ Pᵀ·dO, dK = Σ (dS ⊙ ∂score/∂s)ᵀ·Q · scale
 
+Tile orientation and slices: the dK/dV step works on transposed [key, query] tiles
+(Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so every product has the key tile as its M dimension (wgmma on
+sm_90 needs 64 rows per warpgroup), over SUB_M-row slices of each query tile; the dQ step
+walks each key tile in SUB_N-slot slices (the runtime picks SUB_N < BLOCK_N for scores that
+read tables, whose temporaries would spill). `normalize none` patterns get the same kernels
+with P = keep · score (no lse) and dS = keep · dP (no Δ).
+
 Score modifiers: ∂score/∂s and ∂score/∂table[...] come from `attncc.passes.derive` and are
 rendered by the forward's per-node renderer. Gradients of float tables read in `score`
 (`TABLE_GRAD`): the dQ kernel writes, for each table read j and each visited tile, the
@@ -139,8 +146,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     tables = float_loads(score)
     d_tab = [derivative(score, ld) for ld in tables]
     roots = [mask] + ([score, d_s] if score is not None else [])
-    for ld, dt in zip(tables, d_tab):
-        roots += [dt, *ld.index]
+    roots += d_tab
 
     base_vars = {v: v for v in ("b", "h", "q", "k", "s", "Q_LEN", "KV_LEN", "HEADS")}
     if len(kg.tile) == 1:  # `kt` (lowered tile-aligned key selections): the key tile's first token

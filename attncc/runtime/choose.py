@@ -4,7 +4,7 @@
     choice.backend, choice.reason      # "dense", "... pairs ≤ ..."
 
 The rule (`cost_rule`) compares two cost models fitted to `python bench/bench_choose.py`
-(docs/BENCHMARKS.md, "Default CPU backend"; a shared 2-core CPU machine):
+(docs/BENCHMARKS.md, "Default CPU backend"; an idle 2-core CPU machine, 2 torch threads):
 
     dense  SDPA over the dense bool mask computes every (query, key) pair:
            t ≈ DENSE_NS · H·Lq·Lkv
@@ -20,17 +20,10 @@ has neither); calls asking for block scores (`return_block_scores`) go to "torch
 them over its kept tiles; masks whose dense form per head would pass DENSE_MAX_PAIRS go to
 "flex".
 
-Calls that need gradients (FlexAttention has no backward on CPU) are a training step; the
-training rule (`train_cost_rule`) compares
-
-    dense  autograd through SDPA over the dense mask: t ≈ DENSE_TRAIN_NS · H·Lq·Lkv, and
-           memory for several [B, H, Lq, Lkv] float32 matrices (refused past
-           DENSE_TRAIN_MAX_ELEMS)
-    torch  block-sparse torch with its own backward over the schedule's kept 64×64 tiles:
-           t ≈ TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS · H·Lq·Lkv·visited
-
-with `visited` the fraction of the schedule's tiles the torch backend visits (1.0 when its
-lists come from runtime data). The constants are in one unit; their ratios decide.
+Calls that need gradients (FlexAttention has no backward on CPU) go to "torch", block-sparse
+with its own backward: `python bench/bench_choose.py --train` measured it faster than autograd
+through dense SDPA at every training shape tried, from 64 to 8192 tokens (equal at 64),
+so there is no cost rule for training.
 """
 from __future__ import annotations
 
@@ -38,21 +31,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 # Cost model constants (ns per (head, query, key) pair; ms per call), fitted to
-# `python bench/bench_choose.py` (docs/BENCHMARKS.md).
-DENSE_NS = 22.0
-FLEX_NS = 30.0
-FLEX_GRID_NS = 400.0
-FLEX_FIXED_MS = 20.0
+# `python bench/bench_choose.py` (docs/BENCHMARKS.md): dense 1.3–1.6 ns per pair on every
+# case; flex 1-D 3.0 ns per visited pair after ~0.5 ms; flex on grids 8–86 ns per visited
+# pair, growing with the map (60: the larger maps, where the choice matters).
+DENSE_NS = 1.45
+FLEX_NS = 3.0
+FLEX_GRID_NS = 60.0
+FLEX_FIXED_MS = 0.5
 # Above this many mask elements per head the dense mask itself is a memory problem.
 DENSE_MAX_PAIRS = 1 << 26
-# Training step (forward + backward) models, fitted to `python bench/bench_choose.py --train`.
-DENSE_TRAIN_NS = 60.0
-TORCH_TRAIN_NS = 150.0
-TORCH_TRAIN_FIXED_MS = 20.0
-# Dense training keeps scores, probabilities and their gradients: past this many elements per
-# call (B·H·Lq·Lkv; 64 MiB per float32 matrix) it is not chosen, so that a default CPU
-# training step stays within a small multiple of O(kept tiles) memory.
-DENSE_TRAIN_MAX_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -97,40 +84,15 @@ def cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
     return Choice("dense", f"{what}: modelled {dense:.1f} ms <= flex {flex:.1f} ms")
 
 
-def train_cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
-                    batch: int = 1) -> Choice:
-    """"dense" or "torch" for a call that needs gradients (a training step), whichever the
-    training cost models say is faster; `visited` in [0, 1] is the fraction of the schedule's
-    tiles the torch backend visits (None when its lists come from runtime data)."""
-    elems = batch * heads * q_len * kv_len
-    if elems > DENSE_TRAIN_MAX_ELEMS:
-        return Choice("torch", f"gradients needed: {elems} score elements is past the dense "
-                               f"training limit {DENSE_TRAIN_MAX_ELEMS}")
-    pairs = heads * q_len * kv_len
-    dense = DENSE_TRAIN_NS * pairs * 1e-6
-    v = 1.0 if visited is None else float(visited)
-    torch_ms = TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS * pairs * v * 1e-6
-    what = (f"torch visits {v:.1%} of tiles" if visited is not None
-            else "tiles decided at run time")
-    if torch_ms < dense:
-        return Choice("torch", f"gradients needed, {what}: modelled {torch_ms:.1f} ms < dense "
-                               f"{dense:.1f} ms")
-    return Choice("dense", f"gradients needed, {what}: modelled {dense:.1f} ms <= torch "
-                           f"{torch_ms:.1f} ms")
-
-
 def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
                        grid: bool = False, grad: bool = False, need_lse: bool = False,
-                       float64: bool = False, batch: int = 1,
-                       block_scores: bool = False) -> Choice:
-    """The backend for a CPU call without an explicit backend (see the module docstring);
-    with `grad`, `visited` is the torch backend's tile fraction (`train_cost_rule`)."""
+                       float64: bool = False, block_scores: bool = False) -> Choice:
+    """The backend for a CPU call without an explicit backend (see the module docstring)."""
     if block_scores:
         return Choice("torch", "block scores requested: block-sparse torch pools them in a "
                                "second pass over its kept tiles")
     if grad:
-        return train_cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
-                               batch=batch)
+        return Choice("torch", "gradients needed: block-sparse torch with its own backward")
     if float64:
         return Choice("dense", "float64 inputs (FlexAttention's CPU path is float32)")
     if need_lse:

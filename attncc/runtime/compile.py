@@ -281,30 +281,21 @@ class Kernel:
         self.last_backend: Optional[str] = None
         self.last_choice = None
         self._flex_visited: dict[tuple[int, int, int], Optional[float]] = {}
-        self._train_visited: dict[tuple[int, int, int], Optional[float]] = {}
         self._variants: dict[CompileOptions, "Kernel"] = {}
         # How the last `return_block_scores` call pooled them: "kernel" (the forward kernel's
         # own pass), "tiles" (second pass over the torch tile lists) or "dense" (reference).
         self.last_block_scores: Optional[str] = None
 
     def choose(self, q_len: int, kv_len: int, heads: int, *, grad: bool = False,
-               need_lse: bool = False, float64: bool = False, batch: int = 1,
-               block_scores: bool = False):
+               need_lse: bool = False, float64: bool = False, block_scores: bool = False):
         """The `Choice` of backend for a CPU call of this shape without an explicit backend
-        (`attncc.runtime.choose`): "torch" when block scores are needed; with gradients
-        "dense" or "torch" by the training rule over the schedule's visited tile fraction,
-        else "dense" or "flex" by the cost rule over FlexAttention's visited block fraction."""
+        (`attncc.runtime.choose`): "torch" when gradients or block scores are needed, else
+        "dense" or "flex" by the cost rule over FlexAttention's visited block fraction."""
         from .choose import choose_cpu_backend, cost_rule, visited_fraction
         visited, grid = None, self.pattern.layout is not None
         if block_scores:
             return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, grid=grid,
                                       grad=grad, block_scores=True)
-        if grad:
-            key = (q_len, kv_len, heads)
-            if key not in self._train_visited:
-                sched = self.schedule(q_len, kv_len, heads)
-                self._train_visited[key] = visited_fraction(sched)
-            visited = self._train_visited[key]
         if not (grad or float64 or need_lse):
             best = cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
             from ..ir.nodes import Blocks, Load, Route, walk
@@ -324,8 +315,7 @@ class Kernel:
                         build_schedule(self.pattern, q_len, kv_len, heads, options=opts))
                 visited = self._flex_visited[key]
         return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
-                                  grid=grid, grad=grad, need_lse=need_lse, float64=float64,
-                                  batch=batch)
+                                  grid=grid, grad=grad, need_lse=need_lse, float64=float64)
 
     def __repr__(self) -> str:
         return (f"Kernel({self.pattern.name}, backend={self.backend!r}, "
@@ -448,7 +438,7 @@ class Kernel:
         backend = resolve_backend(self.options.backend, q.device)
         if backend == AUTO:
             self.last_choice = self.choose(Lq, Lkv, Hq, grad=grad, need_lse=return_lse,
-                                           float64=q.dtype == torch.float64, batch=B,
+                                           float64=q.dtype == torch.float64,
                                            block_scores=return_block_scores is not None)
             backend = self.last_choice.backend
         self.last_backend = backend
