@@ -8,7 +8,7 @@ GPU needed), side by side with a plain causal flash-attention forward compiled t
 
 Per kernel: registers, spill bytes (ptxas -v), shared memory (KB; limit sm_90 227, sm_80
 163), whether the products lowered to wgmma (sm_90), SASS instructions in total and per
-FULL-tile and PARTIAL-tile iteration (`attncc.runtime.aot.sass_loops`: back-edges of the
+FULL-tile and PARTIAL-tile iteration (`attncc.runtime.sass.sass_loops`: back-edges of the
 SASS control flow mapped to the source loops by line info; "u" marks a loop that ptxas
 unrolled or that has one iteration, counted as all of its instructions), the number of
 source loops, and the cold compile time (fresh Triton cache), wall and CPU seconds (the

@@ -189,7 +189,8 @@ def test_python_loop_kinds():
         "        pass\n"
         "    for it in range(lo_partial, hi_partial):\n"
         "        pass\n")
-    kinds = [(lo, kind) for lo, _, kind, _ in aot._python_loops(src, "k")]
+    from attncc.runtime.sass import python_loops
+    kinds = [(lo, kind) for lo, _, kind, _ in python_loops(src, "k")]
     assert kinds == [(3, "full"), (5, "full"), (9, "partial"), (12, ""), (14, "partial")]
 
 

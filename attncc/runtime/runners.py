@@ -91,4 +91,4 @@ RUNNERS = {"triton": _run_triton, "interpret": _run_triton, "flex": _run_flex,
            "torch": _run_torch, "dense": _run_dense, "reference": _run_reference}
 # Backends whose runner is differentiable itself (its own torch.autograd.Function): a call
 # that needs gradients runs them directly, without an outer autograd wrapper.
-SELF_DIFFERENTIABLE = ("torch",)
+SELF_DIFFERENTIABLE = ("torch", "dense")  # dense: plain torch ops, autograd through SDPA

@@ -35,6 +35,7 @@ def _static_mask(pattern, q_len: int, kv_len: int, device: str) -> torch.Tensor:
     return pattern.dense_mask(q_len, kv_len, heads=1, batch=1, device=device)
 
 
+@torch.no_grad()  # a bool mask: routing means of q and k need no autograd graph
 def _mask(pattern, q, k, inputs) -> torch.Tensor:
     B, H, Lq = q.shape[:3]
     Lkv = k.shape[2]
