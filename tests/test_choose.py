@@ -42,6 +42,37 @@ def test_cost_rule_extremes():
         == "dense"
 
 
+def modelled_train(backend, Lq, Lkv, H, visited):
+    pairs = H * Lq * Lkv
+    if backend == "dense":
+        return ch.DENSE_TRAIN_NS * pairs * 1e-6
+    return ch.TORCH_TRAIN_FIXED_MS + ch.TORCH_TRAIN_NS * pairs * visited * 1e-6
+
+
+@pytest.mark.parametrize("L", [64, 512, 1024, 2048, 8192])
+@pytest.mark.parametrize("visited", [0.02, 0.1, 0.5, 1.0])
+def test_train_rule_picks_the_cheaper_model(L, visited):
+    c = ch.train_cost_rule(q_len=L, kv_len=L, heads=4, visited=visited)
+    if 4 * L * L > ch.DENSE_TRAIN_MAX_ELEMS:
+        assert c.backend == "torch" and "dense training limit" in c.reason
+        return
+    t, d = modelled_train("torch", L, L, 4, visited), modelled_train("dense", L, L, 4, visited)
+    assert c.backend == ("torch" if t < d else "dense"), c
+
+
+def test_train_rule_on_what_was_measured():
+    # bench/bench_choose.py --train: dense wins small and dense-ish steps, torch sparse and
+    # long ones; runtime lists (documents) and the memory limit go to torch
+    rule = ch.train_cost_rule
+    assert rule(q_len=1024, kv_len=1024, heads=4, visited=0.53).backend == "dense"
+    assert rule(q_len=256, kv_len=256, heads=4, visited=0.63).backend == "dense"
+    assert rule(q_len=2048, kv_len=2048, heads=4, visited=0.15).backend == "torch"
+    assert rule(q_len=2048, kv_len=2048, heads=4, visited=None).backend == "torch"
+    big = rule(q_len=1024, kv_len=1024, heads=4, visited=1.0, batch=8)
+    assert 4 * 1024 * 1024 <= ch.DENSE_TRAIN_MAX_ELEMS < 8 * 4 * 1024 * 1024
+    assert big.backend == "torch" and "limit" in big.reason
+
+
 def test_dense_training_matches_reference_with_empty_rows_and_gqa():
     p = attncc.parse("pattern t\nmask causal & q >= 3\nscore softcap(s, 5)\n")
     g = torch.Generator().manual_seed(2)
@@ -84,8 +115,14 @@ def test_kernel_chooses_per_call_and_keeps_explicit_backends():
     out, lse = kern(q, k, v, return_lse=True)
     assert kern.last_backend == "dense" and (lse.double() - ref_lse).abs().max() < 1e-5
     qg = q.clone().requires_grad_()
-    kern(qg, k, v).sum().backward()
-    assert kern.last_backend == "torch" and qg.grad is not None
+    kern(qg, k, v).sum().backward()      # a small training step: dense autograd
+    assert kern.last_backend == "dense" and kern.last_choice.reason.startswith(
+        "gradients needed") and qg.grad is not None
+    # A long sparse training step goes to the block-sparse torch backend (its tile fraction
+    # from the schedule, nothing run).
+    long = attncc.compile(attncc.load("specs/sliding_window.attn", window=256))
+    choice = long.choose(2048, 2048, 2, grad=True)
+    assert choice.backend == "torch" and "visits" in choice.reason
     explicit = attncc.compile(p, backend="reference")
     explicit(q, k, v)
     assert explicit.last_backend == "reference" and explicit.last_choice is None

@@ -20,10 +20,17 @@ has neither); calls asking for block scores (`return_block_scores`) go to "torch
 them over its kept tiles; masks whose dense form per head would pass DENSE_MAX_PAIRS go to
 "flex".
 
-Calls that need gradients (FlexAttention has no backward on CPU) go to "torch", block-sparse
-with its own backward: `python bench/bench_choose.py --train` measured it faster than autograd
-through dense SDPA at every training shape tried, from 64 to 8192 tokens (equal at 64),
-so there is no cost rule for training.
+Calls that need gradients (FlexAttention has no backward on CPU) are training steps; the
+training rule (`train_cost_rule`, fitted to `python bench/bench_choose.py --train`) compares
+
+    dense  autograd through SDPA over the dense mask: t ≈ DENSE_TRAIN_NS · H·Lq·Lkv, only
+           while B·H·Lq·Lkv ≤ DENSE_TRAIN_MAX_ELEMS (its memory is O(Lq·Lkv))
+    torch  block-sparse torch with its own backward over the schedule's kept tiles, O(kept
+           tiles) memory: t ≈ TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS · H·Lq·Lkv·visited
+
+with `visited` the fraction of the schedule's tiles the torch backend visits; masks whose
+lists come from runtime data (documents, selections) train on torch, which skips what the
+data rules out while dense pays for a per-call mask.
 """
 from __future__ import annotations
 
@@ -40,6 +47,15 @@ FLEX_GRID_NS = 60.0
 FLEX_FIXED_MS = 0.5
 # Above this many mask elements per head the dense mask itself is a memory problem.
 DENSE_MAX_PAIRS = 1 << 26
+# Training steps (forward + backward), fitted to `python bench/bench_choose.py --train`: dense
+# 3.9–4.6 ns per pair (6 with a per-call mask); torch 9–15 ns per visited pair (more on
+# PARTIAL-heavy masks) after 2–6 ms.
+DENSE_TRAIN_NS = 4.2
+TORCH_TRAIN_NS = 12.0
+TORCH_TRAIN_FIXED_MS = 3.0
+# Dense training holds O(B·H·Lq·Lkv) values: past this many (64 MiB per float32 matrix) the
+# default stays on torch, whose memory is O(kept tiles).
+DENSE_TRAIN_MAX_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -84,15 +100,41 @@ def cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
     return Choice("dense", f"{what}: modelled {dense:.1f} ms <= flex {flex:.1f} ms")
 
 
+def train_cost_rule(*, q_len: int, kv_len: int, heads: int, visited: Optional[float],
+                    batch: int = 1) -> Choice:
+    """"dense" or "torch" for a call that needs gradients (a training step), whichever the
+    training cost models say is faster; `visited` in [0, 1] is the fraction of the schedule's
+    tiles the torch backend visits (None when its lists come from runtime data)."""
+    elems = batch * heads * q_len * kv_len
+    if elems > DENSE_TRAIN_MAX_ELEMS:
+        return Choice("torch", f"gradients needed: {elems} score elements is past the dense "
+                               f"training limit {DENSE_TRAIN_MAX_ELEMS}")
+    if visited is None:
+        return Choice("torch", "gradients needed, tiles decided at run time: torch skips "
+                               "what the data rules out")
+    pairs = heads * q_len * kv_len
+    dense = DENSE_TRAIN_NS * pairs * 1e-6
+    sparse = TORCH_TRAIN_FIXED_MS + TORCH_TRAIN_NS * pairs * float(visited) * 1e-6
+    what = f"torch visits {visited:.1%} of tiles"
+    if sparse < dense:
+        return Choice("torch", f"gradients needed, {what}: modelled {sparse:.1f} ms < dense "
+                               f"{dense:.1f} ms")
+    return Choice("dense", f"gradients needed, {what}: modelled {dense:.1f} ms <= torch "
+                           f"{sparse:.1f} ms")
+
+
 def choose_cpu_backend(*, q_len: int, kv_len: int, heads: int, visited: Optional[float] = None,
                        grid: bool = False, grad: bool = False, need_lse: bool = False,
-                       float64: bool = False, block_scores: bool = False) -> Choice:
-    """The backend for a CPU call without an explicit backend (see the module docstring)."""
+                       float64: bool = False, block_scores: bool = False,
+                       batch: int = 1) -> Choice:
+    """The backend for a CPU call without an explicit backend (see the module docstring);
+    with `grad`, `visited` is the torch backend's tile fraction (`train_cost_rule`)."""
     if block_scores:
         return Choice("torch", "block scores requested: block-sparse torch pools them in a "
                                "second pass over its kept tiles")
     if grad:
-        return Choice("torch", "gradients needed: block-sparse torch with its own backward")
+        return train_cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
+                               batch=batch)
     if float64:
         return Choice("dense", "float64 inputs (FlexAttention's CPU path is float32)")
     if need_lse:

@@ -287,15 +287,19 @@ class Kernel:
         self.last_block_scores: Optional[str] = None
 
     def choose(self, q_len: int, kv_len: int, heads: int, *, grad: bool = False,
-               need_lse: bool = False, float64: bool = False, block_scores: bool = False):
+               need_lse: bool = False, float64: bool = False, block_scores: bool = False,
+               batch: int = 1):
         """The `Choice` of backend for a CPU call of this shape without an explicit backend
-        (`attncc.runtime.choose`): "torch" when gradients or block scores are needed, else
-        "dense" or "flex" by the cost rule over FlexAttention's visited block fraction."""
+        (`attncc.runtime.choose`): "torch" when block scores are needed; with gradients
+        "dense" or "torch" by the training rule over the schedule's visited tile fraction;
+        else "dense" or "flex" by the cost rule over FlexAttention's visited block fraction."""
         from .choose import choose_cpu_backend, cost_rule, visited_fraction
         visited, grid = None, self.pattern.layout is not None
         if block_scores:
             return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, grid=grid,
                                       grad=grad, block_scores=True)
+        if grad:
+            visited = visited_fraction(self.schedule(q_len, kv_len, heads))
         if not (grad or float64 or need_lse):
             best = cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
             from ..ir.nodes import Blocks, Load, Route, walk
@@ -315,7 +319,8 @@ class Kernel:
                         build_schedule(self.pattern, q_len, kv_len, heads, options=opts))
                 visited = self._flex_visited[key]
         return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, visited=visited,
-                                  grid=grid, grad=grad, need_lse=need_lse, float64=float64)
+                                  grid=grid, grad=grad, need_lse=need_lse, float64=float64,
+                                  batch=batch)
 
     def __repr__(self) -> str:
         return (f"Kernel({self.pattern.name}, backend={self.backend!r}, "
@@ -438,7 +443,7 @@ class Kernel:
         backend = resolve_backend(self.options.backend, q.device)
         if backend == AUTO:
             self.last_choice = self.choose(Lq, Lkv, Hq, grad=grad, need_lse=return_lse,
-                                           float64=q.dtype == torch.float64,
+                                           float64=q.dtype == torch.float64, batch=B,
                                            block_scores=return_block_scores is not None)
             backend = self.last_choice.backend
         self.last_backend = backend
