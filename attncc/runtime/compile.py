@@ -298,12 +298,12 @@ class Kernel:
         if block_scores:
             return choose_cpu_backend(q_len=q_len, kv_len=kv_len, heads=heads, grid=grid,
                                       grad=grad, block_scores=True)
-        if grad:
+        from ..ir.nodes import Blocks, Load, Route, walk
+        runtime = any(isinstance(n, (Load, Route, Blocks)) for n in walk(self.pattern.mask))
+        if grad and not runtime:  # (lists from runtime data: visited stays unknown)
             visited = visited_fraction(self.schedule(q_len, kv_len, heads))
         if not (grad or float64 or need_lse):
             best = cost_rule(q_len=q_len, kv_len=kv_len, heads=heads, visited=0.0, grid=grid)
-            from ..ir.nodes import Blocks, Load, Route, walk
-            runtime = any(isinstance(n, (Load, Route, Blocks)) for n in walk(self.pattern.mask))
             if best.backend == "flex" and not runtime:
                 # (A mask reading runtime data gets a per-call block mask from the pre-pass:
                 # its blocks are decided at run time, so only the size can favour flex.)
