@@ -208,19 +208,13 @@ def route_select(q: torch.Tensor, k: torch.Tensor, region, topk: int,
     Returns (sel bool [B, Hq, nRq, nRk], q_gid int64 [Lq], k_gid int64 [Lkv]).
     """
     from ..ir.dense import MaskEvalError, route_selection
-    B, Hq, Lq, D = q.shape
-    Hkv, Lkv = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
-        raise PrepassError(f"route: k {list(k.shape)} does not match q {list(q.shape)}")
-    qs = tuple(layout_shape) if layout_shape is not None else (Lq,)
-    ks = tuple(layout_shape) if layout_shape is not None else (Lkv,)
-    if math.prod(qs) != Lq or math.prod(ks) != Lkv:
-        raise PrepassError(f"route: layout {qs} does not match Lq={Lq}, Lkv={Lkv}")
-    region = _region_tuple(region, len(qs))
-    q_region = region if q_region is None else _region_tuple(q_region, len(qs))
     if not isinstance(topk, int) or topk < 1:
         raise PrepassError(f"route: topk must be a positive int, got {topk!r}")
-    try:
+    qs = tuple(layout_shape) if layout_shape is not None else (q.shape[2],)
+    ks = tuple(layout_shape) if layout_shape is not None else (k.shape[2],)
+    region = _region_tuple(region, len(qs))
+    q_region = region if q_region is None else _region_tuple(q_region, len(qs))
+    try:  # shapes and the layout are checked there (one set of rules for both)
         sel = route_selection(q, k, region, topk, layout_shape, q_region=q_region,
                               causal=causal)
     except MaskEvalError as e:
