@@ -334,7 +334,7 @@ def generate_backward(pattern, schedule, options, transposed=None) -> str:
     lines = header + ["import triton", "import triton.language as tl", ""] + helper_lines
     lines += [""] + fill(template("bwd_dq.tmpl"), {
         "kernel": name, "input_params": in_params, "table_params": table_params,
-        "q_tile": q_tile, "q_coords": q_coords, "kv_slots": [], "hoisted": dq_hoisted,
+        "q_tile": q_tile, "q_coords": q_coords, "hoisted": dq_hoisted,
         "loop_setup": loop_setup, "full_loop": dq_loops["FULL"],
         "partial_loop": dq_loops["PARTIAL"]})
     lines += ["", ""] + fill(template("bwd_dkv.tmpl"), {

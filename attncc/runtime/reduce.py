@@ -14,21 +14,15 @@ __all__ = ["reduce_table_grad", "index_add_rows", "segment_add_rows"]
 
 def reduce_table_grad(idx: torch.Tensor, val: torch.Tensor, numel: int) -> torch.Tensor:
     """Deterministic scatter-sum: float32 [numel] with out[i] = Σ val[idx == i] (entries with
-    idx < 0 dropped), summed per index in the order of `idx` (stable sort, then one
-    `segment_reduce` per run): bit-identical across runs, no atomics."""
+    idx < 0 dropped), summed per index in the order of `idx` (`segment_add_rows`):
+    bit-identical across runs, no atomics."""
     keep = idx >= 0
-    idx, val = idx[keep], val[keep]
     out = torch.zeros(numel, dtype=torch.float32, device=val.device)
-    if idx.numel() == 0:
-        return out
-    sidx, order = torch.sort(idx, stable=True)
-    uniq, counts = torch.unique_consecutive(sidx, return_counts=True)
-    out[uniq] = torch.segment_reduce(val[order], "sum", lengths=counts)
-    return out
+    return segment_add_rows(out, idx[keep], val[keep])
 
 
 def segment_add_rows(acc: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """acc[index[i]] += src[i] for every row i of src [N, W] (acc [M, W], index int64 [N]), with
+    """acc[index[i]] += src[i] for every row i of src [N, ...] (acc [M, ...], index int64 [N]), with
     the rows of one target summed in the order they appear (stable sort + `segment_reduce`),
     then added to acc once per target: deterministic on any device. Returns acc."""
     if index.numel() == 0:

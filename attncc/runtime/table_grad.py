@@ -12,6 +12,7 @@ traffic on indices (4 bytes per pair and read, plus 4 per visited tile).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -79,8 +80,5 @@ def reduce_chunk(pattern, schedule, scratch: TableScratch, *, m0: int, n_chunk: 
             flat = flat * size + i
         flat = torch.broadcast_to(torch.where(ok, flat, -1), (used.numel(), bm, bn))
         vals = scratch.vals[j].view(scratch.slots, bm, bn)[used]
-        numel = 1
-        for size in sizes:
-            numel *= size
-        out[j] = reduce_table_grad(flat.reshape(-1), vals.reshape(-1), numel)
+        out[j] = reduce_table_grad(flat.reshape(-1), vals.reshape(-1), math.prod(sizes))
     return out
